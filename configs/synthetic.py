@@ -1,0 +1,70 @@
+"""The demo: a small SegGuidedNet on the synthetic BraTS-like set, sized for a 2-core CPU.
+
+    python -m data_prep.synthetic --out data/synthetic/raw --cases 30 --edition 2021 --seed 0 --shape 96 96 64
+    python -m data_prep.convert --src data/synthetic/raw --out data/synthetic/prepared
+    python -m segguided_jax.train --config=configs/synthetic.py --workdir=runs/synthetic
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = "data/synthetic/prepared"
+    c.data.patch = (32, 32, 32)
+    c.data.foreground_fraction = 0.5  # share of patches centred on a tumour voxel
+    c.data.flip_probability = 0.5
+    c.data.num_workers = 0  # Grain worker processes; 0 = in the training process
+    c.data.read_threads = 1
+    c.data.prefetch = 2
+
+    c.model = ml_collections.ConfigDict()
+    c.model.in_channels = 4
+    c.model.widths = (8, 16, 32, 64)
+    c.model.encoder_blocks = (1, 1, 1, 1)
+    c.model.decoder_blocks = (1, 1, 1)
+    c.model.down_kernel = 2  # 2³ stride-2 downsampling is far cheaper than 3³ on CPU
+    c.model.upsample = "transpose"  # or "resize"
+    c.model.gates = True  # False removes the SegAttentionGates (the ablation)
+    c.model.num_maps = 3  # NCR, ED, ET
+    c.model.output = "regions"  # sigmoid ET/TC/WT, or "labels" for softmax over 0..3
+    c.model.leaky_slope = 0.01
+    c.model.compute_dtype = "float32"
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.aux_weight = 0.1  # λ of the auxiliary attention loss; 0 turns it off
+    c.loss.aux_stage_weights = ml_collections.config_dict.placeholder(tuple)  # None: halving per stage
+    c.loss.batch_dice = True
+    c.loss.dice_smooth = 1e-5
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 3e-3
+    c.optim.weight_decay = 1e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.grad_clip_norm = 12.0
+    c.optim.warmup_steps = 20
+    c.optim.sgdr_first_cycle_steps = 0  # 0: one cosine cycle over the whole run
+    c.optim.sgdr_cycle_mult = 2.0
+    c.optim.min_lr_ratio = 0.01
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 2  # global
+    c.train.steps = 600
+    c.train.log_every = 10
+    c.train.eval_every = 200
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.window = (32, 32, 32)
+    c.eval.overlap = 0.5
+    c.eval.batch_size = 8
+    c.eval.threshold = 0.5
+    c.eval.max_cases = 0  # 0: every held-out case
+    return c

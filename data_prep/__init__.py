@@ -1,0 +1,1 @@
+"""Data preparation: BraTS-layout folders -> ArrayRecord shards, and a synthetic BraTS-like set."""

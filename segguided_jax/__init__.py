@@ -1,0 +1,1 @@
+"""SegGuidedNet in JAX/Flax: 3D brain-tumour segmentation whose decoder explains itself."""

@@ -1,0 +1,1 @@
+"""BraTS conventions, the record schema, the Grain pipeline and 3D transforms."""

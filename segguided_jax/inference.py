@@ -1,0 +1,79 @@
+"""Sliding-window inference with Gaussian importance weighting (the nnU-Net scheme).
+
+Windows are placed so that neighbours overlap by at least `overlap` of the window, evenly spread
+from edge to edge; each window's output is weighted by a Gaussian centred on the window (sigma =
+window / 8), so that predictions near window borders, which see less context, count less.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from scipy import ndimage
+
+
+def gaussian_weights(window, sigma_scale: float = 1 / 8) -> np.ndarray:
+    """Importance map of shape `window`, max 1, strictly positive."""
+    delta = np.zeros(window, np.float32)
+    delta[tuple(w // 2 for w in window)] = 1
+    g = ndimage.gaussian_filter(delta, [w * sigma_scale for w in window], mode="constant", cval=0)
+    g = g / g.max()
+    g[g == 0] = g[g > 0].min()  # far corners would otherwise get no weight at all
+    return g.astype(np.float32)
+
+
+def window_starts(shape, window, overlap: float):
+    """Start corners of the windows covering `shape` (every dim >= window)."""
+    per_axis = []
+    for size, w in zip(shape, window):
+        if size < w:
+            raise ValueError(f"volume dim {size} smaller than window {w}; pad first")
+        n = math.ceil((size - w) / (w * (1 - overlap))) + 1 if size > w else 1
+        step = (size - w) / max(n - 1, 1)
+        per_axis.append(sorted({int(round(step * i)) for i in range(n)}))
+    return list(itertools.product(*per_axis))
+
+
+def region_probabilities(graphdef, params, x, output: str):
+    """Network output on x (N, D, H, W, 4) as region probabilities (N, D, H, W, 3), ET/TC/WT.
+    With a softmax head, a region's probability is the sum of its labels' probabilities."""
+    logits, _ = nnx.merge(graphdef, params)(x)
+    if output == "regions":
+        return jax.nn.sigmoid(logits)
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.stack([p[..., 3], p[..., 1] + p[..., 3], 1 - p[..., 0]], axis=-1)
+
+
+def sliding_window(predict_batch, image: np.ndarray, window, overlap: float, batch_size: int) -> np.ndarray:
+    """Whole-volume prediction from windows.
+
+    predict_batch: (batch_size, *window, C) float32 -> (batch_size, *window, K); called with a
+      fixed batch size (the last batch is padded) so it compiles once per window shape.
+    image: (X, Y, Z, C). Returns (X, Y, Z, K) float32, the Gaussian-weighted mean of the windows.
+    """
+    window = tuple(int(w) for w in window)
+    shape = image.shape[:3]
+    pad = [(0, max(w - s, 0)) for s, w in zip(shape, window)]
+    padded = np.pad(image, pad + [(0, 0)]) if any(p[1] for p in pad) else image
+    weights = gaussian_weights(window)
+    starts = window_starts(padded.shape[:3], window, overlap)
+    acc = norm = None
+    for b in range(0, len(starts), batch_size):
+        chunk = starts[b: b + batch_size]
+        batch = np.zeros((batch_size,) + window + (image.shape[-1],), np.float32)
+        for i, (x, y, z) in enumerate(chunk):
+            batch[i] = padded[x: x + window[0], y: y + window[1], z: z + window[2]]
+        out = np.asarray(predict_batch(batch), np.float32)
+        if acc is None:
+            acc = np.zeros(padded.shape[:3] + (out.shape[-1],), np.float32)
+            norm = np.zeros(padded.shape[:3], np.float32)
+        for i, (x, y, z) in enumerate(chunk):
+            sl = (slice(x, x + window[0]), slice(y, y + window[1]), slice(z, z + window[2]))
+            acc[sl] += out[i] * weights[..., None]
+            norm[sl] += weights
+    probs = acc / norm[..., None]
+    return probs[: shape[0], : shape[1], : shape[2]]

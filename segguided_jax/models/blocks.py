@@ -1,0 +1,99 @@
+"""Building blocks of SegGuidedNet. All tensors are channels-last: (N, D, H, W, C)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# He (Kaiming) initialisation for convolutions followed by a leaky ReLU, as in the paper's recipe.
+he_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+def _conv(cin, cout, kernel, stride=1, *, dtype, rngs, use_bias=True):
+    return nnx.Conv(cin, cout, (kernel,) * 3, (stride,) * 3, padding="SAME", use_bias=use_bias,
+                    kernel_init=he_init, dtype=dtype, rngs=rngs)
+
+
+class ConvNormAct(nnx.Module):
+    """conv(k³) -> InstanceNorm -> LeakyReLU."""
+
+    def __init__(self, cin, cout, kernel=3, stride=1, *, slope, dtype, rngs):
+        # The bias is redundant before instance norm, which removes the per-channel mean.
+        self.conv = _conv(cin, cout, kernel, stride, dtype=dtype, rngs=rngs, use_bias=False)
+        self.norm = nnx.InstanceNorm(cout, dtype=dtype, rngs=rngs)
+        self.slope = slope
+
+    def __call__(self, x):
+        return jax.nn.leaky_relu(self.norm(self.conv(x)), self.slope)
+
+
+class ResidualBlock(nnx.Module):
+    """(conv3³–IN–LeakyReLU) ×2 with an identity skip, or a 1×1×1 conv + IN skip when widths differ."""
+
+    def __init__(self, cin, cout, *, slope, dtype, rngs):
+        self.conv1 = ConvNormAct(cin, cout, 3, slope=slope, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(cout, cout, 3, dtype=dtype, rngs=rngs, use_bias=False)
+        self.norm2 = nnx.InstanceNorm(cout, dtype=dtype, rngs=rngs)
+        if cin != cout:
+            self.skip_conv = _conv(cin, cout, 1, dtype=dtype, rngs=rngs, use_bias=False)
+            self.skip_norm = nnx.InstanceNorm(cout, dtype=dtype, rngs=rngs)
+        else:
+            self.skip_conv = None
+            self.skip_norm = None
+        self.slope = slope
+
+    def __call__(self, x):
+        y = self.norm2(self.conv2(self.conv1(x)))
+        skip = x if self.skip_conv is None else self.skip_norm(self.skip_conv(x))
+        return jax.nn.leaky_relu(y + skip, self.slope)
+
+
+class Downsample(nnx.Module):
+    """Stride-2 convolution. A 2³ kernel tiles the input exactly (no overlap), which is much
+    cheaper on CPU; 3³ is the usual nnU-Net choice. The kernel size comes from the config."""
+
+    def __init__(self, cin, cout, kernel, *, slope, dtype, rngs):
+        self.block = ConvNormAct(cin, cout, kernel, 2, slope=slope, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.block(x)
+
+
+class Upsample(nnx.Module):
+    """×2 upsampling: a 2³ stride-2 transposed conv, or trilinear resize followed by a 1³ conv.
+
+    XLA's 3D transposed-conv gradients can be slow on GPU, hence the choice (config `upsample`)."""
+
+    def __init__(self, cin, cout, mode, *, dtype, rngs):
+        if mode not in ("transpose", "resize"):
+            raise ValueError(f"model.upsample must be 'transpose' or 'resize', got {mode!r}")
+        self.mode = mode
+        if mode == "transpose":
+            self.conv = nnx.ConvTranspose(cin, cout, (2, 2, 2), (2, 2, 2), padding="VALID",
+                                          kernel_init=he_init, dtype=dtype, rngs=rngs)
+        else:
+            self.conv = _conv(cin, cout, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        if self.mode == "resize":
+            n, d, h, w, c = x.shape
+            x = jax.image.resize(x, (n, 2 * d, 2 * h, 2 * w, c), method="trilinear")
+        return self.conv(x)
+
+
+class SegAttentionGate(nnx.Module):
+    """The paper's gate on a decoder feature map F with C channels.
+
+    A = sigmoid(conv1³(F)) gives K maps (NCR, ED, ET), each in [0, 1];
+    G = sigmoid(conv1³(A)) gives C channel gates; the output is F·G + F.
+    Parameters: (C·K + K) + (K·C + C) = 2·K·C + K + C.
+    """
+
+    def __init__(self, channels, num_maps, *, dtype, rngs):
+        self.to_maps = _conv(channels, num_maps, 1, dtype=dtype, rngs=rngs)
+        self.to_gate = _conv(num_maps, channels, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, f):
+        a = jax.nn.sigmoid(self.to_maps(f))
+        g = jax.nn.sigmoid(self.to_gate(a))
+        return f * g + f, a

@@ -1,0 +1,88 @@
+"""SegGuidedNet: a residual 3D encoder–decoder with a SegAttentionGate after every decoder stage."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from segguided_jax.models.blocks import ConvNormAct, Downsample, ResidualBlock, SegAttentionGate, Upsample, _conv
+
+# Output channels of the head: sigmoid regions (ET, TC, WT) or softmax labels (bg, NCR, ED, ET).
+OUTPUT_CHANNELS = {"regions": 3, "labels": 4}
+
+
+class SegGuidedNet(nnx.Module):
+    """x: (N, D, H, W, in_channels), D, H, W divisible by 2**(len(widths) - 1).
+
+    Returns (logits, attention): logits (N, D, H, W, 3 or 4) float32; attention a tuple with one
+    (N, d, h, w, num_maps) float32 map per decoder stage, coarsest first, values in [0, 1]
+    (empty when gates are off).
+    """
+
+    def __init__(self, *, in_channels, widths, encoder_blocks, decoder_blocks, down_kernel,
+                 upsample, gates, num_maps, output, leaky_slope, dtype, rngs):
+        if len(encoder_blocks) != len(widths) or len(decoder_blocks) != len(widths) - 1:
+            raise ValueError("model.encoder_blocks needs one entry per width and model.decoder_blocks "
+                             f"one per decoder stage; got widths={widths}, encoder_blocks={encoder_blocks}, "
+                             f"decoder_blocks={decoder_blocks}")
+        if output not in OUTPUT_CHANNELS:
+            raise ValueError(f"model.output must be one of {sorted(OUTPUT_CHANNELS)}, got {output!r}")
+        kw = dict(slope=leaky_slope, dtype=dtype, rngs=rngs)
+        self.stem = ConvNormAct(in_channels, widths[0], 3, **kw)
+        self.down = nnx.List([Downsample(widths[i - 1], widths[i], down_kernel, **kw)
+                              for i in range(1, len(widths))])
+        self.encoder = nnx.List([
+            nnx.List([ResidualBlock(w, w, **kw) for _ in range(n)])
+            for w, n in zip(widths, encoder_blocks)])
+        up, dec, gate = [], [], []
+        for j, i in enumerate(reversed(range(len(widths) - 1))):
+            w = widths[i]
+            up.append(Upsample(widths[i + 1], w, upsample, dtype=dtype, rngs=rngs))
+            blocks = [ResidualBlock(2 * w, w, **kw)]
+            blocks += [ResidualBlock(w, w, **kw) for _ in range(decoder_blocks[j] - 1)]
+            dec.append(nnx.List(blocks))
+            gate.append(SegAttentionGate(w, num_maps, dtype=dtype, rngs=rngs) if gates else None)
+        self.up = nnx.List(up)
+        self.decoder = nnx.List(dec)
+        self.gates = nnx.List(gate)
+        self.head = _conv(widths[0], OUTPUT_CHANNELS[output], 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        skips = []
+        for i, blocks in enumerate(self.encoder):
+            x = self.stem(x) if i == 0 else self.down[i - 1](x)
+            for block in blocks:
+                x = block(x)
+            skips.append(x)
+        attention = []
+        for up, blocks, gate, skip in zip(self.up, self.decoder, self.gates, reversed(skips[:-1])):
+            x = jnp.concatenate([up(x), skip], axis=-1)
+            for block in blocks:
+                x = block(x)
+            if gate is not None:
+                x, a = gate(x)
+                attention.append(a.astype(jnp.float32))
+        return self.head(x).astype(jnp.float32), tuple(attention)
+
+
+def build_model(model_cfg, rngs: nnx.Rngs) -> SegGuidedNet:
+    """Builds the network from the config's `model` block."""
+    return SegGuidedNet(
+        in_channels=model_cfg.in_channels, widths=tuple(model_cfg.widths),
+        encoder_blocks=tuple(model_cfg.encoder_blocks), decoder_blocks=tuple(model_cfg.decoder_blocks),
+        down_kernel=model_cfg.down_kernel, upsample=model_cfg.upsample, gates=model_cfg.gates,
+        num_maps=model_cfg.num_maps, output=model_cfg.output, leaky_slope=model_cfg.leaky_slope,
+        dtype=jnp.dtype(model_cfg.compute_dtype), rngs=rngs)
+
+
+def abstract_model(model_cfg) -> SegGuidedNet:
+    """The model with ShapeDtypeStructs for arrays: shapes without allocating."""
+    return nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+
+
+def parameter_count(model: nnx.Module) -> int:
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def gate_parameter_count(model: SegGuidedNet) -> int:
+    return sum(parameter_count(g) for g in model.gates if g is not None)

@@ -1,0 +1,175 @@
+"""Training entry point.
+
+    python -m segguided_jax.train --config=configs/synthetic.py --workdir=runs/demo [--config.key=value ...]
+
+A run resumes by itself from the newest checkpoint in --workdir. Written there: metrics.jsonl
+(training rows: step, loss, ...; validation rows: step, split="val", dice_et, dice_tc, dice_wt,
+dice_mean), TensorBoard events under tb/, config.json (the resolved config) and checkpoints/.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from segguided_jax import sharding
+from segguided_jax.checkpointing import Checkpointer
+from segguided_jax.data.brats import labels_to_regions
+from segguided_jax.data.pipeline import train_dataset
+from segguided_jax.data.records import CaseSource
+from segguided_jax.inference import region_probabilities, sliding_window
+from segguided_jax.metrics import region_dice
+from segguided_jax.optim import make_optimizer
+from segguided_jax.steps import init_state, train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, logs.")
+
+
+class MetricsLog:
+    """metrics.jsonl, TensorBoard and the progress line; written by process 0 only."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if not self.active:
+            return
+        # Rows past the checkpoint we resume from were logged by the killed run and will be
+        # produced again: drop them so the file reads as one uninterrupted run.
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(self.path + ".tmp", self.path)
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, row: dict):
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        prefix = "val/" if row.get("split") == "val" else "train/"
+        for k, v in row.items():
+            if k not in ("step", "split") and isinstance(v, (int, float)):
+                self.tb.add_scalar(prefix + k, v, row["step"])
+        self.tb.flush()
+
+    def progress(self, text: str):
+        if self.active:
+            print(text, flush=True)
+
+    def close(self):
+        if self.active:
+            self.tb.close()
+
+
+def validate(predict_batch, source: CaseSource, eval_cfg) -> dict:
+    """Sliding-window inference on every case of `source`; mean region Dice over cases."""
+    rows = []
+    for i in range(len(source)):
+        case = source[i]
+        probs = sliding_window(predict_batch, case["image"], eval_cfg.window, eval_cfg.overlap,
+                               eval_cfg.batch_size)
+        rows.append(region_dice(probs > eval_cfg.threshold, labels_to_regions(case["label"])))
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["dice_mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains (resuming from workdir if it holds a checkpoint) and returns the last validation row."""
+    os.makedirs(workdir, exist_ok=True)
+    data_dir = config.data.dir
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.train.batch_size, mesh)
+    replicated = sharding.replicated(mesh)
+    tx = make_optimizer(config.optim, config.train.steps)
+
+    init = jax.jit(functools.partial(init_state, config.seed, config.model, tx), out_shardings=replicated)
+    step_fn = jax.jit(functools.partial(train_step, loss_cfg=config.loss, output=config.model.output),
+                      in_shardings=(replicated, sharding.batch_sharding(mesh)),
+                      out_shardings=(replicated, replicated), donate_argnums=0)
+    ckpt = Checkpointer(workdir, config.checkpoint)
+    dataset = train_dataset(data_dir, config.data, seed=config.seed,
+                            batch_size=config.train.batch_size // jax.process_count())
+    data_iter = iter(dataset)
+
+    start = ckpt.latest_step()
+    if start is None:
+        state = init()
+        start = 0
+    else:
+        abstract = jax.eval_shape(init)
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+        state, data_state, _ = ckpt.restore(start, abstract)
+        data_iter.set_state(data_state)
+        print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=1))
+    log = MetricsLog(workdir, start)
+
+    val_source = CaseSource(data_dir, "val")
+    if config.eval.max_cases:
+        val_source.cases = val_source.cases[: config.eval.max_cases]
+    predict = jax.jit(functools.partial(region_probabilities, state.graphdef, output=config.model.output))
+
+    def predict_batch(x):
+        return predict(state.params, jax.device_put(x, sharding.batch_sharding(mesh)))
+
+    total, last_val = config.train.steps, {}
+    t_last, s_last = time.time(), start
+    for step in range(start + 1, total + 1):
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        if step % config.train.log_every == 0 or step == total:
+            row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"non-finite loss {row['loss']} at step {step}; {row}")
+            now = time.time()
+            rate = (step - s_last) / (now - t_last)
+            row["steps_per_sec"] = rate
+            t_last, s_last = now, step
+            log.write(row)
+            log.progress(f"step {step}/{total} | loss {row['loss']:.4f} (seg {row['loss_seg']:.4f}, "
+                         f"aux {row['loss_aux']:.4f}) | {rate:.2f} steps/s | ETA {_fmt_time((total - step) / rate)}")
+        ckpt.save(step, state, data_iter.get_state(), config.to_dict(), force=(step == total))
+        if step % config.train.eval_every == 0 or step == total:
+            t0 = time.time()
+            last_val = {"step": step, "split": "val", **validate(predict_batch, val_source, config.eval)}
+            log.write(last_val)
+            log.progress(f"validation at step {step} on {len(val_source)} held-out cases "
+                         f"({time.time() - t0:.0f}s): " + ", ".join(
+                             f"{k.removeprefix('dice_').upper()} {last_val[k]:.3f}"
+                             for k in ("dice_et", "dice_tc", "dice_wt", "dice_mean")))
+            t_last = time.time()  # validation time is not training time
+    ckpt.close()
+    log.close()
+    return last_val
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None:
+        sys.exit("--workdir is required")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
