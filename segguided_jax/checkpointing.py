@@ -12,19 +12,23 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
     def __init__(self, workdir: str, ckpt_cfg):
+        self.every_steps = ckpt_cfg.every_steps
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=ckpt_cfg.keep, save_interval_steps=ckpt_cfg.every_steps,
+                max_to_keep=ckpt_cfg.keep,
                 enable_async_checkpointing=ckpt_cfg.async_save, create=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
-        """Saves if `step` is on the interval (or force). Returns whether a save started."""
-        return self.manager.save(step, force=force, args=ocp.args.Composite(
+        """Saves if `step` is a multiple of checkpoint.every_steps (or force). Returns whether a
+        save started."""
+        if not force and step % self.every_steps:
+            return False
+        return self.manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config)))
 

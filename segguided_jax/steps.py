@@ -39,5 +39,5 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,40 @@
+"""SegGuidedNet on BraTS2021 at the paper's scale (128³ patches, widths 32…320, bf16), for accelerators.
+
+    python -m data_prep.convert --src /path/to/BraTS2021_TrainingData --out data/brats21/prepared
+    python -m segguided_jax.train --config=configs/brats21.py --workdir=runs/brats21 \
+        [--config.data.dir=/path/to/prepared]
+"""
+from configs import synthetic
+
+
+def get_config():
+    c = synthetic.get_config()
+    c.data.dir = "data/brats21/prepared"
+    c.data.patch = (128, 128, 128)
+    c.data.foreground_fraction = 0.33  # nnU-Net's oversampling share
+    c.data.num_workers = 8
+    c.data.read_threads = 4
+    c.data.prefetch = 4
+
+    c.model.widths = (32, 64, 128, 256, 320)
+    c.model.encoder_blocks = (1, 2, 2, 2, 2)
+    c.model.decoder_blocks = (1, 1, 1, 1)
+    c.model.down_kernel = 3
+    c.model.compute_dtype = "bfloat16"  # parameters stay float32
+
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 500
+    c.optim.sgdr_first_cycle_steps = 10_000
+    c.optim.sgdr_cycle_mult = 2.0
+
+    c.train.batch_size = 2
+    c.train.steps = 150_000
+    c.train.log_every = 50
+    c.train.eval_every = 5_000
+
+    c.checkpoint.every_steps = 1_000
+    c.checkpoint.keep = 3
+
+    c.eval.window = (128, 128, 128)
+    c.eval.batch_size = 2
+    return c

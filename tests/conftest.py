@@ -1,0 +1,41 @@
+"""Shared fixtures: one tiny synthetic set, converted once per session, and tiny configs."""
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+# Reuse compiled programs across test runs (the launch script sets this too).
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, ".cache", "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from configs import tiny  # noqa: E402
+from data_prep import convert, synthetic  # noqa: E402
+
+TINY_SHAPE = (40, 40, 26)  # coarse voxels (6 mm): brain box about 24 x 30 x 20
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory):
+    """Eight BraTS2021-layout synthetic cases."""
+    out = tmp_path_factory.mktemp("raw")
+    for i in range(8):
+        synthetic.write_case(str(out), "2021", i, seed=3, shape=TINY_SHAPE)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def data_dir(raw_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("prepared"))
+    convert.convert(raw_dir, out, val_fraction=0.25, split_seed=0, cases_per_shard=3, log=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture()
+def tiny_config(data_dir):
+    config = tiny.get_config()
+    config.data.dir = data_dir
+    return config

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from segguided_jax.inference import gaussian_weights, sliding_window, window_starts
+from segguided_jax.metrics import dice, region_dice
+
+
+def test_window_starts_cover_volume_with_overlap():
+    starts = window_starts((40, 16, 20), (16, 16, 16), 0.5)
+    xs = sorted({s[0] for s in starts})
+    assert xs[0] == 0 and xs[-1] == 40 - 16
+    assert all(b - a <= 8 for a, b in zip(xs, xs[1:]))  # at least 50 % overlap
+    assert sorted({s[1] for s in starts}) == [0]
+    assert sorted({s[2] for s in starts}) == [0, 4]
+
+
+def test_gaussian_weights_peak_at_centre_and_positive():
+    g = gaussian_weights((16, 16, 16))
+    assert g.max() == pytest.approx(1.0) and g[8, 8, 8] == pytest.approx(1.0)
+    assert g.min() > 0
+
+
+def test_sliding_window_of_a_pointwise_function_reproduces_it():
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((23, 37, 12, 2)).astype(np.float32)  # z smaller than the window
+
+    def predict(batch):  # a pointwise "network": every window agrees where windows overlap
+        return np.tanh(batch[..., :1]) * 2
+
+    out = sliding_window(predict, image, (16, 16, 16), 0.5, batch_size=3)
+    assert out.shape == (23, 37, 12, 1)
+    np.testing.assert_allclose(out, np.tanh(image[..., :1]) * 2, rtol=1e-5, atol=1e-6)
+
+
+def test_dice_conventions():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert dice(a, b) == 1.0  # both empty
+    b[0, 0] = True
+    assert dice(a, b) == 0.0  # one empty
+    a[0, :2] = True  # |A| = 2, |B| = 1, overlap 1
+    assert dice(a, b) == pytest.approx(2 / 3)
+    r = region_dice(np.stack([a, a, b], -1), np.stack([b, a, b], -1))
+    assert r == pytest.approx({"dice_et": 2 / 3, "dice_tc": 1.0, "dice_wt": 1.0})
