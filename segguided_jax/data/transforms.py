@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from segguided_jax.data.augment import augment
+
 
 def random_crop(case: dict, patch, foreground_fraction: float, rng: np.random.Generator) -> dict:
     """A patch-sized crop. With probability foreground_fraction it is centred on a random tumour
@@ -26,16 +28,8 @@ def random_crop(case: dict, patch, foreground_fraction: float, rng: np.random.Ge
     return {"image": image[sl], "label": label[sl]}
 
 
-def random_flip(case: dict, probability: float, rng: np.random.Generator) -> dict:
-    """Mirrors each spatial axis independently with the given probability."""
-    axes = tuple(a for a in range(3) if rng.random() < probability)
-    if not axes:
-        return case
-    return {"image": np.flip(case["image"], axes), "label": np.flip(case["label"], axes)}
-
-
 def train_transform(case: dict, rng: np.random.Generator, data_cfg) -> dict:
+    """Crop a patch, then augment it (data_cfg.augment; see segguided_jax.data.augment)."""
     case = random_crop(case, data_cfg.patch, data_cfg.foreground_fraction, rng)
-    case = random_flip(case, data_cfg.flip_probability, rng)
-    return {"image": np.ascontiguousarray(case["image"], np.float32),
-            "label": np.ascontiguousarray(case["label"], np.uint8)}
+    image, label = augment(case["image"], case["label"], rng, data_cfg.augment)
+    return {"image": image, "label": label.astype(np.uint8, copy=False)}
