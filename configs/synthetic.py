@@ -6,6 +6,8 @@
 """
 import ml_collections
 
+from segguided_jax.data.augment import default_augment_config
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -13,9 +15,18 @@ def get_config():
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = "data/synthetic/prepared"
+    c.data.split = "holdout"  # or "fold0" … "fold4" (data_prep.splits)
+    # A checkpoint remembers the data fingerprint it trained on; resuming on other data fails
+    # unless this is True.
+    c.data.allow_fingerprint_mismatch = False
     c.data.patch = (32, 32, 32)
     c.data.foreground_fraction = 0.5  # share of patches centred on a tumour voxel
-    c.data.flip_probability = 0.5
+    # nnU-Net's augmentation without the costly resampling ones (rotation, scaling, low
+    # resolution), which a 2-core CPU and a 600-step run cannot afford; brats21 turns them on.
+    c.data.augment = default_augment_config()
+    c.data.augment.rotation_probability = 0.0
+    c.data.augment.scale_probability = 0.0
+    c.data.augment.lowres_probability = 0.0
     c.data.num_workers = 0  # Grain worker processes; 0 = in the training process
     c.data.read_threads = 1
     c.data.prefetch = 2

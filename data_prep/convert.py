@@ -1,184 +1,195 @@
-"""BraTS-layout case folders -> ArrayRecord shards + manifest.json.
+"""BraTS-layout case folders (or MSD Task01) -> compressed ArrayRecord shards + manifest.json.
 
-    python -m data_prep.convert --src DIR --out DIR [--val-fraction 0.2] [--split-seed 0]
+    python -m data_prep.convert --src DIR [DIR ...] --out DIR [--edition 2021|2023|msd]
+        [--val-cases N | --val-fraction F] [--folds K] [--split-seed S] [--spacing X Y Z]
+        [--workers W] [--cases-per-shard N] [--skip-bad]
 
-Every case is validated, cropped to the brain's non-zero box, z-scored per modality inside the
-brain, and its labels mapped to the internal scheme (0 bg, 1 NCR, 2 ED, 3 ET). The manifest keeps
-what is needed to undo this (original shape, affine, crop box, normalisation statistics) and the
-train/val split, which is drawn from --split-seed.
+Every case is validated (see data_prep.cases), cropped to the brain's non-zero box, optionally
+resampled to --spacing, z-scored per modality inside the brain, and its labels mapped to the
+internal scheme (0 bg, 1 NCR, 2 ED, 3 ET). The manifest keeps what undoing this needs (original
+shape, affine, header fields, crop box, statistics), a fingerprint of the input files and the
+settings, and the skipped cases; splits.json holds the hold-out split and k folds.
 
-A bad case stops the conversion with a message naming the case and the file; shards are written
-into a staging folder and moved into --out only when every case has converted, so a failed run
-leaves nothing behind.
+Restartable: each shard is written under a temporary name and renamed when whole, so a killed
+conversion leaves only whole shards, and running the same command again converts just the rest.
+Bad input stops the conversion at the first bad case (the message names the case and the file);
+with --skip-bad the rest converts and skipped.json lists every skipped case and why.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import hashlib
 import json
+import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
+import time
 
-import nibabel as nib
-import numpy as np
-
-from segguided_jax.data.brats import EDITIONS, MODALITIES, Edition, detect_edition
+from data_prep import splits as splits_lib
+from data_prep.cases import CaseError, CaseFiles, find_cases, load_case, preprocess
 from segguided_jax.data.records import MANIFEST, MANIFEST_VERSION, encode_case
 
-
-class CaseError(Exception):
-    """A case that cannot be converted; the message names the case and the file."""
-
-
-def find_cases(src: str) -> tuple[Edition, list[str]]:
-    """The case folders under src and their edition (all cases must share one)."""
-    if not os.path.isdir(src):
-        raise CaseError(f"{src}: not a folder")
-    names = sorted(n for n in os.listdir(src) if os.path.isdir(os.path.join(src, n)))
-    editions = {n: detect_edition(n) for n in names}
-    unknown = [n for n, e in editions.items() if e is None]
-    if unknown:
-        raise CaseError(f"{src}: folder(s) not named like a BraTS case: {', '.join(unknown[:5])}")
-    found = {e.name for e in editions.values()}
-    if len(found) != 1:
-        raise CaseError(f"{src}: expected cases of one BraTS edition, found {sorted(found) or 'none'}")
-    return next(iter(editions.values())), [os.path.join(src, n) for n in names]
+SETTINGS = "conversion.json"
+SKIPPED = "skipped.json"
+RECORD_OPTIONS = "group_size:1,zstd:3"  # one case per chunk: random access reads one case
 
 
-def _load(case_id: str, path: str):
-    """(image, data) of one NIfTI file, or a CaseError naming the case and the file."""
-    if not os.path.exists(path):
-        raise CaseError(f"case {case_id}: missing file {path}")
-    try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)  # reads (and decompresses) the whole file
-    except Exception as e:  # nibabel, gzip and zlib raise many types for damaged files
-        raise CaseError(f"case {case_id}: cannot read {path}: {type(e).__name__}: {e}") from e
-    if data.ndim != 3:
-        raise CaseError(f"case {case_id}: {path} has shape {data.shape}, expected a 3D volume")
-    return img, data
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
-def load_case(case_dir: str, edition: Edition):
-    """Reads and validates one case folder. Returns (case_id, images (4, X, Y, Z) float32 in
-    MODALITIES order, internal labels or None, affine, zooms)."""
-    case_id = os.path.basename(os.path.normpath(case_dir))
-    files = edition.modality_files(case_dir)
-    images, ref = [], None
-    for modality in MODALITIES:
-        img, data = _load(case_id, files[modality])
-        if ref is None:
-            ref = (files[modality], data.shape, img.affine, [float(z) for z in img.header.get_zooms()[:3]])
-        elif data.shape != ref[1]:
-            raise CaseError(f"case {case_id}: {files[modality]} has shape {data.shape}, but "
-                            f"{ref[0]} has {ref[1]}")
-        images.append(np.asarray(data, np.float32))
-    seg_path = edition.seg_file(case_dir)
-    labels = None
-    if os.path.exists(seg_path):
-        _, seg = _load(case_id, seg_path)
-        if seg.shape != ref[1]:
-            raise CaseError(f"case {case_id}: {seg_path} has shape {seg.shape}, but {ref[0]} has {ref[1]}")
-        values = np.unique(seg)
-        bad = sorted(set(values.tolist()) - set(edition.labels))
-        if bad:
-            raise CaseError(f"case {case_id}: {seg_path} has label value(s) {bad} outside BraTS"
-                            f"{edition.name}'s set {list(edition.labels)}")
-        labels = edition.to_internal(seg.astype(np.int64))
-    return case_id, np.stack(images), labels, ref[2], ref[3]
+def shard_name(k: int, n: int) -> str:
+    return f"cases-{k:05d}-of-{n:05d}.array_record"
 
 
-def preprocess(case_id: str, images: np.ndarray, labels: np.ndarray | None):
-    """Crop to the brain's box and z-score inside the brain. Returns (image (X, Y, Z, 4),
-    labels or None, crop_box [[lo, hi]] * 3, {modality: [mean, std]})."""
-    brain = np.any(images != 0, axis=0)
-    if not brain.any():
-        raise CaseError(f"case {case_id}: every modality is zero: no brain to crop to")
-    nz = np.argwhere(brain)
-    lo, hi = nz.min(0), nz.max(0) + 1
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    brain = brain[box]
-    out = np.zeros(brain.shape + (len(MODALITIES),), np.float32)
-    stats = {}
-    for m, modality in enumerate(MODALITIES):
-        x = images[m][box]
-        vals = x[brain].astype(np.float64)
-        mean, std = float(vals.mean()), float(vals.std())
-        out[..., m] = np.where(brain, (x - mean) / max(std, 1e-8), 0)
-        stats[modality] = [mean, std]
-    crop = [[int(a), int(b)] for a, b in zip(lo, hi)]
-    return out, (None if labels is None else labels[box]), crop, stats
+def _shard_done(path: str) -> bool:
+    return os.path.exists(path) and os.path.exists(path + ".json")
 
 
-def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> dict:
-    """Deterministic train/val assignment from the seed."""
-    order = np.random.default_rng(seed).permutation(len(case_ids))
-    n_val = int(round(val_fraction * len(case_ids)))
-    val = {case_ids[i] for i in order[:n_val]}
-    return {c: ("val" if c in val else "train") for c in case_ids}
-
-
-def convert(src: str, out: str, *, val_fraction: float = 0.2, split_seed: int = 0,
-            cases_per_shard: int = 16, log=print) -> dict:
+def convert_shard(path: str, cases: list[CaseFiles], target_spacing, skip_bad: bool) -> int:
+    """Converts `cases` into the shard `path` (+ `path`.json with their manifest entries and the
+    skipped ones). Returns the number of cases handled. Runs in a worker process."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    edition, case_dirs = find_cases(src)
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, MANIFEST)):
-        raise CaseError(f"{out} already holds a converted set ({MANIFEST}); choose another --out")
-    stage = tempfile.mkdtemp(prefix=".converting-", dir=out)
+    tmp = path + ".tmp"
+    writer = ArrayRecordWriter(tmp, RECORD_OPTIONS)
+    entries, skipped = [], []
     try:
-        cases, shards, writer = [], [], None
-        n_shards = (len(case_dirs) + cases_per_shard - 1) // cases_per_shard
-        for i, case_dir in enumerate(case_dirs):
-            if i % cases_per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append(f"cases-{len(shards):05d}-of-{n_shards:05d}.array_record")
-                writer = ArrayRecordWriter(os.path.join(stage, shards[-1]), "group_size:1")
-            case_id, images, labels, affine, zooms = load_case(case_dir, edition)
-            image, label, crop, stats = preprocess(case_id, images, labels)
-            writer.write(encode_case(case_id, image, label))
-            cases.append({"id": case_id, "record": i, "shard": shards[-1], "has_label": label is not None,
-                          "orig_shape": list(images.shape[1:]), "shape": list(image.shape[:3]),
-                          "crop_box": crop, "affine": np.asarray(affine).tolist(), "spacing": zooms,
-                          "norm": stats})
-            log(f"\rconvert: {i + 1}/{len(case_dirs)} cases", end="", flush=True)
-        if writer is not None:
-            writer.close()
+        for cf in cases:
+            try:
+                case = load_case(cf)
+                image, labels, meta = preprocess(case, target_spacing)
+            except CaseError as e:
+                if not skip_bad:
+                    raise
+                skipped.append({"id": cf.case_id, "error": str(e)})
+                continue
+            writer.write(encode_case(case.case_id, image, labels))
+            entries.append({"id": case.case_id, "has_label": labels is not None,
+                            "orig_shape": list(case.images.shape[1:]), "affine": case.affine.tolist(),
+                            "spacing": case.spacing, "header": case.header, "files": case.hashes, **meta})
+        writer.close()
+    except BaseException:
+        writer.close()
+        os.remove(tmp)
+        raise
+    _write_json(path + ".json", {"cases": entries, "skipped": skipped})
+    os.replace(tmp, path)  # the shard appears under its name only when whole
+    return len(cases)
+
+
+def _fingerprint(settings: dict, entries: list[dict]) -> str:
+    """sha256 over the preprocessing settings and every input file's sha256."""
+    content = {"settings": {k: settings[k] for k in ("version", "edition", "target_spacing")},
+               "files": {e["id"]: e["files"] for e in entries}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def convert(srcs, out: str, *, edition: str | None = None, target_spacing=None, val_cases: int | None = None,
+            val_fraction: float = 0.2, folds: int = 5, split_seed: int = 0, cases_per_shard: int = 8,
+            workers: int = 1, skip_bad: bool = False, log=print) -> dict:
+    srcs = [srcs] if isinstance(srcs, str) else list(srcs)
+    edition, cases = find_cases(srcs, edition)
+    settings = {"version": MANIFEST_VERSION, "edition": edition,
+                "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
+                "cases_per_shard": cases_per_shard, "record_options": RECORD_OPTIONS,
+                "skip_bad": skip_bad, "cases": [c.case_id for c in cases]}
+    os.makedirs(out, exist_ok=True)
+    settings_path = os.path.join(out, SETTINGS)
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            if json.load(f) != settings:
+                raise CaseError(f"{out} holds a conversion of other cases or with other settings "
+                                f"({settings_path}); choose another --out")
+    else:
+        _write_json(settings_path, settings)
+    for name in os.listdir(out):  # leftovers of a killed run
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out, name))
+
+    groups = [cases[i: i + cases_per_shard] for i in range(0, len(cases), cases_per_shard)]
+    names = [shard_name(k, len(groups)) for k in range(len(groups))]
+    pending = [k for k in range(len(groups)) if not _shard_done(os.path.join(out, names[k]))]
+    total = sum(len(groups[k]) for k in pending)
+    if pending:
+        log(f"convert: {total} of {len(cases)} {edition} cases to do, {len(pending)} shard(s), {workers} worker(s)")
+    start, done = time.time(), 0
+
+    def tick(n):
+        nonlocal done
+        done += n
+        rate = done / max(time.time() - start, 1e-9)
+        tty = sys.stdout.isatty()  # one updating line on a terminal, a line per shard in a log
+        log(("\r" if tty else "") + f"convert: {done}/{total} cases | {1 / rate:.1f} s/case | "
+            f"ETA {int((total - done) / rate)} s", end="" if tty else "\n", flush=True)
+
+    jobs = [(os.path.join(out, names[k]), groups[k], settings["target_spacing"], skip_bad) for k in pending]
+    if workers <= 1:
+        for job in jobs:
+            tick(convert_shard(*job))
+    else:
+        # spawn: workers must not inherit a parent's threads (JAX, Grain) through fork.
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [ex.submit(convert_shard, *job) for job in jobs]
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    tick(fut.result())
+            except BaseException:
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
+    if pending and sys.stdout.isatty():
         log("")
-        splits = split_cases([c["id"] for c in cases if c["has_label"]], val_fraction, split_seed)
-        for c in cases:
-            c["split"] = splits.get(c["id"], "predict")
-        manifest = {"version": MANIFEST_VERSION, "edition": edition.name, "modalities": list(MODALITIES),
-                    "label_values": list(edition.labels), "split_seed": split_seed,
-                    "val_fraction": val_fraction, "shards": shards, "cases": cases}
-        for s in shards:
-            os.replace(os.path.join(stage, s), os.path.join(out, s))
-        tmp = os.path.join(stage, MANIFEST)
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(out, MANIFEST))  # written last: its presence means complete
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    n_val = sum(c["split"] == "val" for c in cases)
-    log(f"converted {len(cases)} BraTS{edition.name} cases ({len(cases) - n_val} train, {n_val} val) "
+
+    entries, skipped, shards = [], [], []
+    for name in names:
+        with open(os.path.join(out, name + ".json")) as f:
+            part = json.load(f)
+        skipped += part["skipped"]
+        for e in part["cases"]:
+            entries.append({**e, "shard": name, "record": len(entries)})
+        shards.append(name)
+    if skipped:
+        _write_json(os.path.join(out, SKIPPED), skipped)
+        log(f"convert: skipped {len(skipped)} bad case(s); see {os.path.join(out, SKIPPED)}")
+    labelled = [e["id"] for e in entries if e["has_label"]]
+    unlabelled = [e["id"] for e in entries if not e["has_label"]]
+    n_val = val_cases if val_cases is not None else int(round(val_fraction * len(labelled)))
+    try:
+        splits = splits_lib.write_or_check(out, labelled, unlabelled, val_cases=n_val, folds=folds, seed=split_seed)
+    except ValueError as e:
+        raise CaseError(str(e)) from e
+    manifest = {"version": MANIFEST_VERSION, "edition": edition, "modalities": ["t1", "t1ce", "t2", "flair"],
+                "target_spacing": settings["target_spacing"], "fingerprint": _fingerprint(settings, entries),
+                "shards": shards, "cases": entries, "skipped": skipped}
+    _write_json(os.path.join(out, MANIFEST), manifest)  # last: its presence means complete
+    log(f"converted {len(entries)} {edition} cases ({len(splits['holdout']['train'])} train, "
+        f"{len(splits['holdout']['val'])} held out, {len(unlabelled)} prediction-only, {len(skipped)} skipped) "
         f"into {len(shards)} shard(s) in {out}")
     return manifest
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", required=True)
+    parser.add_argument("--src", required=True, nargs="+")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--edition", choices=["2021", "2023", "msd"], help="default: detected from the names")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="resample to this spacing in mm (default: keep the input's)")
+    parser.add_argument("--val-cases", type=int, help="held-out cases (the paper: 251 of 1,251)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="held-out share if --val-cases is not given")
+    parser.add_argument("--folds", type=int, default=5, help="k-fold splits inside the training part")
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--cases-per-shard", type=int, default=16)
+    parser.add_argument("--cases-per-shard", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (each holds one case at a time)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad cases and list them in skipped.json")
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.out, val_fraction=args.val_fraction, split_seed=args.split_seed,
-                cases_per_shard=args.cases_per_shard)
+        convert(args.src, args.out, edition=args.edition, target_spacing=args.spacing, val_cases=args.val_cases,
+                val_fraction=args.val_fraction, folds=args.folds, split_seed=args.split_seed,
+                cases_per_shard=args.cases_per_shard, workers=args.workers, skip_bad=args.skip_bad)
     except CaseError as e:
         sys.exit(f"convert: error: {e}")
 

@@ -25,7 +25,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
         """Saves if `step` is a multiple of checkpoint.every_steps (or force). Returns whether a
-        save started."""
+        save started. data_state is JSON-able: the data iterator's state and the data fingerprint."""
         if not force and step % self.every_steps:
             return False
         return self.manager.save(step, force=True, args=ocp.args.Composite(

@@ -24,7 +24,7 @@ from segguided_jax import sharding
 from segguided_jax.checkpointing import Checkpointer
 from segguided_jax.data.brats import labels_to_regions
 from segguided_jax.data.pipeline import train_dataset
-from segguided_jax.data.records import CaseSource
+from segguided_jax.data.records import CaseSource, load_manifest
 from segguided_jax.inference import region_probabilities, sliding_window
 from segguided_jax.metrics import region_dice
 from segguided_jax.optim import make_optimizer
@@ -108,6 +108,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     dataset = train_dataset(data_dir, config.data, seed=config.seed,
                             batch_size=config.train.batch_size // jax.process_count())
     data_iter = iter(dataset)
+    fingerprint = load_manifest(data_dir)["fingerprint"]
 
     start = ckpt.latest_step()
     if start is None:
@@ -117,14 +118,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         abstract = jax.eval_shape(init)
         abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
         state, data_state, _ = ckpt.restore(start, abstract)
-        data_iter.set_state(data_state)
+        if data_state["fingerprint"] != fingerprint and not config.data.allow_fingerprint_mismatch:
+            raise ValueError(
+                f"{data_dir} has data fingerprint {fingerprint[:12]}…, but the checkpoint in {ckpt.directory} was "
+                f"trained on {data_state['fingerprint'][:12]}…: other input files or preprocessing. Resume anyway "
+                "with --config.data.allow_fingerprint_mismatch=True, or use another --workdir.")
+        data_iter.set_state(data_state["iterator"])
         print(f"resumed from {ckpt.directory} at step {start}", flush=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=1))
     log = MetricsLog(workdir, start)
 
-    val_source = CaseSource(data_dir, "val")
+    val_source = CaseSource(data_dir, "val", config.data.split)
     if config.eval.max_cases:
         val_source.cases = val_source.cases[: config.eval.max_cases]
     predict = jax.jit(functools.partial(region_probabilities, state.graphdef, output=config.model.output))
@@ -148,7 +154,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.write(row)
             log.progress(f"step {step}/{total} | loss {row['loss']:.4f} (seg {row['loss_seg']:.4f}, "
                          f"aux {row['loss_aux']:.4f}) | {rate:.2f} steps/s | ETA {_fmt_time((total - step) / rate)}")
-        ckpt.save(step, state, data_iter.get_state(), config.to_dict(), force=(step == total))
+        ckpt.save(step, state, {"iterator": data_iter.get_state(), "fingerprint": fingerprint}, config.to_dict(),
+                  force=(step == total))
         if step % config.train.eval_every == 0 or step == total:
             t0 = time.time()
             last_val = {"step": step, "split": "val", **validate(predict_batch, val_source, config.eval)}

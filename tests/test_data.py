@@ -1,16 +1,13 @@
-import gzip
 import json
 import os
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import convert, synthetic
+from data_prep import synthetic
 from segguided_jax.data.brats import EDITIONS, MODALITIES, labels_to_regions, regions_to_labels
 from segguided_jax.data.pipeline import train_dataset
-from segguided_jax.data.records import CaseSource, load_manifest, to_original_grid
 
 SHAPE = (40, 40, 26)
 
@@ -58,101 +55,6 @@ def test_synthetic_anatomy_follows_brats(raw_dir):
     assert 0 < without_et < len(cases)
 
 
-def test_conversion_round_trip_is_exact(raw_dir, data_dir):
-    manifest = load_manifest(data_dir)
-    assert manifest["edition"] == "2021" and len(manifest["cases"]) == 8
-    assert {c["split"] for c in manifest["cases"]} == {"train", "val"}
-    for split in ("train", "val"):
-        source = CaseSource(data_dir, split)
-        for i, meta in enumerate(source.cases):
-            case = source[i]
-            assert case["case_id"] == meta["id"]
-            seg_path = EDITIONS["2021"].seg_file(os.path.join(raw_dir, meta["id"]))
-            original = _read(seg_path)
-            restored = to_original_grid(case["label"], meta, "2021")
-            assert restored.dtype == np.uint8 and np.array_equal(restored, original)
-            # z-scored inside the brain, zero outside
-            t1 = _read(EDITIONS["2021"].modality_files(os.path.join(raw_dir, meta["id"]))["t1"])
-            box = tuple(slice(a, b) for a, b in meta["crop_box"])
-            brain = t1[box] != 0
-            assert np.allclose(case["image"][..., 0][brain].mean(), 0, atol=1e-4)
-            assert np.allclose(case["image"][..., 0][brain].std(), 1, atol=1e-3)
-            assert (case["image"][~brain] == 0).all()
-            assert np.asarray(meta["affine"]) == pytest.approx(nib.load(seg_path).affine)
-
-
-def test_split_is_deterministic_from_seed():
-    ids = [f"c{i}" for i in range(20)]
-    a = convert.split_cases(ids, 0.25, seed=5)
-    assert a == convert.split_cases(ids, 0.25, seed=5)
-    assert sum(v == "val" for v in a.values()) == 5
-    assert a != convert.split_cases(ids, 0.25, seed=6)
-
-
-def test_region_label_conversions_are_inverse():
-    labels = np.array([0, 1, 2, 3], np.uint8)
-    regions = labels_to_regions(labels)
-    assert regions.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 1]]
-    assert regions_to_labels(regions).tolist() == [0, 1, 2, 3]
-
-
-# --- bad input: each stops with the case and file named, and leaves nothing in --out ---
-
-def _copy_case(raw_dir, tmp_path, n=2):
-    src = tmp_path / "src"
-    for case in sorted(os.listdir(raw_dir))[:n]:
-        shutil.copytree(os.path.join(raw_dir, case), src / case)
-    return src, sorted(os.listdir(src))[-1]
-
-
-def _damage_missing(path):
-    os.remove(path)
-
-
-def _damage_truncated(path):
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
-
-
-def _damage_shape(path):
-    img = nib.load(path)
-    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-2], img.affine), path)
-
-
-def _damage_label(path):
-    img = nib.load(path)
-    seg = np.asanyarray(img.dataobj).copy()
-    seg[seg.shape[0] // 2, seg.shape[1] // 2, seg.shape[2] // 2] = 3  # 3 is not a BraTS2021 label
-    nib.save(nib.Nifti1Image(seg, img.affine), path)
-
-
-@pytest.mark.parametrize("damage, file_suffix, message", [
-    (_damage_missing, "t2", "missing file"),
-    (_damage_truncated, "flair", "cannot read"),
-    (_damage_shape, "t1ce", "has shape"),
-    (_damage_label, "seg", "label value(s) [3]"),
-])
-def test_bad_input_names_case_and_file_and_leaves_nothing(raw_dir, tmp_path, damage, file_suffix, message):
-    src, bad_case = _copy_case(raw_dir, tmp_path)
-    bad_file = str(src / bad_case / f"{bad_case}_{file_suffix}.nii.gz")
-    damage(bad_file)
-    out = tmp_path / "out"
-    with pytest.raises(convert.CaseError) as err:
-        convert.convert(str(src), str(out), cases_per_shard=1, log=lambda *a, **k: None)
-    text = str(err.value)
-    assert bad_case in text and bad_file in text and message in text
-    assert os.listdir(out) == []  # no shard, no manifest, no staging folder
-
-
-def test_convert_cli_exits_with_message(raw_dir, tmp_path, capsys):
-    src, bad_case = _copy_case(raw_dir, tmp_path, n=1)
-    os.remove(src / bad_case / f"{bad_case}_seg.nii.gz")
-    os.remove(src / bad_case / f"{bad_case}_t1.nii.gz")
-    with pytest.raises(SystemExit) as e:
-        convert.main(["--src", str(src), "--out", str(tmp_path / "o")])
-    assert bad_case in str(e.value) and "_t1.nii.gz" in str(e.value)
-
-
 # --- the Grain pipeline ---
 
 def test_pipeline_batches_and_resumes_exactly(tiny_config):
@@ -180,3 +82,10 @@ def test_foreground_fraction_one_always_hits_tumour(tiny_config):
     it = iter(train_dataset(cfg.data.dir, cfg.data, seed=0, batch_size=2))
     for _ in range(4):
         assert all((lab > 0).any() for lab in next(it)["label"])
+
+
+def test_region_label_conversions_are_inverse():
+    labels = np.array([0, 1, 2, 3], np.uint8)
+    regions = labels_to_regions(labels)
+    assert regions.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 1]]
+    assert regions_to_labels(regions).tolist() == [0, 1, 2, 3]

@@ -1,6 +1,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,19 @@ def test_train_writes_contract_files_and_resumes(tiny_config, tmp_path):
     assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 8
     assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [4, 8]
     assert os.listdir(os.path.join(workdir, "tb"))
+
+    # The checkpoint remembers its data's fingerprint: other data is refused unless allowed.
+    other = tmp_path / "other_data"
+    shutil.copytree(cfg.data.dir, other)
+    manifest = json.load(open(other / "manifest.json"))
+    manifest["fingerprint"] = "0" * 64
+    json.dump(manifest, open(other / "manifest.json", "w"))
+    cfg.data.dir = str(other)
+    with pytest.raises(ValueError, match="fingerprint"):
+        train_and_evaluate(cfg, workdir)
+    cfg.data.allow_fingerprint_mismatch = True
+    cfg.train.steps = 10
+    assert train_and_evaluate(cfg, workdir)["step"] == 10
 
 
 def test_kill9_then_same_command_resumes(data_dir, tmp_path):

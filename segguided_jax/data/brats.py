@@ -10,7 +10,6 @@ import dataclasses
 import os
 import re
 
-import jax.numpy as jnp
 import numpy as np
 
 # Internal order of the image channels; every edition's files are read into this order.
@@ -59,6 +58,13 @@ EDITIONS = {
                     {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}, "seg", "-", (0, 1, 2, 3)),
 }
 
+# Medical Segmentation Decathlon Task01_BrainTumour: imagesTr/BRATS_NNN.nii.gz are 4D volumes with
+# the modalities in the order FLAIR, T1w, T1gd, T2w along the last axis; labelsTr/BRATS_NNN.nii.gz
+# use 0 background, 1 oedema, 2 non-enhancing tumour (our NCR), 3 enhancing tumour.
+MSD = Edition("msd", r"^BRATS_\d{3}$", {}, "", "", (0, 2, 1, 3))
+MSD_CHANNELS = {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
+ALL_EDITIONS = {**EDITIONS, "msd": MSD}
+
 
 def case_id_for(edition: str, index: int) -> str:
     return f"BraTS2021_{index:05d}" if edition == "2021" else f"BraTS-GLI-{index:05d}-000"
@@ -72,14 +78,15 @@ def detect_edition(case_name: str) -> Edition | None:
 
 
 def labels_to_regions(labels):
-    """Internal labels (...,) int -> region masks (..., 3) in REGIONS order, same array library."""
-    xp = np if isinstance(labels, np.ndarray) else jnp
+    """Internal labels (...,) int -> region masks (..., 3) in REGIONS order, in the input's array
+    library (numpy or jax.numpy: both implement the array API's __array_namespace__)."""
+    xp = labels.__array_namespace__()
     return xp.stack([labels == 3, (labels == 1) | (labels == 3), labels > 0], axis=-1)
 
 
 def labels_to_subregions(labels):
     """Internal labels (...,) int -> one-hot sub-region masks (..., 3) in SUBREGIONS order."""
-    xp = np if isinstance(labels, np.ndarray) else jnp
+    xp = labels.__array_namespace__()
     return xp.stack([labels == 1, labels == 2, labels == 3], axis=-1)
 
 

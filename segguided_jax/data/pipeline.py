@@ -19,7 +19,7 @@ from segguided_jax.data.transforms import train_transform
 def train_dataset(data_dir: str, data_cfg, *, seed: int, batch_size: int) -> grain.IterDataset:
     """Batches of {"image": (B, P, P, P, 4) float32, "label": (B, P, P, P) uint8} for this
     process (batch_size is the per-process batch)."""
-    ds = grain.MapDataset.source(CaseSource(data_dir, "train"))
+    ds = grain.MapDataset.source(CaseSource(data_dir, "train", data_cfg.split))
     if jax.process_count() > 1:
         ds = ds[jax.process_index():: jax.process_count()]
     ds = ds.shuffle(seed=seed).repeat()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segguided_jax.data.brats import EDITIONS
+from segguided_jax.data.brats import ALL_EDITIONS
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -55,15 +55,22 @@ def shard_paths(data_dir: str, manifest: dict) -> list[str]:
 
 
 class CaseSource(Sequence):
-    """Random access to the decoded cases of one split: a Grain-compatible data source."""
+    """Random access to the decoded cases of one part ("train" or "val") of a split ("holdout",
+    "fold0", ...; see data_prep.splits): a Grain-compatible data source."""
 
-    def __init__(self, data_dir: str, split: str, manifest: dict | None = None):
+    def __init__(self, data_dir: str, part: str, split: str = "holdout", manifest: dict | None = None):
         from grain.sources import ArrayRecordDataSource  # array_record is heavy; import on use
 
         self.manifest = manifest or load_manifest(data_dir)
-        self.cases = [c for c in self.manifest["cases"] if c["split"] == split]
+        with open(os.path.join(data_dir, "splits.json")) as f:
+            splits = json.load(f)
+        if split not in splits:
+            raise ValueError(f"{data_dir}/splits.json has no split {split!r}; it has "
+                             f"{[k for k, v in splits.items() if isinstance(v, dict)]}")
+        by_id = {c["id"]: c for c in self.manifest["cases"]}
+        self.cases = [by_id[i] for i in splits[split][part]]
         if not self.cases:
-            raise ValueError(f"{data_dir}: no cases in split {split!r}")
+            raise ValueError(f"{data_dir}: no cases in the {part!r} part of split {split!r}")
         self._source = ArrayRecordDataSource(shard_paths(data_dir, self.manifest))
 
     def __len__(self):
@@ -74,12 +81,18 @@ class CaseSource(Sequence):
 
 
 def to_original_grid(label: np.ndarray, case: dict, edition: str) -> np.ndarray:
-    """Internal labels on the case's cropped grid -> the edition's label values on the original
-    grid (zeros outside the crop box): the exact inverse of the conversion's crop and label map."""
+    """Internal labels on the case's preprocessed grid -> the edition's label values on the
+    original grid (zeros outside the crop box). The exact inverse of the conversion's crop and
+    label map; when the conversion resampled, labels go back by nearest neighbour."""
     out = np.zeros(case["orig_shape"], np.uint8)
     box = tuple(slice(lo, hi) for lo, hi in case["crop_box"])
-    if label.shape != out[box].shape:
-        raise ValueError(f"case {case['id']}: label shape {label.shape} does not match its crop box "
-                         f"{out[box].shape}")
-    out[box] = EDITIONS[edition].from_internal(label)
+    if tuple(label.shape) != tuple(case["shape"]):
+        raise ValueError(f"case {case['id']}: label shape {label.shape}, expected {tuple(case['shape'])}")
+    crop_shape = out[box].shape
+    if label.shape != crop_shape:
+        from scipy import ndimage
+
+        factors = [c / s for c, s in zip(crop_shape, label.shape)]
+        label = ndimage.zoom(label, factors, order=0, mode="nearest", grid_mode=True)
+    out[box] = ALL_EDITIONS[edition].from_internal(label)
     return out
