@@ -67,6 +67,10 @@ def get_config():
     c.train.log_every = 10
     c.train.eval_every = 200
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices along the batch; -1: all that the spatial axis leaves
+    c.mesh.spatial = 1  # devices sharing each patch (split along its first spatial axis)
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 3

@@ -1,0 +1,129 @@
+"""Multi-device and multi-process behaviour on CPU: fake devices and local processes."""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from segguided_jax.optim import make_optimizer
+from segguided_jax.steps import init_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+    return env
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("ckpt4"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice_checks.py"), ckpt],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), ckpt
+
+
+def test_spatially_sharded_forward_equals_unsharded(four_devices):
+    results, _ = four_devices
+    assert results["spatial_forward_shards"] == 4
+    assert results["spatial_forward_max_abs_diff"] < 1e-4
+
+
+def test_spatially_sharded_train_step_runs_and_agrees(four_devices):
+    ref, sharded = four_devices[0]["spatial_step_loss"]
+    assert np.isfinite(sharded) and sharded == pytest.approx(ref, rel=1e-4)
+
+
+def test_windows_over_four_devices_equal_one(four_devices):
+    assert four_devices[0]["windows_1_vs_4_max_abs_diff"] < 1e-5
+
+
+def test_four_device_checkpoint_restores_on_one(four_devices):
+    results, ckpt = four_devices
+    assert jax.device_count() == 1
+    cfg = tiny.get_config()
+    init = functools.partial(init_state, 0, cfg.model, make_optimizer(cfg.optim, 10))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), jax.eval_shape(init))
+    with ocp.CheckpointManager(ckpt) as mgr:
+        restored = mgr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    fresh = jax.jit(init)()
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(fresh.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(sum(np.sum(np.asarray(p)) for p in jax.tree.leaves(restored.params))) == pytest.approx(
+        results["param_sum"], rel=1e-6)
+
+
+def _two_process_cmd(data_dir, workdir, steps):
+    return ["bash", "launch/local.sh", "2", "--devices", "2", "--",
+            "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.dir={data_dir}",
+            f"--config.train.steps={steps}", "--config.train.batch_size=4", "--config.train.log_every=1",
+            "--config.checkpoint.every_steps=2", "--config.train.eval_every=4"]
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _digests(stdout):
+    return [line.split()[-1] for line in stdout.splitlines() if "parameters sha256" in line]
+
+
+def test_two_processes_kill_resume_equals_uninterrupted(data_dir, tmp_path):
+    steps = 8
+    whole = subprocess.run(_two_process_cmd(data_dir, tmp_path / "whole", steps), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    digests = _digests(whole.stdout)
+    assert len(digests) == 2 and digests[0] == digests[1]  # both processes hold the same parameters
+
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_two_process_cmd(data_dir, workdir, steps), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = workdir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    finished_early = proc.poll() is not None
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of every process of the run
+    proc.wait()
+    assert not finished_early, "the run ended before it could be killed"
+    done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+    assert done, "no checkpoint within 300 s"
+    again = subprocess.run(_two_process_cmd(data_dir, workdir, steps), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"at step {max(done)}" in again.stdout
+    assert _rows(workdir) == _rows(tmp_path / "whole")  # identical, row for row, after the restart
+    assert _digests(again.stdout) == digests
+
+
+def test_sigterm_saves_at_next_step_and_exits_zero(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+           f"--config.data.dir={data_dir}", "--config.train.steps=100000", "--config.checkpoint.every_steps=1000",
+           "--config.train.eval_every=1000000", "--config.train.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    assert "preempted: saved a checkpoint at step" in rest
+    saved = int(rest.split("preempted: saved a checkpoint at step ")[1].split(";")[0])
+    assert saved >= 3 and (workdir / "checkpoints" / str(saved)).exists()
