@@ -38,14 +38,45 @@ def window_starts(shape, window, overlap: float):
     return list(itertools.product(*per_axis))
 
 
-def region_probabilities(graphdef, params, x, output: str):
-    """Network output on x (N, D, H, W, 4) as region probabilities (N, D, H, W, 3), ET/TC/WT.
-    With a softmax head, a region's probability is the sum of its labels' probabilities."""
-    logits, _ = nnx.merge(graphdef, params)(x)
+def _to_regions(logits, output: str):
+    """Logits -> ET/TC/WT probabilities; with a softmax head a region's probability is the sum of
+    its labels' probabilities."""
     if output == "regions":
         return jax.nn.sigmoid(logits)
     p = jax.nn.softmax(logits, axis=-1)
     return jnp.stack([p[..., 3], p[..., 1] + p[..., 3], 1 - p[..., 0]], axis=-1)
+
+
+def mirror_sets(axes) -> list[tuple]:
+    """Every subset of the spatial axes to mirror for test-time augmentation (2**len(axes) sets)."""
+    axes = tuple(axes)
+    return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(2 ** len(axes))]
+
+
+def window_outputs(graphdef, params, x, *, output: str, mirror_axes=(), attention_stages=()):
+    """Per-voxel outputs of a batch of windows x (N, D, H, W, 4).
+
+    Returns (N, D, H, W, 3 + 3·[attention_stages non-empty]) float32: the ET/TC/WT region
+    probabilities, then (if asked) the NCR/ED/ET attention maps averaged over the chosen decoder
+    stages (indices into the coarsest-first stage list, e.g. -1 = finest), each resized to the
+    window by trilinear interpolation. With mirror_axes (spatial axes 0..2), the outputs are the
+    mean over every combination of mirrored axes (up to 8 passes), each mirrored back.
+    """
+    model = nnx.merge(graphdef, params)
+    total = 0.0
+    flips = mirror_sets(mirror_axes)
+    for axes in flips:
+        spatial = tuple(a + 1 for a in axes)
+        xi = jnp.flip(x, spatial) if axes else x
+        logits, attention = model(xi)
+        parts = [_to_regions(logits, output)]
+        if attention_stages:
+            maps = [jax.image.resize(attention[s], logits.shape[:4] + (attention[s].shape[-1],), "trilinear")
+                    for s in attention_stages]
+            parts.append(sum(maps) / len(maps))
+        out = jnp.concatenate(parts, axis=-1)
+        total = total + (jnp.flip(out, spatial) if axes else out)
+    return total / len(flips)
 
 
 def sliding_window(predict_batch, image: np.ndarray, window, overlap: float, batch_size: int) -> np.ndarray:

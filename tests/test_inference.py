@@ -42,3 +42,30 @@ def test_dice_conventions():
     assert dice(a, b) == pytest.approx(2 / 3)
     r = region_dice(np.stack([a, a, b], -1), np.stack([b, a, b], -1))
     assert r == pytest.approx({"dice_et": 2 / 3, "dice_tc": 1.0, "dice_wt": 1.0})
+
+
+def test_mirroring_tta_and_attention_channels():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import tiny
+    from segguided_jax.inference import mirror_sets, window_outputs
+    from segguided_jax.models.network import build_model
+
+    assert mirror_sets((0, 1, 2)) == [(), (0,), (1,), (0, 1), (2,), (0, 2), (1, 2), (0, 1, 2)]
+    graphdef, params = nnx.split(build_model(tiny.get_config().model, nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 4))
+    plain = window_outputs(graphdef, params, x, output="regions")
+    assert plain.shape == (1, 16, 16, 16, 3)
+    both = window_outputs(graphdef, params, x, output="regions", attention_stages=(-1,))
+    assert both.shape == (1, 16, 16, 16, 6)
+    np.testing.assert_allclose(both[..., :3], plain, atol=1e-6)
+    assert float(both[..., 3:].min()) >= 0 and float(both[..., 3:].max()) <= 1
+    # Mirrored TTA equals the mean of the explicitly flipped-back passes.
+    tta = window_outputs(graphdef, params, x, output="regions", mirror_axes=(0,))
+    flipped = window_outputs(graphdef, params, jnp.flip(x, 1), output="regions")
+    np.testing.assert_allclose(tta, (plain + jnp.flip(flipped, 1)) / 2, atol=1e-5)
+    # TTA of a flipped input equals the flipped TTA (the ensemble is mirror-symmetric).
+    tta_of_flipped = window_outputs(graphdef, params, jnp.flip(x, 1), output="regions", mirror_axes=(0,))
+    np.testing.assert_allclose(tta_of_flipped, jnp.flip(tta, 1), atol=1e-5)
