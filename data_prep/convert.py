@@ -123,7 +123,7 @@ def convert(srcs, out: str, *, edition: str | None = None, target_spacing=None, 
         done += n
         rate = done / max(time.time() - start, 1e-9)
         tty = sys.stdout.isatty()  # one updating line on a terminal, a line per shard in a log
-        log(("\r" if tty else "") + f"convert: {done}/{total} cases | {1 / rate:.1f} s/case | "
+        log(("\r" if tty else "") + f"convert: {done}/{total} cases | {1 / rate:.2f} s/case | "
             f"ETA {int((total - done) / rate)} s", end="" if tty else "\n", flush=True)
 
     jobs = [(os.path.join(out, names[k]), groups[k], settings["target_spacing"], skip_bad) for k in pending]

@@ -13,6 +13,9 @@ voxels (the header's spacing says so), not a smaller head. Same seed -> identica
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import functools
 import os
 import sys
 
@@ -153,13 +156,18 @@ def main(argv=None):
     parser.add_argument("--edition", choices=sorted(EDITIONS), default="2021")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", type=int, nargs=3, default=BRATS_SHAPE, metavar=("X", "Y", "Z"))
+    parser.add_argument("--workers", type=int, default=1, help="cases generated in parallel processes")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    for i in range(args.cases):
-        write_case(args.out, args.edition, i, args.seed, args.shape)
-        # One updating line on a terminal, one line per case in a log.
-        print(f"\rsynthetic: {i + 1}/{args.cases} cases", end="" if sys.stdout.isatty() else "\n", flush=True)
-    print(f"\nwrote {args.cases} BraTS{args.edition} cases of shape {tuple(args.shape)} to {args.out}")
+    job = functools.partial(write_case, args.out, args.edition, seed=args.seed, shape=tuple(args.shape))
+    tty = sys.stdout.isatty()  # one updating line on a terminal, one line per case in a log
+    with concurrent.futures.ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as ex:
+        results = ex.map(job, range(args.cases)) if ex else map(job, range(args.cases))
+        for i, _ in enumerate(results):
+            print(("\r" if tty else "") + f"synthetic: {i + 1}/{args.cases} cases", end="" if tty else "\n", flush=True)
+    if tty:
+        print()
+    print(f"wrote {args.cases} BraTS{args.edition} cases of shape {tuple(args.shape)} to {args.out}")
 
 
 if __name__ == "__main__":
