@@ -42,4 +42,5 @@ def get_config():
 
     c.eval.window = (128, 128, 128)
     c.eval.batch_size = 2
+    c.eval.min_et_voxels = 0  # the paper names no post-processing
     return c

@@ -8,11 +8,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-STAMP="$VENV/.installed-$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
+EXTRAS="${SEGGUIDED_EXTRAS:-test}"  # test,cuda on NVIDIA GPUs; test,tpu on Cloud TPU VMs
+STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml"; echo "$EXTRAS") | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   echo "setup: installing segguided_jax and its dependencies into $VENV (first run only)"
   if ! { "$VENV/bin/python" -m pip install --upgrade pip \
-         && "$VENV/bin/python" -m pip install -e "$ROOT[test]"; } >"$VENV/install.log" 2>&1; then
+         && "$VENV/bin/python" -m pip install -e "$ROOT[$EXTRAS]"; } >"$VENV/install.log" 2>&1; then
     tail -n 30 "$VENV/install.log"; echo "setup: pip install failed; full log in $VENV/install.log" >&2
     return 1 2>/dev/null || exit 1
   fi

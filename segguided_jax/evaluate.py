@@ -48,6 +48,7 @@ from segguided_jax.data.brats import EDITIONS, REGIONS, SUBREGIONS, Edition, det
 
 NII = ".nii.gz"
 ATTENTION_INFIX = "_attention_"
+PROBABILITIES_SUFFIX = "_probabilities"
 # (metric family, what it is, unit); the per-case columns are f"{family}_{region}".
 REGION_FAMILIES = (
     ("dice", "Dice (BraTS 2021; both empty 1, one empty 0)", ""),
@@ -115,6 +116,8 @@ def find_predictions(pred_dir: str) -> dict:
         if name.startswith(".") or not name.endswith(NII) or not os.path.isfile(path):
             continue
         stem = _case_id_of(name)
+        if stem.endswith(PROBABILITIES_SUFFIX):  # predict --probabilities: not a label map
+            continue
         head, sep, sub = stem.rpartition(ATTENTION_INFIX)
         if sep and sub in SUBREGIONS:
             preds.setdefault(head, {"seg": None, "attention": {}})["attention"][sub] = path

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from scipy import ndimage
 
+from segguided_jax.data.brats import regions_to_labels
+
 
 def gaussian_weights(window, sigma_scale: float = 1 / 8) -> np.ndarray:
     """Importance map of shape `window`, max 1, strictly positive."""
@@ -77,6 +79,29 @@ def window_outputs(graphdef, params, x, *, output: str, mirror_axes=(), attentio
         out = jnp.concatenate(parts, axis=-1)
         total = total + (jnp.flip(out, spatial) if axes else out)
     return total / len(flips)
+
+
+def remove_small_et(labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Internal labels (X, Y, Z) -> a copy in which every ET (3) connected component (26-
+    connectivity) of fewer than min_voxels voxels is NCR (1): tiny enhancing specks are mostly
+    false positives, and relabelling them keeps the tumour core intact. min_voxels <= 1: no-op."""
+    labels = labels.copy()
+    if min_voxels <= 1:
+        return labels
+    components, n = ndimage.label(labels == 3, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return labels
+    sizes = np.bincount(components.ravel())
+    small = sizes < min_voxels
+    small[0] = False
+    labels[small[components]] = 1
+    return labels
+
+
+def probabilities_to_labels(region_probs: np.ndarray, threshold: float, min_et_voxels: int) -> np.ndarray:
+    """ET/TC/WT probabilities (..., 3) -> internal labels: threshold, nest the regions the nnU-Net
+    way (regions_to_labels), then turn ET specks smaller than min_et_voxels into NCR."""
+    return remove_small_et(regions_to_labels(region_probs[..., :3] > threshold), min_et_voxels)
 
 
 def sliding_window(predict_batch, image: np.ndarray, window, overlap: float, batch_size: int) -> np.ndarray:

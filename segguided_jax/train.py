@@ -32,7 +32,7 @@ from segguided_jax.checkpointing import Checkpointer, all_process_states
 from segguided_jax.data.brats import labels_to_regions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
-from segguided_jax.inference import sliding_window, window_outputs
+from segguided_jax.inference import probabilities_to_labels, sliding_window, window_outputs
 from segguided_jax.metrics import region_dice
 from segguided_jax.optim import make_optimizer
 from segguided_jax.steps import init_state, train_step
@@ -42,6 +42,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run, for jax.distributed.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let it detect the "
+                                 "cluster (SLURM, Kubernetes, MPI, ...), even where this code would not.")
 
 
 class MetricsLog:
@@ -86,13 +88,15 @@ class MetricsLog:
 
 
 def validate(predict_batch, source: CaseSource, eval_cfg) -> dict:
-    """Sliding-window inference on every case of `source`; mean region Dice over cases."""
+    """Sliding-window inference on every case of `source`, labelled as predict labels them; mean
+    region Dice over cases."""
     rows = []
     for i in range(len(source)):
         case = source[i]
         probs = sliding_window(predict_batch, case["image"], eval_cfg.window, eval_cfg.overlap,
                                eval_cfg.batch_size)
-        rows.append(region_dice(probs > eval_cfg.threshold, labels_to_regions(case["label"])))
+        labels = probabilities_to_labels(probs, eval_cfg.threshold, eval_cfg.min_et_voxels)
+        rows.append(region_dice(labels_to_regions(labels), labels_to_regions(case["label"])))
     out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     out["dice_mean"] = float(np.mean(list(out.values())))
     return out
@@ -226,10 +230,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def initialize_distributed():
-    """jax.distributed for multi-process runs: explicit flags, or what the cluster says (Cloud TPU
-    slices and SLURM are detected by JAX itself). One process needs nothing."""
+    """jax.distributed for multi-process runs: explicit flags, or what the cluster says (JAX itself
+    reads SLURM's and Cloud TPU's environment). One process needs nothing."""
     explicit = _COORDINATOR.value is not None
-    cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    cluster = (_DISTRIBUTED.value or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+               or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
     if not (explicit or cluster):
         return
     # Cross-process collectives between CPU devices need a CPU collectives backend (harmless on

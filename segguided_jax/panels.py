@@ -1,0 +1,179 @@
+"""One PNG per predicted case: the images, the prediction and the attention maps at a glance.
+
+Rows: axial, coronal and sagittal slices through the centre of mass of the predicted whole tumour
+(the volume's centre when nothing is predicted). Columns: FLAIR, T1ce, the prediction (NCR, ED,
+ET) over FLAIR, then each sub-region attention map (NCR, ED, ET) as a heat overlay on FLAIR.
+
+Slices are shown the way radiology viewers show them: the volume is first reoriented to RAS with
+its affine, then axial and coronal slices have the patient's right on the image's left
+(radiological convention) with anterior (axial) or superior (coronal) up; sagittal slices have
+superior up and anterior on the left. Letters at the image edges name the directions, and voxel
+spacing sets the aspect ratio, so anisotropic volumes are not distorted.
+
+Drawn with a bare matplotlib Figure on the Agg canvas: no pyplot, no global state, safe in any
+process.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from segguided_jax.data.brats import SUBREGIONS
+
+# BraTS's customary colours: necrotic core red, oedema green, enhancing tumour yellow.
+LABEL_COLOURS = {1: (0.90, 0.10, 0.10), 2: (0.15, 0.80, 0.15), 3: (1.00, 0.90, 0.10)}
+LABEL_ALPHA = 0.55
+HEAT_CMAP = "inferno"
+FONT_SIZE = 12
+PANEL_INCHES = 3.0  # width of one image at 100 dpi
+
+
+def _orientation(affine) -> np.ndarray:
+    """nibabel's (3, 2) orientation: row i = (RAS axis of array axis i, +1 or -1 if flipped)."""
+    if affine is None:
+        return np.array([[0, 1], [1, 1], [2, 1]], np.float64)
+    import nibabel as nib
+
+    return nib.orientations.io_orientation(affine)
+
+
+def _input_index(ornt: np.ndarray, shape, ras_axis: int, ras_index: int) -> str:
+    """'i=12' etc.: the slice's index along the input array's own axis, as a viewer shows it."""
+    i = int(np.flatnonzero(ornt[:, 0] == ras_axis)[0])
+    index = ras_index if ornt[i, 1] > 0 else shape[ras_axis] - 1 - ras_index
+    return f"{'ijk'[i]}={index}"
+
+
+def slice_centre(labels: np.ndarray) -> tuple:
+    """Voxel index of the tumour's (labels > 0) centre of mass, or of the volume's centre."""
+    if labels.any():
+        return tuple(int(round(c)) for c in ndimage.center_of_mass(labels > 0))
+    return tuple(s // 2 for s in labels.shape)
+
+
+# For a RAS volume: (row name, fixed axis, (top, bottom, left, right) letters, (row axis, column
+# axis) of the displayed image, for the aspect ratio). Every view is shown with `_show`.
+VIEWS = (
+    ("axial", 2, ("A", "P", "R", "L"), (1, 0)),
+    ("coronal", 1, ("S", "I", "R", "L"), (2, 0)),
+    ("sagittal", 0, ("S", "I", "A", "P"), (2, 1)),
+)
+
+
+def _show(plane: np.ndarray) -> np.ndarray:
+    """A 2-D slice of a RAS volume -> the displayed image: rot90 puts the high end of the slice's
+    second axis (A or S) at the top, fliplr the high end of its first (R, or A for sagittal) on the
+    left."""
+    return np.fliplr(np.rot90(plane))
+
+
+def _window(image: np.ndarray) -> tuple:
+    """Display range: 0.5th-99.5th percentile of the non-zero (brain) voxels."""
+    vals = image[image != 0]
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(vals, [0.5, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _label_rgba(labels: np.ndarray) -> np.ndarray:
+    rgba = np.zeros(labels.shape + (4,), np.float32)
+    for value, colour in LABEL_COLOURS.items():
+        rgba[labels == value] = colour + (LABEL_ALPHA,)
+    return rgba
+
+
+def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarray,
+               attention: np.ndarray | None, spacing, title: str, affine=None) -> None:
+    """Writes the case's panel PNG to `path` (atomically: a temporary name, then renamed).
+
+    flair, t1ce: (X, Y, Z) raw intensities; labels: (X, Y, Z) internal labels 0..3 (1 NCR, 2 ED,
+    3 ET); attention: (X, Y, Z, 3) NCR/ED/ET maps in [0, 1], or None for no attention columns;
+    spacing: the voxel size in mm along X, Y, Z; affine: the volumes' voxel-to-world matrix, used
+    to orient the slices (None: the arrays are taken to be RAS already). All on the same grid.
+    """
+    import matplotlib
+    from matplotlib import cm, colors
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from nibabel.orientations import apply_orientation
+
+    ornt = _orientation(affine)
+    ras_spacing = np.empty(3)
+    ras_spacing[ornt[:, 0].astype(int)] = spacing
+    spacing = ras_spacing
+    flair, t1ce, labels = (apply_orientation(v, ornt) for v in (flair, t1ce, labels))
+    attention = None if attention is None else apply_orientation(attention, ornt)
+    centre = slice_centre(labels)
+    columns = ["FLAIR", "T1ce", "prediction"]
+    if attention is not None:
+        columns += [f"attention {s}" for s in SUBREGIONS]
+    flair_range, t1ce_range = _window(flair), _window(t1ce)
+    heat = colors.Normalize(0.0, 1.0)
+    heat_map = matplotlib.colormaps[HEAT_CMAP]
+
+    # Rows as tall as their slices are (in mm) for their width, plus a thin row for the legend
+    # and the colour bars: a bar attached to a column would shrink that column's images.
+    extent = np.asarray(labels.shape) * spacing
+    ratios = [extent[row_axis] / extent[col_axis] for _, _, _, (row_axis, col_axis) in VIEWS] + [0.12]
+    fig = Figure(figsize=(PANEL_INCHES * len(columns), PANEL_INCHES * sum(ratios) + 1.0), dpi=100,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=FONT_SIZE + 2)
+    grid = fig.add_gridspec(len(VIEWS) + 1, len(columns), height_ratios=ratios)
+    axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(len(columns))] for r in range(len(VIEWS))])
+    footer = [fig.add_subplot(grid[-1, c]) for c in range(len(columns))]
+    for ax in footer:
+        ax.axis("off")
+    for r, (view, axis, letters, (row_axis, col_axis)) in enumerate(VIEWS):
+        index = [slice(None)] * 3
+        index[axis] = centre[axis]
+        index = tuple(index)
+        aspect = spacing[row_axis] / spacing[col_axis]
+        base = _show(flair[index])
+        for c, name in enumerate(columns):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_facecolor("black")
+            if name == "T1ce":
+                ax.imshow(_show(t1ce[index]), cmap="gray", vmin=t1ce_range[0], vmax=t1ce_range[1], aspect=aspect,
+                          interpolation="nearest")
+            else:
+                ax.imshow(base, cmap="gray", vmin=flair_range[0], vmax=flair_range[1], aspect=aspect,
+                          interpolation="nearest")
+            if name == "prediction":
+                ax.imshow(_label_rgba(_show(labels[index])), aspect=aspect, interpolation="nearest")
+            elif name.startswith("attention"):
+                a = np.clip(_show(attention[index + (c - 3,)]), 0.0, 1.0)
+                rgba = heat_map(heat(a))
+                rgba[..., 3] = 0.75 * np.sqrt(a)  # low attention stays see-through
+                ax.imshow(rgba, aspect=aspect, interpolation="nearest")
+            if r == 0:
+                ax.set_title(name, fontsize=FONT_SIZE)
+            if c == 0:
+                ax.set_ylabel(f"{view} ({_input_index(ornt, labels.shape, axis, centre[axis])})",
+                              fontsize=FONT_SIZE)
+            top, bottom, left, right = letters
+            style = dict(color="white", fontsize=FONT_SIZE - 3, transform=ax.transAxes, fontweight="bold")
+            ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+            ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+            ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+            ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    legend = [Patch(facecolor=LABEL_COLOURS[v], label=n) for v, n in zip((1, 2, 3), SUBREGIONS)]
+    footer[2].legend(handles=legend, loc="center", ncol=3, fontsize=FONT_SIZE - 1, frameon=False,
+                     handlelength=1.2, columnspacing=0.8)
+    if attention is not None:
+        mappable = cm.ScalarMappable(norm=heat, cmap=heat_map)
+        for c in range(3, 6):
+            footer[c].axis("on")
+            bar = fig.colorbar(mappable, cax=footer[c], orientation="horizontal")
+            bar.ax.tick_params(labelsize=FONT_SIZE - 3)
+            bar.set_label("attention", fontsize=FONT_SIZE - 2)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", facecolor="white")
+    os.replace(tmp, path)

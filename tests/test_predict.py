@@ -1,0 +1,199 @@
+"""The predict CLI end to end on tiny synthetic cases, with a tiny checkpoint trained once.
+
+`predict.main(argv)` returns the exit status (0 all ok, 1 a case failed) instead of exiting.
+"""
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from configs import tiny
+from data_prep import synthetic
+from segguided_jax import evaluate, predict
+from segguided_jax.data.brats import EDITIONS
+from segguided_jax.inference import remove_small_et
+from segguided_jax.panels import VIEWS, _orientation, _show
+from segguided_jax.train import train_and_evaluate
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SUBS = ("NCR", "ED", "ET")
+
+
+@pytest.fixture(scope="module")
+def workdir(data_dir, tmp_path_factory):
+    cfg = tiny.get_config()
+    cfg.data.dir = data_dir
+    cfg.train.steps = 2
+    path = str(tmp_path_factory.mktemp("predict_run"))
+    train_and_evaluate(cfg, path)
+    return path
+
+
+def _case_files(case_dir):
+    case_id = os.path.basename(case_dir)
+    return {m: os.path.join(case_dir, f"{case_id}_{m}.nii.gz") for m in ("t1", "t1ce", "t2", "flair", "seg")}
+
+
+def _brain_box(case_dir):
+    files = _case_files(case_dir)
+    brain = np.any([np.asanyarray(nib.load(files[m]).dataobj) != 0 for m in ("t1", "t1ce", "t2", "flair")], axis=0)
+    nz = np.argwhere(brain)
+    return tuple(slice(lo, hi + 1) for lo, hi in zip(nz.min(0), nz.max(0)))
+
+
+def _assert_same_grid(out_path, ref_path, dtype):
+    out, ref = nib.load(out_path), nib.load(ref_path)
+    assert out.shape[:3] == ref.shape
+    np.testing.assert_array_equal(out.affine, ref.affine)
+    assert out.get_data_dtype() == np.dtype(dtype)
+    for field in ("qform_code", "sform_code", "xyzt_units"):
+        assert int(out.header[field]) == int(ref.header[field]), field
+    np.testing.assert_array_equal(out.header.get_zooms()[:3], ref.header.get_zooms()[:3])
+    np.testing.assert_array_equal(out.header.get_qform(), ref.header.get_qform())
+    np.testing.assert_array_equal(out.header.get_sform(), ref.header.get_sform())
+    return np.asanyarray(out.dataobj)
+
+
+def test_case_folder(workdir, raw_dir, tmp_path):
+    case_dir = os.path.join(raw_dir, "BraTS2021_00000")
+    out = str(tmp_path / "out")
+    assert predict.main(["--workdir", workdir, "--input", case_dir, "--out", out, "--probabilities"]) == 0
+    t1 = _case_files(case_dir)["t1"]
+    stem = os.path.join(out, "BraTS2021_00000")
+    labels = _assert_same_grid(stem + ".nii.gz", t1, np.uint8)
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+    box = _brain_box(case_dir)
+    outside = np.ones(labels.shape, bool)
+    outside[box] = False
+    assert not labels[outside].any()
+    for sub in SUBS:
+        att = _assert_same_grid(f"{stem}_attention_{sub}.nii.gz", t1, np.float32)
+        assert att.min() >= 0 and att.max() <= 1
+        assert not att[outside].any()
+        assert att[box].max() > 0  # the sigmoid maps are never exactly zero inside
+    probs = nib.load(f"{stem}_probabilities.nii.gz")
+    assert probs.shape == labels.shape + (3,) and probs.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(probs.affine, nib.load(t1).affine)
+    with open(f"{stem}_panel.png", "rb") as f:
+        head = f.read(24)
+    assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR"
+    assert int.from_bytes(head[16:20], "big") > 200 and int.from_bytes(head[20:24], "big") > 200
+    found = evaluate.find_predictions(out)["BraTS2021_00000"]  # the names evaluate reads
+    assert found["seg"] == stem + ".nii.gz" and sorted(found["attention"]) == sorted(SUBS)
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_damaged_case_is_reported_and_others_run(workdir, raw_dir, tmp_path, capsys):
+    src = tmp_path / "cases"
+    for i in (1, 2, 3):
+        shutil.copytree(os.path.join(raw_dir, f"BraTS2021_{i:05d}"), src / f"BraTS2021_{i:05d}")
+    flair = _case_files(str(src / "BraTS2021_00002"))["flair"]
+    with open(flair, "rb") as f:
+        data = f.read()
+    with open(flair, "wb") as f:
+        f.write(data[: len(data) // 2])  # a truncated download
+    out = str(tmp_path / "out")
+    assert predict.main(["--workdir", workdir, "--input", str(src), "--out", out, "--no-panels"]) == 1
+    assert os.path.exists(os.path.join(out, "BraTS2021_00001.nii.gz"))
+    assert os.path.exists(os.path.join(out, "BraTS2021_00003.nii.gz"))
+    assert not [n for n in os.listdir(out) if n.startswith("BraTS2021_00002")]
+    captured = capsys.readouterr()
+    assert "BraTS2021_00002" in captured.err and flair in captured.err
+    assert "2 ok, 1 failed" in captured.out
+
+
+def test_remove_small_et():
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[1:11, 1:11, 1:11] = 2  # oedema everywhere else
+    labels[2, 2, 2] = 3  # 1 voxel
+    labels[5, 2:7, 2] = 3  # 5 voxels in a row
+    labels[2:5, 9, 9] = 3  # 3 + 3 voxels touching only at a corner, (4, 9, 9) and (5, 10, 10):
+    labels[5:8, 10, 10] = 3  # one component of 6 with 26-connectivity (two of 3 with 6-connectivity)
+    labels[9, 2:9, 7] = 3  # 7 voxels
+    labels[9, 9, 2] = 1  # NCR stays NCR
+    before = np.bincount(labels.ravel(), minlength=4)
+    out = remove_small_et(labels, 6)
+    assert out[2, 2, 2] == 1 and (out[5, 2:7, 2] == 1).all()
+    assert (out[2:5, 9, 9] == 3).all() and (out[5:8, 10, 10] == 3).all() and (out[9, 2:9, 7] == 3).all()
+    changed = out != labels
+    assert changed.sum() == 6 and (labels[changed] == 3).all()
+    assert np.bincount(out.ravel(), minlength=4)[2] == before[2]
+    np.testing.assert_array_equal(remove_small_et(labels, 0), labels)
+    assert remove_small_et(labels, 8)[9, 3, 7] == 1  # now the 7-voxel one is too small too
+
+
+def test_tta_and_explicit_files(workdir, raw_dir, tmp_path, capsys):
+    files = _case_files(os.path.join(raw_dir, "BraTS2021_00004"))
+    out = str(tmp_path / "out")
+    args = ["--workdir", workdir, "--out", out, "--no-panels", "--no-attention"]
+    args += [a for m in ("t1", "t1ce", "t2", "flair") for a in (f"--{m}", files[m])]
+    assert predict.main(args + ["--tta"]) == 0
+    assert "(8 passes)" in capsys.readouterr().out
+    labels = _assert_same_grid(os.path.join(out, "BraTS2021_00004.nii.gz"), files["t1"], np.uint8)
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+    assert not [n for n in os.listdir(out) if "attention" in n]
+    # Threshold 0: every region everywhere in the brain box, so every voxel there is ET = 4.
+    assert predict.main(args + ["--threshold", "0", "--case-id", "mine"]) == 0
+    labels = _assert_same_grid(os.path.join(out, "mine.nii.gz"), files["t1"], np.uint8)
+    assert set(np.unique(labels).tolist()) == {0, 4}
+
+
+def test_2023_writes_et_as_3(workdir, tmp_path):
+    case_dir = synthetic.write_case(str(tmp_path / "raw"), "2023", 0, seed=5, shape=(40, 40, 26))
+    out = str(tmp_path / "out")
+    assert predict.main(["--workdir", workdir, "--input", case_dir, "--out", out, "--threshold", "0",
+                         "--min-et-voxels", "3"]) == 0
+    case_id = os.path.basename(case_dir)
+    t1 = os.path.join(case_dir, EDITIONS["2023"].file_name(case_id, "t1n"))
+    labels = _assert_same_grid(os.path.join(out, f"{case_id}.nii.gz"), t1, np.uint8)
+    assert set(np.unique(labels).tolist()) == {0, 3}
+    assert os.path.exists(os.path.join(out, f"{case_id}_attention_ET.nii.gz"))
+    assert os.path.exists(os.path.join(out, f"{case_id}_panel.png"))
+
+
+def test_case_id_from_file():
+    assert predict.case_id_from_file("/x/BraTS2021_00007_t1.nii.gz") == "BraTS2021_00007"
+    assert predict.case_id_from_file("BraTS-GLI-00001-000-t1n.nii.gz") == "BraTS-GLI-00001-000"
+    assert predict.case_id_from_file("patient.nii") == "patient"
+
+
+def test_to_input_grid_resamples_back():
+    meta = {"orig_shape": [10, 12, 8], "crop_box": [[2, 8], [1, 11], [0, 8]], "shape": [3, 5, 4]}
+    out = predict.to_input_grid(np.full((3, 5, 4, 2), 0.5, np.float32), meta)
+    assert out.shape == (10, 12, 8, 2) and out.dtype == np.float32
+    assert np.allclose(out[2:8, 1:11, :], 0.5) and out.sum() == pytest.approx(0.5 * 6 * 10 * 8 * 2)
+
+
+def test_panel_orientation_is_radiological():
+    # BraTS's LPS voxel order: i grows to the patient's left, j to posterior.
+    affine = synthetic.brats_affine((20, 20, 10), (1.0, 1.0, 1.0))
+    vol = np.zeros((20, 20, 10))
+    vol[2, 2, 5] = 1  # right, anterior
+    from nibabel.orientations import apply_orientation
+
+    ras = apply_orientation(vol, _orientation(affine))
+    name, axis, letters, _ = VIEWS[0]
+    assert name == "axial" and letters[0] == "A" and letters[2] == "R"
+    shown = _show(ras[:, :, 5])
+    r, c = np.argwhere(shown)[0]
+    assert r < 10 and c < 10  # anterior up, the patient's right on the image's left
+
+
+def test_other_voxel_size_warns_and_spacing_train_resamples(workdir, tmp_path, capsys):
+    # 4 mm voxels where the tiny model trained on 6 mm ones.
+    case_dir = synthetic.write_case(str(tmp_path / "raw"), "2021", 0, seed=7, shape=(60, 60, 39))
+    args = ["--workdir", workdir, "--input", case_dir, "--no-panels"]
+    assert predict.main(args + ["--out", str(tmp_path / "native")]) == 0
+    assert "--spacing train" in capsys.readouterr().err
+    out = str(tmp_path / "resampled")
+    assert predict.main(args + ["--out", out, "--spacing", "train"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    t1 = _case_files(case_dir)["t1"]
+    labels = _assert_same_grid(os.path.join(out, "BraTS2021_00000.nii.gz"), t1, np.uint8)
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+    outside = np.ones(labels.shape, bool)
+    outside[_brain_box(case_dir)] = False
+    att = _assert_same_grid(os.path.join(out, "BraTS2021_00000_attention_ED.nii.gz"), t1, np.float32)
+    assert att.min() >= 0 and att.max() <= 1 and not att[outside].any() and not labels[outside].any()
