@@ -35,6 +35,8 @@ def main():
     parser.add_argument("--pipeline-workers", default="0,1,2")
     parser.add_argument("--config", default="configs/brats21.py")
     args = parser.parse_args()
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags; this script has none
 
     from data_prep.convert import convert
     from segguided_jax.data.pipeline import train_dataset
