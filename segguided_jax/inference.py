@@ -6,6 +6,7 @@ window / 8), so that predictions near window borders, which see less context, co
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -79,6 +80,19 @@ def window_outputs(graphdef, params, x, *, output: str, mirror_axes=(), attentio
         out = jnp.concatenate(parts, axis=-1)
         total = total + (jnp.flip(out, spatial) if axes else out)
     return total / len(flips)
+
+
+def make_window_predictor(graphdef, mesh, *, output: str, mirror_axes=(), attention_stages=()):
+    """predict(params, windows) for sliding_window: windows (B, *window, 4) numpy -> window_outputs
+    as numpy, the B windows split over the mesh's data axis (B a multiple of its size; with several
+    processes every process passes the same windows). Jitted once; compiled once per window shape."""
+    from segguided_jax import sharding
+
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    fn = jax.jit(functools.partial(window_outputs, graphdef, output=output, mirror_axes=tuple(mirror_axes),
+                                   attention_stages=tuple(attention_stages)),
+                 in_shardings=(replicated, batch), out_shardings=replicated)
+    return lambda params, x: np.asarray(fn(params, jax.device_put(x, batch)))
 
 
 def remove_small_et(labels: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -204,16 +204,22 @@ class Settings:
 
 def make_predictor(config, graphdef, params, settings: Settings):
     """image (X, Y, Z, 4) float32 -> (X, Y, Z, 3 [+ 3]) region probabilities [+ attention maps].
-    One jitted function for the whole run: every window batch has the same shape."""
+    One jitted function for the whole run (every window batch has the same shape), its windows
+    spread over all devices."""
     import jax
+    import ml_collections
 
-    from segguided_jax.inference import sliding_window, window_outputs
+    from segguided_jax import sharding
+    from segguided_jax.inference import make_window_predictor, sliding_window
 
-    predict = jax.jit(functools.partial(window_outputs, graphdef, output=config.model.output,
-                                        mirror_axes=settings.mirror_axes,
-                                        attention_stages=settings.attention_stages))
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "spatial": 1}))
+    n = mesh.shape[sharding.DATA_AXIS]
+    batch_size = -(-settings.batch_size // n) * n  # a whole number of windows per device
+    predict = make_window_predictor(graphdef, mesh, output=config.model.output, mirror_axes=settings.mirror_axes,
+                                    attention_stages=settings.attention_stages)
+    params = jax.device_put(params, sharding.replicated(mesh))
     return lambda image: sliding_window(lambda b: predict(params, b), image, settings.window,
-                                        settings.overlap, settings.batch_size)
+                                        settings.overlap, batch_size)
 
 
 def spacing_warning(case_id: str, spacing, settings: Settings) -> str | None:

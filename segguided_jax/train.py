@@ -32,7 +32,7 @@ from segguided_jax.checkpointing import Checkpointer, all_process_states
 from segguided_jax.data.brats import labels_to_regions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
-from segguided_jax.inference import probabilities_to_labels, sliding_window, window_outputs
+from segguided_jax.inference import make_window_predictor, probabilities_to_labels, sliding_window
 from segguided_jax.metrics import region_dice
 from segguided_jax.optim import make_optimizer
 from segguided_jax.steps import init_state, train_step
@@ -180,11 +180,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     val_source = CaseSource(data_dir, "val", config.data.split)
     if config.eval.max_cases:
         val_source.cases = val_source.cases[: config.eval.max_cases]
-    predict = jax.jit(functools.partial(window_outputs, state.graphdef, output=config.model.output),
-                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+    predict = make_window_predictor(state.graphdef, mesh, output=config.model.output)
 
     def predict_batch(x):  # every process runs the same windows; the result is replicated
-        return predict(state.params, jax.device_put(x, batch_sharding))
+        return predict(state.params, x)
 
     def save(step, force=False):
         # A collective (all processes call it) only on the steps that save.

@@ -17,7 +17,7 @@ from flax import nnx  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from segguided_jax import sharding  # noqa: E402
-from segguided_jax.inference import sliding_window, window_outputs  # noqa: E402
+from segguided_jax.inference import make_window_predictor, sliding_window, window_outputs  # noqa: E402
 from segguided_jax.optim import make_optimizer  # noqa: E402
 from segguided_jax.steps import init_state, train_step  # noqa: E402
 
@@ -58,12 +58,10 @@ def main(ckpt_dir):
     volume = rng.standard_normal((30, 21, 17, 4)).astype(np.float32)
     one = jax.jit(fwd)
     m4 = mesh(4, 1)
-    four = jax.jit(fwd, in_shardings=(sharding.replicated(m4), sharding.batch_sharding(m4)),
-                   out_shardings=sharding.replicated(m4))
+    four = make_window_predictor(state.graphdef, m4, output="regions", attention_stages=(-1,))
     params4 = jax.device_put(state.params, sharding.replicated(m4))
     p1 = sliding_window(lambda b: one(state.params, b), volume, (16, 16, 16), 0.5, 4)
-    p4 = sliding_window(lambda b: four(params4, jax.device_put(b, sharding.batch_sharding(m4))), volume,
-                        (16, 16, 16), 0.5, 4)
+    p4 = sliding_window(lambda b: four(params4, b), volume, (16, 16, 16), 0.5, 4)
     out["windows_1_vs_4_max_abs_diff"] = float(np.max(np.abs(p1 - p4)))
 
     # A checkpoint written from 4 devices, for test_sharding to restore on 1.

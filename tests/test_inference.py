@@ -69,3 +69,25 @@ def test_mirroring_tta_and_attention_channels():
     # TTA of a flipped input equals the flipped TTA (the ensemble is mirror-symmetric).
     tta_of_flipped = window_outputs(graphdef, params, jnp.flip(x, 1), output="regions", mirror_axes=(0,))
     np.testing.assert_allclose(tta_of_flipped, jnp.flip(tta, 1), atol=1e-5)
+
+
+def test_sliding_window_equals_whole_volume_forward_when_the_window_fits():
+    import jax
+    from flax import nnx
+
+    from configs import tiny
+    from segguided_jax.inference import window_outputs
+    from segguided_jax.models.network import build_model
+
+    graphdef, params = nnx.split(build_model(tiny.get_config().model, nnx.Rngs(0)))
+    volume = np.random.default_rng(1).standard_normal((16, 16, 16, 4)).astype(np.float32)
+    fwd = jax.jit(lambda b: window_outputs(graphdef, params, b, output="regions", attention_stages=(-1,)))
+    whole = np.asarray(fwd(volume[None]))[0]
+    windowed = sliding_window(fwd, volume, (16, 16, 16), 0.5, batch_size=2)
+    np.testing.assert_allclose(windowed, whole, rtol=1e-5, atol=1e-6)
+    # A volume smaller than the window is zero-padded, predicted, and cropped back.
+    small = volume[:12, :16, :9]
+    padded = np.zeros_like(volume)
+    padded[:12, :16, :9] = small
+    np.testing.assert_allclose(sliding_window(fwd, small, (16, 16, 16), 0.5, batch_size=2),
+                               np.asarray(fwd(padded[None]))[0][:12, :16, :9], rtol=1e-5, atol=1e-6)
