@@ -15,7 +15,8 @@ import sys
 
 
 def _early_devices(argv) -> None:
-    # The fake-device flag must be set before JAX starts, so it is read here, before importing it.
+    # The fake-device flag must reach XLA before JAX starts its CPU backend (at first use, not at
+    # import), so it is read from argv before absl parses the flags.
     for i, a in enumerate(argv):
         if a.startswith("--devices"):
             n = a.split("=", 1)[1] if "=" in a else argv[i + 1]
@@ -23,22 +24,17 @@ def _early_devices(argv) -> None:
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-_early_devices(sys.argv)
+import functools
 
-import functools  # noqa: E402
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from segguided_jax import sharding  # noqa: E402
-from segguided_jax.models.network import abstract_model, parameter_count  # noqa: E402
-from segguided_jax.optim import make_optimizer  # noqa: E402
-from segguided_jax.steps import init_state, train_step  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-flags.DEFINE_integer("devices", None, "Fake CPU devices to compile for (read before JAX starts).")
+from segguided_jax import sharding
+from segguided_jax.models.network import abstract_model, parameter_count
+from segguided_jax.optim import make_optimizer
+from segguided_jax.steps import init_state, train_step
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1}
 
@@ -77,7 +73,7 @@ def compile_train_step(config):
 
 def main(argv):
     del argv
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     compiled = compile_train_step(config)
     mem = compiled.memory_analysis()
     gib = 2 ** 30
@@ -95,5 +91,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so importing this module (tests, tools)
+    # does not clash with train.py's --config.
+    _early_devices(sys.argv)
+    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    flags.DEFINE_integer("devices", None, "Fake CPU devices to compile for (read before JAX starts).")
     flags.mark_flag_as_required("config")
     app.run(main)
