@@ -5,6 +5,7 @@
         [--config.data.dir=/path/to/prepared]
 """
 from configs import synthetic
+from configs.synthetic import get_sweep  # noqa: F401  (the same seeds × gate ablation)
 from segguided_jax.data.augment import default_augment_config
 
 

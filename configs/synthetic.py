@@ -86,3 +86,11 @@ def get_config():
     c.eval.min_et_voxels = 10
     c.eval.max_cases = 0  # 0: every held-out case
     return c
+
+
+def get_sweep():
+    """The paper's missing experiment: 3 seeds, SegAttentionGates with the auxiliary loss (λ from
+    the config) against no gates. Run with launch/sweep.py."""
+    return {"seeds": [0, 1, 2],
+            "settings": {"gate_aux": {}, "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
+            "compare": ["gate_aux", "no_gate"], "repeats": 1}

@@ -1,0 +1,229 @@
+"""Seed sweeps and ablations: expand a config's sweep into runs, evaluate each run on the
+held-out cases, and aggregate the runs into a report with the statistics the paper lacked.
+
+A config file defines a sweep with `get_sweep()`:
+    {"seeds": [0, 1, 2],
+     "settings": {"gate_aux": {}, "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
+     "compare": ["gate_aux", "no_gate"], "repeats": 1}
+Each (setting, seed) is one run in ROOT/<setting>-seed<seed>; every run sees the same data and
+held-out cases. The launcher is launch/sweep.py.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from segguided_jax.stats import bootstrap_ci, mean_std, paired_wilcoxon
+
+EVAL_DIR = "heldout"  # inside a run's workdir: per_case.csv of the final model on the held-out cases
+REGIONS = ("et", "tc", "wt")
+SUBREGIONS = ("ncr", "ed", "et")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    setting: str
+    seed: int
+    overrides: tuple  # ((config key, value), ...)
+    repeat: int = 0  # > 0: the same setting and seed again, for the reproducibility check
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}-seed{self.seed}" + (f"-repeat{self.repeat}" if self.repeat else "")
+
+    def train_args(self) -> list[str]:
+        return [f"--config.seed={self.seed}"] + [f"--config.{k}={v}" for k, v in self.overrides]
+
+
+def expand(sweep: dict) -> list[Run]:
+    """One run per setting, seed and repeat (sweep["repeats"], default 1)."""
+    return [Run(setting, int(seed), tuple(sorted(overrides.items())), k)
+            for setting, overrides in sweep["settings"].items() for seed in sweep["seeds"]
+            for k in range(sweep.get("repeats", 1))]
+
+
+def is_finished(root: str, run: Run) -> bool:
+    return os.path.exists(os.path.join(root, run.name, EVAL_DIR, "per_case.csv"))
+
+
+def evaluate_run(workdir: str, out_dir: str | None = None) -> str:
+    """Classic, lesion-wise and attention metrics of a run's final model on every held-out case
+    (same inference and metric code as predict/evaluate), on the preprocessed grid with the case's
+    spacing. Writes WORKDIR/heldout/per_case.csv and returns its path."""
+    import ml_collections
+
+    from segguided_jax import sharding
+    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.data.brats import SUBREGIONS as SUBS
+    from segguided_jax.data.records import CaseSource
+    from segguided_jax.inference import make_window_predictor, probabilities_to_labels, sliding_window
+    from segguided_jax.metrics import case_metrics
+
+    config, graphdef, params = load_for_inference(workdir)
+    source = CaseSource(config.data.dir, "val", config.data.split)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "spatial": 1}))
+    gates = bool(config.model.gates)
+    predict = make_window_predictor(graphdef, mesh, output=config.model.output,
+                                    attention_stages=(-1,) if gates else ())
+    n = mesh.shape[sharding.DATA_AXIS]
+    batch = -(-config.eval.batch_size // n) * n
+    rows = []
+    for i, meta in enumerate(source.cases):
+        case = source[i]
+        out = sliding_window(lambda b: predict(params, b), case["image"], config.eval.window,
+                             config.eval.overlap, batch)
+        labels = probabilities_to_labels(out, config.eval.threshold, config.eval.get("min_et_voxels", 0))
+        attention = {s: out[..., 3 + k] for k, s in enumerate(SUBS)} if gates else None
+        rows.append({"case": meta["id"], **case_metrics(labels, case["label"], meta["spacing"], attention)})
+    out_dir = out_dir or os.path.join(workdir, EVAL_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "per_case.csv")
+    keys = sorted({k for r in rows for k in r} - {"case"})
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, ["case"] + keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _read_per_case(path: str) -> dict:
+    with open(path) as f:
+        return {r["case"]: {k: float(v) for k, v in r.items() if k != "case" and v not in ("", "nan")}
+                for r in csv.DictReader(f)}
+
+
+def _val_curve(workdir: str) -> list[tuple[int, float]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["step"], r["dice_mean"]) for r in map(json.loads, f) if r.get("split") == "val"]
+
+
+def aggregate(root: str, runs: list[Run], compare: tuple, out_dir: str) -> dict:
+    """Writes out_dir/report.md, runs.csv, summary.csv, tests.csv and curves.png; returns the
+    summary. Per setting and region: mean ± std over seeds of each run's mean Dice and HD95, a
+    bootstrap 95 % CI over cases of the seed-averaged per-case values, attention fidelity; a
+    paired Wilcoxon test per region between the two `compare` settings, pairing each case's
+    seed-averaged values; and which runs repeat a (setting, seed) and whether they agree."""
+    os.makedirs(out_dir, exist_ok=True)
+    per_run = {r.name: _read_per_case(os.path.join(root, r.name, EVAL_DIR, "per_case.csv")) for r in runs}
+    settings = list(dict.fromkeys(r.setting for r in runs))
+    run_rows, summary = [], {}
+    for r in runs:
+        cases = per_run[r.name]
+        row = {"run": r.name, "setting": r.setting, "seed": r.seed, "cases": len(cases)}
+        for m in [f"{k}_{g}" for k in ("dice", "hd95") for g in REGIONS]:
+            row[m] = float(np.mean([c[m] for c in cases.values()]))
+        row["dice_mean"] = float(np.mean([row[f"dice_{g}"] for g in REGIONS]))
+        run_rows.append(row)
+
+    def per_case_mean(setting, metric):  # seed-averaged value per case
+        names = [r.name for r in runs if r.setting == setting]
+        common = set.intersection(*(set(per_run[n]) for n in names))
+        return {c: float(np.mean([per_run[n][c][metric] for n in names])) for c in sorted(common)
+                if all(metric in per_run[n][c] for n in names)}
+
+    for s in settings:
+        rows = [x for x in run_rows if x["setting"] == s]
+        summary[s] = {"runs": len(rows)}
+        for m in [f"{k}_{g}" for k in ("dice", "hd95") for g in REGIONS] + ["dice_mean"]:
+            summary[s][m] = mean_std([x[m] for x in rows])
+            if m != "dice_mean":
+                summary[s][m + "_ci95"] = bootstrap_ci(list(per_case_mean(s, m).values()))
+        for sub in SUBREGIONS:
+            for m in (f"attention_soft_dice_{sub}", f"attention_mass_inside_{sub}"):
+                vals = list(per_case_mean(s, m).values())
+                summary[s][m] = float(np.mean(vals)) if vals else None
+    tests = []
+    if compare and len(compare) == 2 and all(c in settings for c in compare):
+        for g in REGIONS:
+            for k in ("dice", "hd95"):
+                res = paired_wilcoxon(per_case_mean(compare[0], f"{k}_{g}"), per_case_mean(compare[1], f"{k}_{g}"))
+                tests.append({"metric": f"{k}_{g}", "a": compare[0], "b": compare[1], **res})
+    groups = {}
+    for r in runs:
+        groups.setdefault((r.setting, r.seed), []).append(r.name)
+    repro = []
+    for (s, seed), names in groups.items():
+        curves = [_val_curve(os.path.join(root, n)) for n in names]
+        repro.append({"setting": s, "seed": seed, "runs": names,
+                      "identical": all(c == curves[0] for c in curves) if len(names) > 1 else None})
+    _write_report(out_dir, root, runs, run_rows, summary, tests, repro, settings, compare)
+    return {"summary": summary, "tests": tests, "reproducibility": repro}
+
+
+def _fmt(ms, digits=3):
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def _write_report(out_dir, root, runs, run_rows, summary, tests, repro, settings, compare):
+    with open(os.path.join(out_dir, "runs.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, list(run_rows[0]))
+        w.writeheader()
+        w.writerows(run_rows)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"summary": summary, "tests": tests, "reproducibility": repro}, f, indent=1)
+    lines = ["# Sweep report", "", f"Runs under `{root}`: {len(runs)} "
+             f"({', '.join(settings)} × seeds {sorted({r.seed for r in runs})}); metrics on the held-out cases "
+             "(classic BraTS 2021 Dice and HD95 in mm, see segguided_jax/metrics.py).", "",
+             "## Mean ± std over seeds of each run's mean over cases", "",
+             "| setting | runs | Dice ET | Dice TC | Dice WT | Dice mean | HD95 ET | HD95 TC | HD95 WT |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in settings:
+        v = summary[s]
+        lines.append(f"| {s} | {v['runs']} | " + " | ".join(_fmt(v[f"dice_{g}"]) for g in REGIONS)
+                     + f" | {_fmt(v['dice_mean'])} | " + " | ".join(_fmt(v[f"hd95_{g}"], 2) for g in REGIONS) + " |")
+    lines += ["", "## Bootstrap 95 % CI over cases (seed-averaged per-case values; 10,000 resamples)", "",
+              "| setting | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT |", "|---|---|---|---|---|---|---|"]
+    for s in settings:
+        v = summary[s]
+        lines.append(f"| {s} | " + " | ".join(
+            "[{:.3f}, {:.3f}]".format(*v[f"{k}_{g}_ci95"]) for k in ("dice", "hd95") for g in REGIONS) + " |")
+    if tests:
+        lines += ["", f"## Paired Wilcoxon signed-rank tests, {compare[0]} vs {compare[1]}", "",
+                  f"Pairs: each held-out case's value averaged over seeds in each setting; n cases; two-sided.", "",
+                  "| metric | n | median difference (a − b) | W | p |", "|---|---|---|---|---|"]
+        for t in tests:
+            lines.append(f"| {t['metric']} | {t['n']} | {t['median_diff']:.4f} | {t['statistic']:.1f} | {t['p_value']:.4f} |")
+        lines += ["", "Cases paired: " + ", ".join(tests[0]["cases"])]
+    lines += ["", "## Attention fidelity (finest stage; seed- and case-averaged)", "",
+              "| setting | soft Dice NCR | soft Dice ED | soft Dice ET | mass inside NCR | mass inside ED | mass inside ET |",
+              "|---|---|---|---|---|---|---|"]
+    for s in settings:
+        v = summary[s]
+        cells = [v[f"attention_{m}_{sub}"] for m in ("soft_dice", "mass_inside") for sub in SUBREGIONS]
+        lines.append(f"| {s} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines += ["", "## Reproducibility", "", "| setting | seed | runs | identical validation curves |", "|---|---|---|---|"]
+    for r in repro:
+        same = "only one run" if r["identical"] is None else ("yes" if r["identical"] else "NO")
+        lines.append(f"| {r['setting']} | {r['seed']} | {', '.join(r['runs'])} | {same} |")
+    lines += ["", "![validation Dice against step](curves.png)", ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    _plot_curves(os.path.join(out_dir, "curves.png"), root, runs, settings)
+
+
+def _plot_curves(path, root, runs, settings):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colours = {s: f"C{i}" for i, s in enumerate(settings)}
+    for r in runs:
+        curve = _val_curve(os.path.join(root, r.name))
+        if curve:
+            steps, dice = zip(*curve)
+            ax.plot(steps, dice, "o-", color=colours[r.setting], alpha=0.8, label=r.setting)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys())
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation mean Dice (ET, TC, WT)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
