@@ -193,7 +193,7 @@ def preprocess(case: LoadedCase, target_spacing=None):
     images = case.images[(slice(None),) + box]
     labels = None if case.labels is None else case.labels[box]
     brain = brain[box]
-    if target_spacing is not None:
+    if target_spacing is not None and not np.allclose(case.spacing, target_spacing, rtol=1e-3):
         zoom = [s / t for s, t in zip(case.spacing, target_spacing)]
         shape = [max(1, int(round(n * z))) for n, z in zip(brain.shape, zoom)]
         factors = [n / m for n, m in zip(shape, brain.shape)]

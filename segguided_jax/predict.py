@@ -32,12 +32,13 @@ Labels: region probabilities > --threshold -> labels (nnU-Net nesting: WT withou
 without ET is NCR), then with --min-et-voxels N every ET connected component (26-connectivity)
 smaller than N voxels becomes NCR, then back to the input grid.
 
-Window, overlap, batch size and threshold default to the checkpoint config's `eval` block. The
-input is resampled to the spacing the training data was converted at (`target_spacing` in the
-manifest of the config's data.dir, if that folder is reachable), or to --spacing. A case whose
-voxels differ by more than 10 % from the training cases' (median voxel size in that manifest) is
-predicted anyway, with a warning: --spacing train resamples it to the training voxel size (the
-synthetic demo trains on 2.5 mm voxels; real BraTS cases are 1 mm).
+Window, overlap, batch size and threshold default to the checkpoint config's `eval` block. As in
+nnU-Net, inputs are resampled to the voxel size the model was trained at: the manifest's
+target_spacing if the conversion resampled, else the median voxel size of its cases (the synthetic
+demo trains on 2.5 mm voxels; real BraTS cases are 1 mm); inputs already at that size are not
+touched. That needs the config's data.dir to be reachable; --spacing X Y Z sets it by hand,
+--spacing none keeps the input's own (with a warning if it is more than 10 % off the training
+voxel size).
 
 A case that fails (unreadable or inconsistent files, anything raised while predicting it) is
 reported with its id and file and the others still run. `main()` returns the exit status: 0 if
@@ -233,7 +234,7 @@ def spacing_warning(case_id: str, spacing, settings: Settings) -> str | None:
         return " x ".join(f"{x:g}" for x in v)
 
     return (f"case {case_id}: predicted at {fmt(used)} mm voxels, but the model was trained at {fmt(trained)} mm; "
-            "pass --spacing train to resample to the training voxel size")
+            "drop --spacing to resample to the training voxel size")
 
 
 def predict_case(cf: CaseFiles, predictor, settings: Settings, out_dir: str, warn=None) -> dict:
@@ -337,7 +338,8 @@ def _target_spacing(config, flag):
     if path is None:
         where = os.path.join(str(config.data.get("dir", "")), MANIFEST)
         return None, f"the training manifest {where} is not reachable; inputs keep their own spacing", None
-    return target, path, trained
+    # As nnU-Net does: inputs are brought to the voxel size the model was trained at.
+    return trained, path, trained
 
 
 def _settings(args, config) -> Settings:
@@ -403,9 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, help="default: config.eval.overlap")
     p.add_argument("--batch-size", type=int, help="windows per batch (default: config.eval.batch_size)")
     p.add_argument("--spacing", nargs="+", metavar="MM",
-                   help="resample inputs to this voxel size: 3 numbers in mm, 'train' (the training data's "
-                        "voxel size, from its manifest) or 'none' (default: the manifest's target_spacing, "
-                        "which is none unless the conversion resampled)")
+                   help="resample inputs to this voxel size: 3 numbers in mm, 'train' (the default: the "
+                        "training data's voxel size, from its manifest) or 'none' (keep the input's)")
     p.add_argument("--panels", action=argparse.BooleanOptionalAction, default=True,
                    help="write <case>_panel.png (default: on)")
     return p

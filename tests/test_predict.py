@@ -185,10 +185,10 @@ def test_other_voxel_size_warns_and_spacing_train_resamples(workdir, tmp_path, c
     # 4 mm voxels where the tiny model trained on 6 mm ones.
     case_dir = synthetic.write_case(str(tmp_path / "raw"), "2021", 0, seed=7, shape=(60, 60, 39))
     args = ["--workdir", workdir, "--input", case_dir, "--no-panels"]
-    assert predict.main(args + ["--out", str(tmp_path / "native")]) == 0
-    assert "--spacing train" in capsys.readouterr().err
+    assert predict.main(args + ["--out", str(tmp_path / "native"), "--spacing", "none"]) == 0
+    assert "but the model was trained at 6 x 6 x 5.96" in capsys.readouterr().err
     out = str(tmp_path / "resampled")
-    assert predict.main(args + ["--out", out, "--spacing", "train"]) == 0
+    assert predict.main(args + ["--out", out]) == 0  # by default: resampled to the training spacing
     assert "warning" not in capsys.readouterr().err
     t1 = _case_files(case_dir)["t1"]
     labels = _assert_same_grid(os.path.join(out, "BraTS2021_00000.nii.gz"), t1, np.uint8)
