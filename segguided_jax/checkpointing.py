@@ -34,12 +34,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
-        """Saves if `step` is a multiple of checkpoint.every_steps (or force). Returns whether a
-        save started. data_state is JSON-able: the data iterator's state and the data fingerprint."""
-        if not force and step % self.every_steps:
-            return False
-        return self.manager.save(step, force=True, args=ocp.args.Composite(
+    def should_save(self, step: int) -> bool:
+        return step % self.every_steps == 0
+
+    def save(self, step: int, state, data_state: dict, config: dict) -> None:
+        """Starts an (asynchronous) save of checkpoint `step`. data_state is JSON-able: the data
+        iterators' states and the data fingerprint."""
+        self.manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config)))
 

@@ -186,10 +186,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return predict(state.params, x)
 
     def save(step, force=False):
-        # A collective (all processes call it) only on the steps that save.
-        if force or step % config.checkpoint.every_steps == 0:
+        # Gathering the iterator states is a collective (all processes call it): only on save steps.
+        if force or ckpt.should_save(step):
             data_state = {"iterators": all_process_states(data_iter.get_state()), "fingerprint": fingerprint}
-            ckpt.save(step, state, data_state, config.to_dict(), force=True)
+            ckpt.save(step, state, data_state, config.to_dict())
 
     preemption = Preemption()
     total, last_val = config.train.steps, {}
