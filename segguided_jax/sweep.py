@@ -17,11 +17,12 @@ import os
 
 import numpy as np
 
+from segguided_jax.data import brats
 from segguided_jax.stats import bootstrap_ci, mean_std, paired_wilcoxon
 
 EVAL_DIR = "heldout"  # inside a run's workdir: per_case.csv of the final model on the held-out cases
-REGIONS = ("et", "tc", "wt")
-SUBREGIONS = ("ncr", "ed", "et")
+REGIONS = tuple(r.lower() for r in brats.REGIONS)  # as metrics.case_metrics names its columns
+SUBREGIONS = tuple(s.lower() for s in brats.SUBREGIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,6 @@ def evaluate_run(workdir: str, out_dir: str | None = None) -> str:
 
     from segguided_jax import sharding
     from segguided_jax.checkpointing import load_for_inference
-    from segguided_jax.data.brats import SUBREGIONS as SUBS
     from segguided_jax.data.records import CaseSource
     from segguided_jax.inference import make_window_predictor, probabilities_to_labels, sliding_window
     from segguided_jax.metrics import case_metrics
@@ -77,7 +77,7 @@ def evaluate_run(workdir: str, out_dir: str | None = None) -> str:
         out = sliding_window(lambda b: predict(params, b), case["image"], config.eval.window,
                              config.eval.overlap, batch)
         labels = probabilities_to_labels(out, config.eval.threshold, config.eval.get("min_et_voxels", 0))
-        attention = {s: out[..., 3 + k] for k, s in enumerate(SUBS)} if gates else None
+        attention = {s: out[..., 3 + k] for k, s in enumerate(brats.SUBREGIONS)} if gates else None
         rows.append({"case": meta["id"], **case_metrics(labels, case["label"], meta["spacing"], attention)})
     out_dir = out_dir or os.path.join(workdir, EVAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
