@@ -24,7 +24,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from segguided_jax import sharding
@@ -247,6 +247,10 @@ def initialize_distributed():
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every save step at INFO (dozens of lines per checkpoint), which buries the
+        # progress line; --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
     if _WORKDIR.value is None:
         sys.exit("--workdir is required")
     initialize_distributed()
