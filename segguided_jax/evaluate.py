@@ -1,7 +1,8 @@
 """Evaluate predicted BraTS label maps against references, per case and in summary.
 
     python -m segguided_jax.evaluate --pred DIR --ref DIR --out DIR [--edition auto|2021|2023]
-        [--empty-hd95 brats|diagonal] [--lesion-dilation 3] [--lesion-min-volume 50]
+        [--hd95-method brats|medpy] [--empty-hd95 brats|brats2021|diagonal] [--lesion-dilation 3]
+        [--lesion-min-volume 50]
 
 Inputs
   --pred  flat files: ``<pred>/<case_id>.nii.gz`` (a label map in the edition's label values:
@@ -10,31 +11,42 @@ Inputs
   --ref   BraTS case folders ``<ref>/<case_id>/<case_id>_seg.nii.gz`` (2021) or
           ``<ref>/<case_id>/<case_id>-seg.nii.gz`` (2023), or flat ``<ref>/<case_id>.nii.gz``.
   The edition (file names and label values) is told from the case id (BraTS2021_XXXXX,
-  BraTS-GLI-XXXXX-YYY) unless --edition names it. Label values outside the edition's are an error,
-  and so is a prediction whose shape differs from its reference. HD95 uses the reference header's
-  voxel spacing.
+  BraTS-GLI-XXXXX-YYY) unless --edition names it. HD95 uses the reference header's voxel spacing.
 
 Metrics (definitions and sources in segguided_jax/metrics.py): per region ET, TC, WT the classic
-BraTS 2021 Dice, HD95 (mm), sensitivity and specificity; the BraTS 2023 lesion-wise Dice and HD95
-(GLI parameters by default) with lesion TP/FN/FP counts; and, for cases with attention maps, per
+Dice, HD95 (mm), sensitivity and specificity; the BraTS 2023 lesion-wise Dice and HD95 (GLI
+parameters by default) with lesion TP/FN/FP counts; and, for cases with attention maps, per
 sub-region NCR, ED, ET the soft Dice of the map against the reference sub-region mask and the
-fraction of the map's mass inside it. An empty-vs-non-empty HD95 is 374 mm (BraTS's constant), or
-with --empty-hd95 diagonal the diagonal of the case's volume in mm.
+fraction of the map's mass inside it. The defaults give the values of the official BraTS 2023
+evaluation code (its Legacy_Dice, Legacy_HD95, Sensitivity, Specificity, LesionWise scores and
+Num_TP/FP/FN): HD95 as DeepMind's ``surface_distance`` computes it, 374 mm when exactly one mask is
+empty. --hd95-method medpy gives MedPy's HD95 instead. --empty-hd95 brats2021 gives the classic
+HD95 the BraTS 2021 penalty, 373.13 mm (lesion-wise stays 374, as only the 2023 code defines it);
+--empty-hd95 diagonal uses the case volume's diagonal in mm for both.
 
-Outputs in --out
-  per_case.csv   one row per case found in either folder; ``status`` is ok, missing_prediction or
-                 missing_reference (such cases have no metrics and are left out of the summary).
-  summary.csv    per metric over the evaluated cases: n, mean, std (sample, ddof=1; 0 for one
+Bad input: a case whose files cannot be read (missing, truncated, not NIfTI), whose prediction has
+another shape than its reference, label values outside the edition's, or non-integer labels is
+reported on stderr and in per_case.csv (status ``error`` and the message, which names the file);
+the other cases are scored. Exit status: 0 every paired case scored, 1 some case could not be
+scored, 2 a usage error (a folder missing or holding nothing to evaluate). Cases found in only one
+folder are warned about and listed, but do not change the exit status.
+
+Outputs in --out (each written whole or not at all)
+  per_case.csv   one row per case found in either folder (schema: ``write_per_case``); ``status``
+                 is ok, error, missing_prediction or missing_reference (only ok rows have metrics
+                 and enter the summary).
+  summary.csv    per metric over the scored cases: n, mean, std (sample, ddof=1; 0 for one
                  case), median, q25, q75 (numpy linear percentiles), min, max. NaN values (an
                  attention map with no mass) are left out and n says how many were used.
-  metrics.json   settings, definitions, summary, per-case rows and the missing case lists
-                 (NaN written as null).
+  metrics.json   settings, definitions, summary, per-case rows, the cases that could not be scored
+                 with their messages, and the missing case lists (NaN written as null).
   boxplot_<metric>.png  one box plot per metric, one box per region (or sub-region).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -45,18 +57,19 @@ import numpy as np
 
 from segguided_jax import metrics
 from segguided_jax.data.brats import EDITIONS, REGIONS, SUBREGIONS, Edition, detect_edition
+from segguided_jax.stats import mean_std
 
 NII = ".nii.gz"
 ATTENTION_INFIX = "_attention_"
 PROBABILITIES_SUFFIX = "_probabilities"
 # (metric family, what it is, unit); the per-case columns are f"{family}_{region}".
 REGION_FAMILIES = (
-    ("dice", "Dice (BraTS 2021; both empty 1, one empty 0)", ""),
-    ("hd95", "HD95, symmetric 95th percentile of surface distances (both empty 0, one empty penalty)", "mm"),
+    ("dice", "Dice (classic; both empty 1, one empty 0)", ""),
+    ("hd95", "HD95: {hd95} (both empty 0, one empty the penalty)", "mm"),
     ("sensitivity", "sensitivity TP/(TP+FN)", ""),
     ("specificity", "specificity TN/(TN+FP)", ""),
     ("lesion_dice", "lesion-wise Dice (BraTS 2023)", ""),
-    ("lesion_hd95", "lesion-wise HD95 (BraTS 2023)", "mm"),
+    ("lesion_hd95", "lesion-wise HD95 (BraTS 2023; per lesion {hd95})", "mm"),
     ("lesion_tp", "lesion-wise true-positive reference lesions", "lesions"),
     ("lesion_fn", "lesion-wise missed reference lesions", "lesions"),
     ("lesion_fp", "lesion-wise unmatched predicted components", "lesions"),
@@ -65,6 +78,16 @@ ATTENTION_FAMILIES = (
     ("attention_soft_dice", "soft Dice of the attention map vs the reference sub-region mask", ""),
     ("attention_mass_inside", "fraction of the attention map's mass inside the reference sub-region", ""),
 )
+HD95_DEFINITIONS = {
+    "brats": "the larger of the two directed area-weighted 95th percentiles of surface-element distances "
+             "(official BraTS 2023 code)",
+    "medpy": "95th percentile of both directions' surface-voxel distances pooled (MedPy)",
+}
+EMPTY_HD95_CHOICES = ("brats", "brats2021", "diagonal")
+STATUSES = ("ok", "error", "missing_prediction", "missing_reference")
+# Context columns of the per-case CSV, after the metrics (see write_per_case).
+INFO_COLUMNS = ("edition", "spacing", "hd95_penalty", "lesion_hd95_penalty", "pred_file", "ref_file")
+SUMMARY_STATS = ("n", "mean", "std", "median", "q25", "q75", "min", "max")
 PLOTTED = ("dice", "hd95", "sensitivity", "specificity", "lesion_dice", "lesion_hd95",
            "attention_soft_dice", "attention_mass_inside")
 
@@ -126,19 +149,28 @@ def find_predictions(pred_dir: str) -> dict:
     return preds
 
 
-def _spatial(img: nib.Nifti1Image, path: str) -> np.ndarray:
-    data = np.asanyarray(img.dataobj)
+class CaseFileError(Exception):
+    """A file of a case that cannot be read as a NIfTI volume; the message names the file."""
+
+
+def _read_volume(path: str, what: str) -> tuple:
+    """(3-D array as stored, NIfTI image) of `path`. Whatever goes wrong while reading (a missing,
+    truncated or garbled file) is raised as CaseFileError naming the file and what it is."""
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file's name
+        raise CaseFileError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from e
     if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
         data = data.reshape(data.shape[:3])
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    return data
+    return data, img
 
 
 def read_labels(path: str, edition: Edition) -> tuple:
     """A label map in the edition's values -> (internal labels uint8 (X, Y, Z), the NIfTI image)."""
-    img = nib.load(path)
-    data = _spatial(img, path)
+    data, img = _read_volume(path, "label map")
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
             raise ValueError(f"{path}: label map has non-integer values")
@@ -151,8 +183,9 @@ def read_labels(path: str, edition: Edition) -> tuple:
 
 
 def read_attention(path: str, shape: tuple) -> np.ndarray:
-    img = nib.load(path)
-    data = _spatial(img, path).astype(np.float64)
+    """An attention map (X, Y, Z) with values in [0, 1] -> float64 array of `shape`."""
+    data, _ = _read_volume(path, "attention map")
+    data = data.astype(np.float64)
     if data.shape != shape:
         raise ValueError(f"{path}: attention map shape {data.shape} != reference shape {shape}")
     if not np.all(np.isfinite(data)) or data.min() < -1e-6 or data.max() > 1 + 1e-6:
@@ -161,10 +194,27 @@ def read_attention(path: str, shape: tuple) -> np.ndarray:
     return np.clip(data, 0.0, 1.0)
 
 
+def hd95_penalties(empty_hd95: str, shape: tuple, spacing: tuple) -> tuple[float, float]:
+    """(classic, lesion-wise) HD95 when exactly one mask is empty, for an --empty-hd95 choice:
+    brats = 374 and 374 (the official BraTS 2023 code), brats2021 = 373.13 (BraTS 2021's classic
+    HD95) and 374 (lesion-wise HD95 exists only in the 2023 code), diagonal = the case volume's
+    diagonal in mm for both."""
+    if empty_hd95 == "brats":
+        return metrics.HD95_EMPTY, metrics.HD95_EMPTY
+    if empty_hd95 == "brats2021":
+        return metrics.HD95_EMPTY_2021, metrics.HD95_EMPTY
+    if empty_hd95 == "diagonal":
+        diagonal = metrics.volume_diagonal(shape, spacing)
+        return diagonal, diagonal
+    raise ValueError(f"empty_hd95 must be one of {EMPTY_HD95_CHOICES}, got {empty_hd95!r}")
+
+
 def evaluate_case(case_id: str, pred_path: str, ref_path: str, edition: Edition, attention_paths: dict,
                   empty_hd95: str = "brats", lesion_dilation: int = metrics.LESION_DILATION,
-                  lesion_min_volume: float = metrics.LESION_MIN_VOLUME_MM3, warn=None) -> dict:
-    """Metrics of one case (a flat dict, see metrics.case_metrics) plus "spacing" and "hd95_penalty"."""
+                  lesion_min_volume: float = metrics.LESION_MIN_VOLUME_MM3, warn=None,
+                  hd95_method: str = "brats") -> dict:
+    """Metrics of one case (a flat dict, see metrics.case_metrics) plus "spacing", "hd95_penalty" and
+    "lesion_hd95_penalty". Raises CaseFileError or ValueError (naming the case or file) on bad input."""
     ref, ref_img = read_labels(ref_path, edition)
     pred, pred_img = read_labels(pred_path, edition)
     if pred.shape != ref.shape:
@@ -174,16 +224,19 @@ def evaluate_case(case_id: str, pred_path: str, ref_path: str, edition: Edition,
         warn(f"case {case_id}: the prediction's affine differs from the reference's "
              f"({pred_path} vs {ref_path}); metrics are computed voxel by voxel")
     spacing = tuple(float(s) for s in ref_img.header.get_zooms()[:3])
-    penalty = metrics.HD95_EMPTY if empty_hd95 == "brats" else metrics.volume_diagonal(ref.shape, spacing)
+    penalty, lesion_penalty = hd95_penalties(empty_hd95, ref.shape, spacing)
     attention = {sub: read_attention(path, ref.shape) for sub, path in attention_paths.items()}
-    row = metrics.case_metrics(pred, ref, spacing, attention or None, penalty, lesion_dilation, lesion_min_volume)
+    row = metrics.case_metrics(pred, ref, spacing, attention or None, penalty, lesion_dilation, lesion_min_volume,
+                               hd95_method, lesion_penalty)
     row["spacing"] = "x".join(f"{s:g}" for s in spacing)
     row["hd95_penalty"] = penalty
+    row["lesion_hd95_penalty"] = lesion_penalty
     return row
 
 
 def metric_columns(rows: list) -> list:
-    """The metric column names present in any row, in a fixed order."""
+    """The metric column names: every region family for ET, TC, WT, then the attention columns
+    present in any row; a fixed order."""
     present = set().union(*(row.keys() for row in rows)) if rows else set()
     columns = [f"{fam}_{r.lower()}" for fam, _, _ in REGION_FAMILIES for r in REGIONS]
     columns += [c for fam, _, _ in ATTENTION_FAMILIES for s in SUBREGIONS
@@ -196,10 +249,156 @@ def summarise(values) -> dict:
     median, q25, q75, min, max; all NaN when nothing is left."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
     if x.size == 0:
-        return {"n": 0, **{k: float("nan") for k in ("mean", "std", "median", "q25", "q75", "min", "max")}}
-    return {"n": int(x.size), "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else 0.0,
-            "median": float(np.median(x)), "q25": float(np.percentile(x, 25)), "q75": float(np.percentile(x, 75)),
+        return {"n": 0, **{k: float("nan") for k in SUMMARY_STATS[1:]}}
+    mean, std = mean_std(x)
+    return {"n": int(x.size), "mean": mean, "std": std, "median": float(np.median(x)),
+            "q25": float(np.percentile(x, 25)), "q75": float(np.percentile(x, 75)),
             "min": float(x.min()), "max": float(x.max())}
+
+
+# Discovery: which cases have a prediction, a reference, or both.
+
+@dataclasses.dataclass
+class Discovery:
+    refs: dict  # {case_id: (reference file, Edition)}
+    preds: dict  # {case_id: {"seg": file or None, "attention": {sub-region: file}}}
+    paired: list  # case ids with both, sorted
+    missing_prediction: list  # case ids with a reference only, sorted
+    missing_reference: list  # case ids with a prediction only, sorted
+
+
+def discover(pred_dir: str, ref_dir: str, edition: str = "auto", warn=None) -> Discovery:
+    """Pairs predictions with references. Raises FileNotFoundError when a folder is missing or holds
+    nothing to evaluate; warns (via `warn`) about every case found on one side only."""
+    warn = warn or _stderr_warning
+    for name, d in (("--pred", pred_dir), ("--ref", ref_dir)):
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{name} {d} is not a folder")
+    refs = find_references(ref_dir, edition)
+    preds = find_predictions(pred_dir)
+    if not refs:
+        raise FileNotFoundError(f"no references in {ref_dir} (expected <case_id>/<case_id>_seg.nii.gz, "
+                                f"<case_id>/<case_id>-seg.nii.gz or <case_id>.nii.gz)")
+    if not any(p["seg"] for p in preds.values()):
+        raise FileNotFoundError(f"no predictions <case_id>.nii.gz in {pred_dir}")
+    for case_id, p in preds.items():
+        if p["seg"] is None:
+            warn(f"case {case_id}: attention maps without a label map {case_id}{NII} in {pred_dir}; ignored")
+    pred_ids = {c for c, p in preds.items() if p["seg"]}
+    found = Discovery(refs, preds, sorted(set(refs) & pred_ids), sorted(set(refs) - pred_ids),
+                      sorted(pred_ids - set(refs)))
+    for c in found.missing_prediction:
+        warn(f"case {c}: reference {refs[c][0]} has no prediction {os.path.join(pred_dir, c + NII)}")
+    for c in found.missing_reference:
+        warn(f"case {c}: prediction {preds[c]['seg']} has no reference in {ref_dir}")
+    return found
+
+
+# Scoring: one row per case; a case that cannot be scored becomes an "error" row.
+
+def score_cases(found: Discovery, empty_hd95: str = "brats", lesion_dilation: int = metrics.LESION_DILATION,
+                lesion_min_volume: float = metrics.LESION_MIN_VOLUME_MM3, hd95_method: str = "brats",
+                log=print, warn=None, err=None) -> list:
+    """Rows (dicts, see write_per_case) for every case in `found`, sorted by case id. A paired case
+    whose files cannot be read or scored gets status "error" and the message (which names the
+    file) in "error"; it is also passed to `err`, and the other cases go on."""
+    warn = warn or _stderr_warning
+    err = err or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rows = []
+    for i, case_id in enumerate(found.paired):
+        ref_path, ed = found.refs[case_id]
+        pred = found.preds[case_id]
+        row = {"case_id": case_id, "status": "ok", "edition": ed.name, "pred_file": pred["seg"], "ref_file": ref_path}
+        try:
+            row.update(evaluate_case(case_id, pred["seg"], ref_path, ed, pred["attention"], empty_hd95,
+                                     lesion_dilation, lesion_min_volume, warn, hd95_method))
+        except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
+            message = str(e) if isinstance(e, (CaseFileError, ValueError)) else (
+                f"case {case_id} ({pred['seg']} vs {ref_path}): {type(e).__name__}: {e}")
+            row.update(status="error", error=message)
+            named = message if message.startswith(f"case {case_id}") else f"case {case_id}: {message}"
+            err(("\n" if sys.stdout.isatty() else "") + f"error: {named}")
+        rows.append(row)
+        log(f"\revaluate: {i + 1}/{len(found.paired)} cases", end="" if sys.stdout.isatty() else "\n", flush=True)
+    for c in found.missing_prediction:
+        rows.append({"case_id": c, "status": "missing_prediction", "edition": found.refs[c][1].name,
+                     "pred_file": None, "ref_file": found.refs[c][0]})
+    for c in found.missing_reference:
+        rows.append({"case_id": c, "status": "missing_reference", "edition": None,
+                     "pred_file": found.preds[c]["seg"], "ref_file": None})
+    rows.sort(key=lambda r: r["case_id"])
+    return rows
+
+
+# Writing: per_case.csv, summary.csv, metrics.json, box plots. Each file appears whole or not at all.
+
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return "nan" if math.isnan(v) else repr(float(v))
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _replace_atomically(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_csv(path: str, header: list, rows: list) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for row in rows:
+                writer.writerow([_cell(row.get(h)) for h in header])
+
+    _replace_atomically(path, write)
+
+
+def per_case_header(rows: list) -> list:
+    """The per-case CSV's columns for these rows: "case_id", "status", the metric columns
+    (``metric_columns``), the context columns of INFO_COLUMNS that any row has, then "error"."""
+    present = set().union(*(row.keys() for row in rows)) if rows else set()
+    return (["case_id", "status"] + metric_columns(rows) + [c for c in INFO_COLUMNS if c in present]
+            + ["error"])
+
+
+def write_per_case(path: str, rows: list) -> list:
+    """Writes the per-case CSV at `path` (atomically) and returns its header.
+
+    The one per-case schema of the project (evaluate's per_case.csv, and anything else that scores
+    cases): one row per case, columns
+      case_id   the case id
+      status    "ok" (scored), "error" (could not be scored; see "error"), "missing_prediction",
+                "missing_reference"
+      metrics   every metrics.case_metrics region column, in REGION_FAMILIES x ET, TC, WT order, always
+                (empty for rows without metrics); then the attention columns any row has
+      context   those of INFO_COLUMNS any row has, in that order (edition, spacing "1x1x1" in mm,
+                hd95_penalty and lesion_hd95_penalty in mm, pred_file, ref_file)
+      error     the message of an "error" row, else empty
+    rows: dicts with "case_id" and "status" (one of STATUSES) and any of those columns. Cells: ""
+    for a missing value or None, "nan" for NaN, floats as repr (round-trip exact)."""
+    header = per_case_header(rows)
+    for row in rows:
+        unknown = set(row) - set(header)
+        if "case_id" not in row or row.get("status") not in STATUSES or unknown:
+            raise ValueError(f"per-case row {row.get('case_id', row)!r}: needs case_id and a status in {STATUSES}"
+                             + (f"; unknown columns {sorted(unknown)}" if unknown else ""))
+    _write_csv(path, header, rows)
+    return header
+
+
+def write_summary(path: str, summary: dict) -> None:
+    """summary.csv: one row per metric (column "metric") with the SUMMARY_STATS columns."""
+    _write_csv(path, ["metric", *SUMMARY_STATS], [{"metric": c, **s} for c, s in summary.items()])
 
 
 def _json_safe(obj):
@@ -214,19 +413,13 @@ def _json_safe(obj):
     return obj
 
 
-def _write_csv(path: str, header: list, rows: list) -> None:
-    def cell(v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else repr(v)
-        return v
+def write_json(path: str, result: dict) -> None:
+    """metrics.json: `result` with NaN written as null."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(_json_safe(result), f, indent=1, allow_nan=False)
 
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow([cell(row.get(h)) for h in header])
+    _replace_atomically(path, write)
 
 
 def _box_plot(path: str, family: str, description: str, unit: str, labels: list, data: list) -> None:
@@ -243,90 +436,71 @@ def _box_plot(path: str, family: str, description: str, unit: str, labels: list,
     ax.set_title(description, fontsize=8, wrap=True)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_box_plots(out_dir: str, ok_rows: list, definitions: dict) -> None:
+    """boxplot_<family>.png for each PLOTTED family present: one box per region (or sub-region)."""
+    columns = metric_columns(ok_rows)
+    for fam, _, unit in REGION_FAMILIES + ATTENTION_FAMILIES:
+        cols = [c for c in columns if c.rpartition("_")[0] == fam]
+        if fam not in PLOTTED or not cols:
+            continue
+        data = [[v for r in ok_rows if (v := r.get(c)) is not None and not math.isnan(v)] for c in cols]
+        _box_plot(os.path.join(out_dir, f"boxplot_{fam}.png"), fam, definitions[fam].removesuffix(f" [{unit}]"),
+                  unit, [c.rpartition("_")[2].upper() for c in cols], data)
+
+
+def definitions_for(hd95_method: str = "brats") -> dict:
+    """{metric family: what it is [unit]} for metrics.json, with the HD95 definition of the method."""
+    hd95 = HD95_DEFINITIONS[hd95_method]
+    out = {}
+    for fam, desc, unit in REGION_FAMILIES + ATTENTION_FAMILIES:
+        desc = desc.replace("{hd95}", hd95)
+        out[fam] = desc + (f" [{unit}]" if unit else "")
+    return out
+
+
+def _stderr_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def evaluate(pred_dir: str, ref_dir: str, out_dir: str, edition: str = "auto", empty_hd95: str = "brats",
              lesion_dilation: int = metrics.LESION_DILATION, lesion_min_volume: float = metrics.LESION_MIN_VOLUME_MM3,
-             log=print, warn=None) -> dict:
-    """Evaluates every case, writes the outputs listed in the module docstring, returns the JSON dict."""
-    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    for name, d in (("--pred", pred_dir), ("--ref", ref_dir)):
-        if not os.path.isdir(d):
-            raise FileNotFoundError(f"{name} {d} is not a folder")
-    refs = find_references(ref_dir, edition)
-    preds = find_predictions(pred_dir)
-    if not refs:
-        raise FileNotFoundError(f"no references in {ref_dir} (expected <case_id>/<case_id>_seg.nii.gz, "
-                                f"<case_id>/<case_id>-seg.nii.gz or <case_id>.nii.gz)")
-    if not any(p["seg"] for p in preds.values()):
-        raise FileNotFoundError(f"no predictions <case_id>.nii.gz in {pred_dir}")
-    for case_id, p in preds.items():
-        if p["seg"] is None:
-            warn(f"case {case_id}: attention maps without a label map {case_id}{NII} in {pred_dir}; ignored")
-    pred_ids = {c for c, p in preds.items() if p["seg"]}
-    missing_prediction = sorted(set(refs) - pred_ids)
-    missing_reference = sorted(pred_ids - set(refs))
-    for c in missing_prediction:
-        warn(f"case {c}: reference {refs[c][0]} has no prediction {os.path.join(pred_dir, c + NII)}")
-    for c in missing_reference:
-        warn(f"case {c}: prediction {preds[c]['seg']} has no reference in {ref_dir}")
-
-    rows = []
-    evaluated = sorted(set(refs) & pred_ids)
-    for i, case_id in enumerate(evaluated):
-        ref_path, ed = refs[case_id]
-        row = {"case_id": case_id, "status": "ok", "edition": ed.name,
-               "pred_file": preds[case_id]["seg"], "ref_file": ref_path}
-        row.update(evaluate_case(case_id, preds[case_id]["seg"], ref_path, ed, preds[case_id]["attention"],
-                                 empty_hd95, lesion_dilation, lesion_min_volume, warn))
-        rows.append(row)
-        log(f"\revaluate: {i + 1}/{len(evaluated)} cases", end="" if sys.stdout.isatty() else "\n", flush=True)
-    for c in missing_prediction:
-        rows.append({"case_id": c, "status": "missing_prediction", "edition": refs[c][1].name,
-                     "pred_file": None, "ref_file": refs[c][0]})
-    for c in missing_reference:
-        rows.append({"case_id": c, "status": "missing_reference", "edition": None,
-                     "pred_file": preds[c]["seg"], "ref_file": None})
-    rows.sort(key=lambda r: r["case_id"])
-
+             log=print, warn=None, hd95_method: str = "brats", err=None) -> dict:
+    """Evaluates every case, writes the outputs listed in the module docstring, returns the JSON dict
+    (its "errors" maps each case that could not be scored to its message)."""
+    if empty_hd95 not in EMPTY_HD95_CHOICES:
+        raise ValueError(f"empty_hd95 must be one of {EMPTY_HD95_CHOICES}, got {empty_hd95!r}")
+    if hd95_method not in metrics.HD95_METHODS:
+        raise ValueError(f"hd95_method must be one of {metrics.HD95_METHODS}, got {hd95_method!r}")
+    found = discover(pred_dir, ref_dir, edition, warn)
+    rows = score_cases(found, empty_hd95, lesion_dilation, lesion_min_volume, hd95_method, log, warn, err)
     ok_rows = [r for r in rows if r["status"] == "ok"]
-    columns = metric_columns(ok_rows)
-    summary = {c: summarise([r.get(c) for r in ok_rows]) for c in columns}
-
-    os.makedirs(out_dir, exist_ok=True)
-    header = ["case_id", "status", "edition", "spacing", "hd95_penalty"] + columns + ["pred_file", "ref_file"]
-    _write_csv(os.path.join(out_dir, "per_case.csv"), header, rows)
-    stats = ["n", "mean", "std", "median", "q25", "q75", "min", "max"]
-    _write_csv(os.path.join(out_dir, "summary.csv"), ["metric"] + stats,
-               [{"metric": c, **summary[c]} for c in columns])
-    families = REGION_FAMILIES + ATTENTION_FAMILIES
-    definitions = {fam: desc + (f" [{unit}]" if unit else "") for fam, desc, unit in families}
+    summary = {c: summarise([r.get(c) for r in ok_rows]) for c in metric_columns(ok_rows)}
+    definitions = definitions_for(hd95_method)
+    errors = {r["case_id"]: r["error"] for r in rows if r["status"] == "error"}
     result = {
         "settings": {"pred": os.path.abspath(pred_dir), "ref": os.path.abspath(ref_dir), "edition": edition,
-                     "empty_hd95": empty_hd95,
+                     "hd95_method": hd95_method, "empty_hd95": empty_hd95,
                      "lesion_dilation": lesion_dilation, "lesion_min_volume_mm3": lesion_min_volume},
         "definitions": definitions,
         "num_evaluated": len(ok_rows),
-        "missing_prediction": missing_prediction,
-        "missing_reference": missing_reference,
+        "num_errors": len(errors),
+        "errors": errors,
+        "missing_prediction": found.missing_prediction,
+        "missing_reference": found.missing_reference,
         "summary": summary,
         "cases": rows,
     }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(_json_safe(result), f, indent=1, allow_nan=False)
-    for fam, desc, unit in families:
-        if fam not in PLOTTED:
-            continue
-        cols = [c for c in columns if c.rpartition("_")[0] == fam]
-        if not cols:
-            continue
-        data = [[v for r in ok_rows if (v := r.get(c)) is not None and not math.isnan(v)] for c in cols]
-        _box_plot(os.path.join(out_dir, f"boxplot_{fam}.png"), fam, desc, unit,
-                  [c.rpartition("_")[2].upper() for c in cols], data)
+    os.makedirs(out_dir, exist_ok=True)
+    write_per_case(os.path.join(out_dir, "per_case.csv"), rows)
+    write_summary(os.path.join(out_dir, "summary.csv"), summary)
+    write_json(os.path.join(out_dir, "metrics.json"), result)
+    write_box_plots(out_dir, ok_rows, definitions)
 
-    log(f"\nevaluated {len(ok_rows)} cases; {len(missing_prediction)} without prediction, "
-        f"{len(missing_reference)} without reference")
+    log(f"\nevaluated {len(ok_rows)} cases; {len(errors)} could not be scored; {len(found.missing_prediction)} "
+        f"without prediction, {len(found.missing_reference)} without reference")
     for fam in ("dice", "hd95", "lesion_dice", "lesion_hd95"):
         cells = [f"{r} {summary[f'{fam}_{r.lower()}']['mean']:.4g} ± {summary[f'{fam}_{r.lower()}']['std']:.3g}"
                  for r in REGIONS]
@@ -335,24 +509,38 @@ def evaluate(pred_dir: str, ref_dir: str, out_dir: str, edition: str = "auto", e
     return result
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Runs the CLI; returns the exit status: 0 every paired case scored, 1 a case could not be
+    scored (listed on stderr and in per_case.csv), 2 a usage error (no such folder, nothing to pair)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz predictions")
     parser.add_argument("--ref", required=True, help="folder of BraTS case folders or <case_id>.nii.gz references")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--edition", choices=["auto"] + sorted(EDITIONS), default="auto",
                         help="BraTS edition of file names and label values; auto: from each case id")
-    parser.add_argument("--empty-hd95", choices=("brats", "diagonal"), default="brats",
-                        help="HD95 when exactly one mask is empty (classic and lesion-wise): "
-                             "brats = 374 mm, diagonal = the case volume's diagonal in mm")
+    parser.add_argument("--hd95-method", choices=metrics.HD95_METHODS, default="brats",
+                        help="HD95 definition (classic and lesion-wise): brats = the official BraTS 2023 code's "
+                             "(area-weighted surface elements, larger directed 95th percentile); medpy = MedPy's "
+                             "(surface voxels, both directions pooled)")
+    parser.add_argument("--empty-hd95", choices=EMPTY_HD95_CHOICES, default="brats",
+                        help="HD95 when exactly one mask is empty: brats = 374 mm for classic and lesion-wise "
+                             "(the BraTS 2023 code); brats2021 = 373.13 mm for classic HD95 (BraTS 2021), "
+                             "374 lesion-wise; diagonal = the case volume's diagonal in mm for both")
     parser.add_argument("--lesion-dilation", type=int, default=metrics.LESION_DILATION,
                         help="lesion-wise: dilation iterations for merging and matching (BraTS-GLI: 3)")
     parser.add_argument("--lesion-min-volume", type=float, default=metrics.LESION_MIN_VOLUME_MM3,
                         help="lesion-wise: reference lesions of at most this volume in mm^3 are ignored (GLI: 50)")
     args = parser.parse_args(argv)
-    evaluate(args.pred, args.ref, args.out, args.edition, args.empty_hd95, args.lesion_dilation,
-             args.lesion_min_volume)
+    try:
+        result = evaluate(args.pred, args.ref, args.out, args.edition, args.empty_hd95, args.lesion_dilation,
+                          args.lesion_min_volume, hd95_method=args.hd95_method)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for case_id, message in result["errors"].items():
+        print(f"  failed {case_id}: {message}", file=sys.stderr)
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
