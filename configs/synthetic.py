@@ -15,7 +15,9 @@ def get_config():
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = "data/synthetic/prepared"
-    c.data.split = "holdout"  # or "fold0" … "fold4" (data_prep.splits)
+    # "holdout" or "fold0" … "fold4" (segguided_jax.data.splits): training reads its train part and
+    # validates on its val part; its test part is only read by sweeps and reporting.
+    c.data.split = "holdout"
     # A checkpoint remembers the data fingerprint it trained on; resuming on other data fails
     # unless this is True.
     c.data.allow_fingerprint_mismatch = False
@@ -60,6 +62,7 @@ def get_config():
     c.optim.sgdr_first_cycle_steps = 0  # 0: one cosine cycle over the whole run
     c.optim.sgdr_cycle_mult = 2.0
     c.optim.min_lr_ratio = 0.01
+    c.optim.decay = "kernels"  # weight decay on convolution kernels only, or "all"
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 2  # global
@@ -81,8 +84,11 @@ def get_config():
     c.eval.overlap = 0.5
     c.eval.batch_size = 8
     c.eval.threshold = 0.5
-    # ET components smaller than this become NCR (0: off). A speck of ET in a case without any
-    # costs that case's ET Dice entirely (BraTS scores it 0); ~150 mm³ at the demo's 2.5 mm voxels.
+    c.eval.mirror_axes = ()  # validation during training: one pass (predict and sweeps mirror all 8 ways)
+    # ET below min_et_voxels becomes NCR: per connected component ("component"), or all of it when the
+    # case's whole ET is that small ("case", nnU-Net's BraTS rule). A speck of ET in a case without
+    # any costs that case's ET Dice entirely (BraTS scores it 0); 10 voxels ~ 150 mm³ at 2.5 mm.
+    c.eval.et_rule = "component"
     c.eval.min_et_voxels = 10
     c.eval.max_cases = 0  # 0: every held-out case
     return c

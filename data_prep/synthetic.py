@@ -23,8 +23,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data_prep.nifti_io import write_nifti_gz
 from segguided_jax.data.brats import EDITIONS, MODALITIES, case_id_for
+from segguided_jax.data.cases import write_nifti_gz
 
 FIELD_OF_VIEW_MM = np.array([240.0, 240.0, 155.0])
 BRATS_SHAPE = (240, 240, 155)

@@ -10,7 +10,7 @@ PREPARED=data/synthetic/prepared
 WORKDIR=runs/synthetic
 if [ ! -f "$PREPARED/manifest.json" ]; then
   python -m data_prep.synthetic --out "$RAW" --cases 30 --edition 2021 --seed 0 --shape 96 96 64
-  python -m data_prep.convert --src "$RAW" --out "$PREPARED" --val-fraction 0.2 --split-seed 0
+  python -m data_prep.convert --src "$RAW" --out "$PREPARED" --test-fraction 0.2 --val-fraction 0.2 --split-seed 0
 fi
 python -m segguided_jax.train --config=configs/synthetic.py --workdir="$WORKDIR" \
   --config.data.dir="$PREPARED" "$@"

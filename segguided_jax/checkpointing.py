@@ -1,16 +1,30 @@
-"""One Orbax CheckpointManager for the train state, the data iterator's position and the config.
+"""One Orbax CheckpointManager for the train state, the data iterator's position and the config;
+best/ for the best validated state; params-only loading for inference.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a killed
-process leaves the previous checkpoints intact; `latest_step` only ever sees finished ones.
+process leaves the previous checkpoints intact; `latest_step` only ever sees finished ones, and
+temporary folders left by a kill are removed when the next run opens the workdir. A finished
+checkpoint that is damaged afterwards (a truncated or garbled file) is set aside by
+`restore_newest` and the next older one is used.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def _manager(directory: str, ckpt_cfg, **options) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=ckpt_cfg.async_save, create=True, cleanup_tmp_directories=True, **options))
 
 
 class Checkpointer:
@@ -18,21 +32,12 @@ class Checkpointer:
     train state with the highest validation dice_mean. Every process calls every method."""
 
     def __init__(self, workdir: str, ckpt_cfg):
+        self.workdir = os.path.abspath(workdir)
         self.every_steps = ckpt_cfg.every_steps
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=ckpt_cfg.keep,
-                enable_async_checkpointing=ckpt_cfg.async_save, create=True))
-        self.best = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "best")),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["dice_mean"], best_mode="max",
-                enable_async_checkpointing=ckpt_cfg.async_save, create=True))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.manager = _manager(self.directory, ckpt_cfg, max_to_keep=ckpt_cfg.keep)
+        self.best = _manager(os.path.join(self.workdir, "best"), ckpt_cfg, max_to_keep=1,
+                             best_fn=lambda m: m["dice_mean"], best_mode="max")
 
     def should_save(self, step: int) -> bool:
         return step % self.every_steps == 0
@@ -45,9 +50,14 @@ class Checkpointer:
             config=ocp.args.JsonSave(config)))
 
     def save_best(self, step: int, state, val_metrics: dict) -> None:
-        """Offers the state to best/, which keeps it only if its dice_mean is the highest yet."""
+        """Offers the state to best/, which keeps it only if its dice_mean is the highest yet; waits
+        until written, so a checkpoint saved after it implies best/ is up to date. A step already
+        there (a run resumed before this step's checkpoint) is kept: training is deterministic."""
+        if step in self.best.all_steps():
+            return
         self.best.save(step, metrics={"dice_mean": float(val_metrics["dice_mean"])},
                        args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        self.best.wait_until_finished()
 
     def restore(self, step: int, abstract_state):
         """(state, data_state, config) of checkpoint `step`; abstract_state gives shapes, dtypes
@@ -57,44 +67,95 @@ class Checkpointer:
             config=ocp.args.JsonRestore()))
         return r["state"], r["data"], r["config"]
 
+    def restore_newest(self, abstract_state, warn=None):
+        """(step, state, data_state) of the newest checkpoint that restores, or None if there is
+        none. A checkpoint that fails to restore (on any process) is moved to
+        WORKDIR/corrupt_checkpoints/STEP with a warning naming it, and the next older one is tried."""
+        warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            error = None
+            try:
+                state, data_state, _ = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - damaged files raise anything from JSON to tensorstore errors
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            if _all_processes_agree(error is None):
+                return step, state, data_state
+            self._set_aside(step, error or "it failed to restore on another process", warn)
+        return None
+
+    def _set_aside(self, step: int, error: str, warn) -> None:
+        target = os.path.join(self.workdir, CORRUPT_DIR, str(step))
+        warn(f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored ({error}); moved to "
+             f"{target}, trying the one before it")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        _barrier(f"set_aside_{step}")
+        self.manager.reload()
+
     def close(self):
         for m in (self.manager, self.best):
             m.wait_until_finished()
             m.close()
 
 
-def load_for_inference(path: str):
-    """(config, graphdef, params) from a training workdir (its newest checkpoint) or from one
-    checkpoint folder (WORKDIR/checkpoints/STEP). The config is the one stored in the checkpoint."""
-    import functools
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    import ml_collections
+        multihost_utils.sync_global_devices(name)
 
-    from segguided_jax import sharding
-    from segguided_jax.optim import make_optimizer
-    from segguided_jax.steps import init_state
 
+def _all_processes_agree(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
+
+
+def _checkpoint_folder(path: str) -> tuple[str, int | None]:
+    """(checkpoints directory, step or None for the newest) for a workdir or one checkpoint folder."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        directory, step = os.path.join(path, "checkpoints"), None
-    elif os.path.basename(path).isdigit():
-        directory, step = os.path.dirname(path), int(os.path.basename(path))
-    else:
-        raise FileNotFoundError(f"{path}: neither a training workdir (with checkpoints/) nor a checkpoint folder")
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no checkpoint")
-    config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"])
-    tx = make_optimizer(config.optim, config.train.steps)
-    # Replicated over this machine's devices, whatever topology wrote the checkpoint.
-    replicated = sharding.replicated(sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "spatial": 1})))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            jax.eval_shape(functools.partial(init_state, config.seed, config.model, tx)))
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    manager.close()
-    return config, state.graphdef, state.params
+        return os.path.join(path, "checkpoints"), None
+    if os.path.basename(path).isdigit():
+        return os.path.dirname(path), int(os.path.basename(path))
+    raise FileNotFoundError(f"{path}: neither a training workdir (with checkpoints/) nor a checkpoint folder")
+
+
+def load_for_inference(path: str):
+    """(config, graphdef, params) from a training workdir (its newest checkpoint) or from one
+    checkpoint folder (WORKDIR/checkpoints/STEP): only the parameters are read (no optimiser state),
+    placed on the default device. The config is the one stored in the checkpoint."""
+    import ml_collections
+
+    from segguided_jax.models.network import abstract_model
+
+    directory, step = _checkpoint_folder(path)
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint")
+        config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"])
+    graphdef, abstract = nnx.split(abstract_model(config.model), nnx.Param)
+    item = os.path.join(directory, str(step), "state")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # The saved state is {step, params, opt_state}; read the params subtree alone, its leaves in the
+    # layout nnx.State writes (each variable a {"value": array} node).
+    with ocp.PyTreeCheckpointer() as reader:
+        on_disk = reader.metadata(item).item_metadata.tree["params"]
+        target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), on_disk)}
+        restored = reader.restore(item, args=ocp.args.PyTreeRestore(
+            target, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target),
+            partial_restore=True))["params"]
+    pure = jax.tree.map(lambda node: node["value"], restored,
+                        is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"})
+    nnx.replace_by_pure_dict(abstract, pure)
+    return config, graphdef, abstract
 
 
 def all_process_states(state: dict) -> list[dict]:

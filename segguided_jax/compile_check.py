@@ -24,17 +24,13 @@ def _early_devices(argv) -> None:
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-import functools
-
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 from segguided_jax import sharding
 from segguided_jax.models.network import abstract_model, parameter_count
-from segguided_jax.optim import make_optimizer
-from segguided_jax.steps import init_state, train_step
+from segguided_jax.steps import abstract_batch, sharded_steps
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1}
 
@@ -58,17 +54,8 @@ def compile_train_step(config):
     """Lowers and compiles the jitted train step on abstract inputs. Returns the compiled step."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    tx = make_optimizer(config.optim, config.train.steps)
-    state = jax.eval_shape(functools.partial(init_state, config.seed, config.model, tx))
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)
-    b, patch = config.train.batch_size, tuple(config.data.patch)
-    batch = {"image": jax.ShapeDtypeStruct((b,) + patch + (config.model.in_channels,), jnp.float32, sharding=batch_sharding),
-             "label": jax.ShapeDtypeStruct((b,) + patch, jnp.uint8, sharding=batch_sharding)}
-    step = jax.jit(functools.partial(train_step, loss_cfg=config.loss, output=config.model.output),
-                   in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-                   donate_argnums=0)
-    return step.lower(state, batch).compile()
+    fns = sharded_steps(config, mesh)
+    return fns.step.lower(fns.abstract, abstract_batch(config, mesh)).compile()
 
 
 def main(argv):
@@ -92,7 +79,7 @@ def main(argv):
 
 if __name__ == "__main__":
     # Flags are defined only when run as a program, so importing this module (tests, tools)
-    # does not clash with train.py's --config.
+    # does not clash with segguided_jax.main's --config.
     _early_devices(sys.argv)
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
     flags.DEFINE_integer("devices", None, "Fake CPU devices to compile for (read before JAX starts).")

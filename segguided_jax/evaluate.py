@@ -57,11 +57,9 @@ import numpy as np
 
 from segguided_jax import metrics
 from segguided_jax.data.brats import EDITIONS, REGIONS, SUBREGIONS, Edition, detect_edition
+from segguided_jax.data.cases import NII, parse_prediction_file
 from segguided_jax.stats import mean_std
 
-NII = ".nii.gz"
-ATTENTION_INFIX = "_attention_"
-PROBABILITIES_SUFFIX = "_probabilities"
 # (metric family, what it is, unit); the per-case columns are f"{family}_{region}".
 REGION_FAMILIES = (
     ("dice", "Dice (classic; both empty 1, one empty 0)", ""),
@@ -132,20 +130,19 @@ def find_references(ref_dir: str, edition: str = "auto") -> dict:
 
 def find_predictions(pred_dir: str) -> dict:
     """{case_id: {"seg": path or None, "attention": {sub-region: path}}} for the flat files in
-    pred_dir (attention maps without a label map give seg None)."""
+    pred_dir, named as predict names them (attention maps without a label map give seg None)."""
     preds = {}
     for name in sorted(os.listdir(pred_dir)):
         path = os.path.join(pred_dir, name)
-        if name.startswith(".") or not name.endswith(NII) or not os.path.isfile(path):
+        parsed = parse_prediction_file(name)
+        if parsed is None or parsed[1] == "probabilities" or not os.path.isfile(path):
             continue
-        stem = _case_id_of(name)
-        if stem.endswith(PROBABILITIES_SUFFIX):  # predict --probabilities: not a label map
-            continue
-        head, sep, sub = stem.rpartition(ATTENTION_INFIX)
-        if sep and sub in SUBREGIONS:
-            preds.setdefault(head, {"seg": None, "attention": {}})["attention"][sub] = path
+        case_id, kind = parsed
+        entry = preds.setdefault(case_id, {"seg": None, "attention": {}})
+        if kind == "labels":
+            entry["seg"] = path
         else:
-            preds.setdefault(stem, {"seg": None, "attention": {}})["seg"] = path
+            entry["attention"][kind] = path
     return preds
 
 

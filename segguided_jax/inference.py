@@ -1,8 +1,11 @@
-"""Sliding-window inference with Gaussian importance weighting (the nnU-Net scheme).
+"""Whole-volume inference: Gaussian-weighted sliding windows (the nnU-Net scheme), mirroring
+test-time augmentation, attention maps; one `VolumePredictor` for validation, sweeps and predict.
 
 Windows are placed so that neighbours overlap by at least `overlap` of the window, evenly spread
 from edge to edge; each window's output is weighted by a Gaussian centred on the window (sigma =
-window / 8), so that predictions near window borders, which see less context, count less.
+window / 8), so that predictions near window borders, which see less context, count less. The
+volume, the windows and the weighted sums stay on the devices: the host only loops over batches of
+window positions (one compiled network call per batch, its windows split over the mesh's data axis).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 from flax import nnx
 from scipy import ndimage
 
-from segguided_jax.data.brats import regions_to_labels
+from segguided_jax import sharding
 
 
 def gaussian_weights(window, sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -82,68 +85,117 @@ def window_outputs(graphdef, params, x, *, output: str, mirror_axes=(), attentio
     return total / len(flips)
 
 
-def make_window_predictor(graphdef, mesh, *, output: str, mirror_axes=(), attention_stages=()):
-    """predict(params, windows) for sliding_window: windows (B, *window, 4) numpy -> window_outputs
-    as numpy, the B windows split over the mesh's data axis (B a multiple of its size; with several
-    processes every process passes the same windows). Jitted once; compiled once per window shape."""
-    from segguided_jax import sharding
-
-    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    fn = jax.jit(functools.partial(window_outputs, graphdef, output=output, mirror_axes=tuple(mirror_axes),
-                                   attention_stages=tuple(attention_stages)),
-                 in_shardings=(replicated, batch), out_shardings=replicated)
-    return lambda params, x: np.asarray(fn(params, jax.device_put(x, batch)))
+@functools.partial(jax.jit, static_argnames=("window",))
+def _gather(volume, starts, *, window):
+    """(B, *window, C) windows of volume (X, Y, Z, C) at starts (B, 3)."""
+    size = window + (volume.shape[-1],)
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(volume, (s[0], s[1], s[2], 0), size))(starts)
 
 
-def remove_small_et(labels: np.ndarray, min_voxels: int) -> np.ndarray:
-    """Internal labels (X, Y, Z) -> a copy in which every ET (3) connected component (26-
-    connectivity) of fewer than min_voxels voxels is NCR (1): tiny enhancing specks are mostly
-    false positives, and relabelling them keeps the tumour core intact. min_voxels <= 1: no-op."""
-    labels = labels.copy()
-    if min_voxels <= 1:
-        return labels
-    components, n = ndimage.label(labels == 3, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return labels
-    sizes = np.bincount(components.ravel())
-    small = sizes < min_voxels
-    small[0] = False
-    labels[small[components]] = 1
-    return labels
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _accumulate(acc, norm, outputs, starts, valid, gauss):
+    """Adds each window's output weighted by gauss (*window) into acc (X, Y, Z, K) and the weight
+    into norm (X, Y, Z); valid (B,) is 0 for the padding windows of the last batch."""
+    def body(i, carry):
+        acc, norm = carry
+        s = starts[i]
+        corner = (s[0], s[1], s[2])
+        w = gauss * valid[i]
+        part = jax.lax.dynamic_slice(acc, corner + (0,), outputs.shape[1:])
+        acc = jax.lax.dynamic_update_slice(acc, part + outputs[i] * w[..., None], corner + (0,))
+        part = jax.lax.dynamic_slice(norm, corner, w.shape)
+        norm = jax.lax.dynamic_update_slice(norm, part + w, corner)
+        return acc, norm
+
+    return jax.lax.fori_loop(0, starts.shape[0], body, (acc, norm))
 
 
-def probabilities_to_labels(region_probs: np.ndarray, threshold: float, min_et_voxels: int) -> np.ndarray:
-    """ET/TC/WT probabilities (..., 3) -> internal labels: threshold, nest the regions the nnU-Net
-    way (regions_to_labels), then turn ET specks smaller than min_et_voxels into NCR."""
-    return remove_small_et(regions_to_labels(region_probs[..., :3] > threshold), min_et_voxels)
+@jax.jit
+def _normalise(acc, norm):
+    return acc / norm[..., None]
 
 
-def sliding_window(predict_batch, image: np.ndarray, window, overlap: float, batch_size: int) -> np.ndarray:
-    """Whole-volume prediction from windows.
+def sliding_window(predict_windows, image: np.ndarray, window, overlap: float, batch_size: int,
+                   batch_sharding=None, replicated=None) -> np.ndarray:
+    """Whole-volume prediction from windows, accumulated on the devices.
 
-    predict_batch: (batch_size, *window, C) float32 -> (batch_size, *window, K); called with a
-      fixed batch size (the last batch is padded) so it compiles once per window shape.
-    image: (X, Y, Z, C). Returns (X, Y, Z, K) float32, the Gaussian-weighted mean of the windows.
+    predict_windows: jax.Array (batch_size, *window, C) -> jax.Array (batch_size, *window, K), e.g.
+      a jitted network; always called with batch_size windows (the last batch is padded), so it
+      compiles once per window shape.
+    image: (X, Y, Z, C) numpy. Returns (X, Y, Z, K) float32 numpy, the Gaussian-weighted mean of
+    the windows. batch_sharding / replicated: where windows and the volume live (default: the
+    default device); with several processes every process passes the same image.
     """
     window = tuple(int(w) for w in window)
     shape = image.shape[:3]
     pad = [(0, max(w - s, 0)) for s, w in zip(shape, window)]
     padded = np.pad(image, pad + [(0, 0)]) if any(p[1] for p in pad) else image
-    weights = gaussian_weights(window)
-    starts = window_starts(padded.shape[:3], window, overlap)
+    starts = np.asarray(window_starts(padded.shape[:3], window, overlap), np.int32)
+    n = len(starts)
+    total = -(-n // batch_size) * batch_size
+    starts = np.concatenate([starts, np.repeat(starts[-1:], total - n, 0)])  # padding windows: weight 0
+    place = (lambda a: jax.device_put(a, replicated)) if replicated is not None else jnp.asarray
+    volume = place(np.asarray(padded, np.float32))
+    gauss = place(gaussian_weights(window))
     acc = norm = None
-    for b in range(0, len(starts), batch_size):
+    for b in range(0, total, batch_size):
         chunk = starts[b: b + batch_size]
-        batch = np.zeros((batch_size,) + window + (image.shape[-1],), np.float32)
-        for i, (x, y, z) in enumerate(chunk):
-            batch[i] = padded[x: x + window[0], y: y + window[1], z: z + window[2]]
-        out = np.asarray(predict_batch(batch), np.float32)
+        windows = _gather(volume, place(chunk), window=window)
+        if batch_sharding is not None:
+            windows = jax.device_put(windows, batch_sharding)
+        out = predict_windows(windows)
         if acc is None:
-            acc = np.zeros(padded.shape[:3] + (out.shape[-1],), np.float32)
-            norm = np.zeros(padded.shape[:3], np.float32)
-        for i, (x, y, z) in enumerate(chunk):
-            sl = (slice(x, x + window[0]), slice(y, y + window[1]), slice(z, z + window[2]))
-            acc[sl] += out[i] * weights[..., None]
-            norm[sl] += weights
-    probs = acc / norm[..., None]
+            acc = place(np.zeros(padded.shape[:3] + (out.shape[-1],), np.float32))
+            norm = place(np.zeros(padded.shape[:3], np.float32))
+        valid = (np.arange(b, b + batch_size) < n).astype(np.float32)
+        acc, norm = _accumulate(acc, norm, out, place(chunk), place(valid), gauss)
+    probs = np.asarray(_normalise(acc, norm))
     return probs[: shape[0], : shape[1], : shape[2]]
+
+
+class VolumePredictor:
+    """The network over whole volumes: (X, Y, Z, 4) float32 preprocessed image -> (X, Y, Z, 3 [+ 3])
+    float32: ET/TC/WT region probabilities [+ NCR/ED/ET attention maps].
+
+    One jitted window function for its lifetime (compiled once per window shape), its windows spread
+    over the mesh's data axis (and split along the first spatial axis over the spatial axis). With
+    several processes every process calls it with the same image and gets the same result.
+    Validation during training, sweeps and the predict CLI all predict through this class.
+    """
+
+    def __init__(self, graphdef, params, mesh, *, output: str, window, overlap: float, batch_size: int,
+                 mirror_axes=(), attention_stages=()):
+        self.mesh = mesh
+        self.window = tuple(int(w) for w in window)
+        self.overlap = float(overlap)
+        data = mesh.shape[sharding.DATA_AXIS]
+        self.batch_size = -(-int(batch_size) // data) * data  # a whole number of windows per device
+        self.mirror_axes = tuple(mirror_axes)
+        self.attention_stages = tuple(attention_stages)
+        self._replicated, self._batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        self._fn = jax.jit(functools.partial(window_outputs, graphdef, output=output, mirror_axes=self.mirror_axes,
+                                             attention_stages=self.attention_stages),
+                           in_shardings=(self._replicated, self._batch), out_shardings=self._batch)
+        self.params = params
+        self.set_params(params)
+
+    @classmethod
+    def from_config(cls, config, graphdef, params, mesh=None, **overrides) -> "VolumePredictor":
+        """From a training config's `eval` block (window, overlap, batch_size) and `model.output`;
+        `overrides` replace any of the constructor's keyword arguments. mesh defaults to all devices
+        on the data axis."""
+        if mesh is None:
+            mesh = sharding.make_mesh()
+        kwargs = dict(output=config.model.output, window=config.eval.window, overlap=config.eval.overlap,
+                      batch_size=config.eval.batch_size, mirror_axes=tuple(config.eval.get("mirror_axes", ())),
+                      attention_stages=(-1,) if config.model.gates else ())
+        kwargs.update(overrides)
+        return cls(graphdef, params, mesh, **kwargs)
+
+    def set_params(self, params) -> None:
+        """Predicts with these parameters from now on (e.g. the train state's, at each validation)."""
+        self.params = jax.device_put(params, self._replicated)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return sliding_window(lambda w: self._fn(self.params, w), image, self.window, self.overlap,
+                              self.batch_size, self._batch, self._replicated)

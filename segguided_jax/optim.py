@@ -1,6 +1,7 @@
 """The optimiser: AdamW with SGDR (cosine annealing with warm restarts), built from the config."""
 from __future__ import annotations
 
+import jax
 import optax
 
 
@@ -26,9 +27,20 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
         for n in cycles])
 
 
+def decay_mask(params):
+    """True for the parameters weight decay applies to: convolution kernels (ndim > 1), not biases
+    or norm scales, which decay would only pull towards 0 (nnU-Net's and most AdamW recipes)."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the SGDR schedule. optim_cfg.decay: "kernels" (default)
+    decays only the convolution kernels, "all" every parameter."""
+    decay = optim_cfg.get("decay", "kernels")
+    if decay not in ("kernels", "all"):
+        raise ValueError(f"optim.decay must be 'kernels' or 'all', got {decay!r}")
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip_norm),
         optax.adamw(learning_rate_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                    weight_decay=optim_cfg.weight_decay),
+                    weight_decay=optim_cfg.weight_decay, mask=decay_mask if decay == "kernels" else None),
     )

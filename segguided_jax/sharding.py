@@ -15,13 +15,14 @@ DATA_AXIS = "data"
 SPATIAL_AXIS = "spatial"
 
 
-def make_mesh(mesh_cfg) -> Mesh:
+def make_mesh(mesh_cfg=None) -> Mesh:
     """A (data, spatial) mesh over every device of every process. mesh_cfg.spatial devices share
     each patch; mesh_cfg.data = -1 gives the data axis the rest. Devices of a spatial group are
-    neighbours in jax.devices() order, so they sit on one host."""
+    neighbours in jax.devices() order, so they sit on one host. No mesh_cfg: every device on the
+    data axis (inference)."""
     n = jax.device_count()
-    spatial = mesh_cfg.spatial
-    data = mesh_cfg.data if mesh_cfg.data > 0 else n // spatial
+    spatial = 1 if mesh_cfg is None else mesh_cfg.spatial
+    data = n // spatial if mesh_cfg is None or mesh_cfg.data <= 0 else mesh_cfg.data
     if data * spatial != n:
         raise ValueError(f"mesh data={mesh_cfg.data} x spatial={spatial} does not match the {n} devices")
     devices = mesh_utils.create_device_mesh((data, spatial), allow_split_physical_axes=True)

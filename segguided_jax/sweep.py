@@ -1,12 +1,12 @@
 """Seed sweeps and ablations: expand a config's sweep into runs, evaluate each run on the
-held-out cases, and aggregate the runs into a report with the statistics the paper lacked.
+test cases, and aggregate the runs into a report with the statistics the paper lacked.
 
 A config file defines a sweep with `get_sweep()`:
     {"seeds": [0, 1, 2],
      "settings": {"gate_aux": {}, "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
      "compare": ["gate_aux", "no_gate"], "repeats": 1}
 Each (setting, seed) is one run in ROOT/<setting>-seed<seed>; every run sees the same data and
-held-out cases. The launcher is launch/sweep.py.
+test cases. The launcher is launch/sweep.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 from segguided_jax.data import brats
 from segguided_jax.stats import bootstrap_ci, mean_std, paired_wilcoxon
 
-EVAL_DIR = "heldout"  # inside a run's workdir: per_case.csv of the final model on the held-out cases
+EVAL_DIR = "heldout"  # inside a run's workdir: per_case.csv of the final model on the test cases
 REGIONS = tuple(r.lower() for r in brats.REGIONS)  # as metrics.case_metrics names its columns
 SUBREGIONS = tuple(s.lower() for s in brats.SUBREGIONS)
 
@@ -52,49 +52,46 @@ def is_finished(root: str, run: Run) -> bool:
 
 
 def evaluate_run(workdir: str, out_dir: str | None = None) -> str:
-    """Classic, lesion-wise and attention metrics of a run's final model on every held-out case
-    (same inference and metric code as predict/evaluate), on the preprocessed grid with the case's
-    spacing. Writes WORKDIR/heldout/per_case.csv and returns its path."""
-    import ml_collections
-
-    from segguided_jax import sharding
+    """Classic, lesion-wise and attention metrics of a run's final model on every test case of its
+    split (never used in training), with the inference predict uses by default (8 mirrorings, the
+    post-processing learned on the val cases), on the preprocessed grid with the case's voxel size.
+    Writes WORKDIR/heldout/per_case.csv (evaluate's schema) and returns its path."""
+    from segguided_jax import postprocess
     from segguided_jax.checkpointing import load_for_inference
     from segguided_jax.data.records import CaseSource
-    from segguided_jax.inference import make_window_predictor, probabilities_to_labels, sliding_window
+    from segguided_jax.evaluate import write_per_case
+    from segguided_jax.inference import VolumePredictor
     from segguided_jax.metrics import case_metrics
 
     config, graphdef, params = load_for_inference(workdir)
-    source = CaseSource(config.data.dir, "val", config.data.split)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "spatial": 1}))
-    gates = bool(config.model.gates)
-    predict = make_window_predictor(graphdef, mesh, output=config.model.output,
-                                    attention_stages=(-1,) if gates else ())
-    n = mesh.shape[sharding.DATA_AXIS]
-    batch = -(-config.eval.batch_size // n) * n
+    source = CaseSource(config.data.dir, "test", config.data.split)
+    predictor = VolumePredictor.from_config(config, graphdef, params, mirror_axes=(0, 1, 2))
+    learned = postprocess.load_learned(workdir)
+    post = postprocess.PostProcessing.from_config(config.eval, learned and learned["min_volume_mm3"])
+    target = source.manifest.get("target_spacing")
     rows = []
     for i, meta in enumerate(source.cases):
         case = source[i]
-        out = sliding_window(lambda b: predict(params, b), case["image"], config.eval.window,
-                             config.eval.overlap, batch)
-        labels = probabilities_to_labels(out, config.eval.threshold, config.eval.get("min_et_voxels", 0))
-        attention = {s: out[..., 3 + k] for k, s in enumerate(brats.SUBREGIONS)} if gates else None
-        rows.append({"case": meta["id"], **case_metrics(labels, case["label"], meta["spacing"], attention)})
+        spacing = target or meta["spacing"]
+        out = predictor(case["image"])
+        attention = ({s: out[..., 3 + k] for k, s in enumerate(brats.SUBREGIONS)} if out.shape[-1] > 3 else None)
+        rows.append({"case_id": meta["id"], "status": "ok", "spacing": "x".join(f"{v:g}" for v in spacing),
+                     **case_metrics(post.labels(out, spacing), case["label"], spacing, attention)})
     out_dir = out_dir or os.path.join(workdir, EVAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "per_case.csv")
-    keys = sorted({k for r in rows for k in r} - {"case"})
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, ["case"] + keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
+    write_per_case(path, rows)
     return path
 
 
 def _read_per_case(path: str) -> dict:
+    """{case_id: {metric: float}} of the scored ("ok") rows of a per-case CSV."""
+    from segguided_jax.evaluate import INFO_COLUMNS
+
+    skip = {"case_id", "status", "error", *INFO_COLUMNS}
     with open(path) as f:
-        return {r["case"]: {k: float(v) for k, v in r.items() if k != "case" and v not in ("", "nan")}
-                for r in csv.DictReader(f)}
+        return {r["case_id"]: {k: float(v) for k, v in r.items() if k not in skip and v not in ("", "nan")}
+                for r in csv.DictReader(f) if r["status"] == "ok"}
 
 
 def _val_curve(workdir: str) -> list[tuple[int, float]]:

@@ -1,22 +1,23 @@
-"""Training entry point: the same command on every process of a run.
+"""The training loop: `train_and_evaluate(config, workdir)`; the command line is segguided_jax.main.
 
     python -m segguided_jax.train --config=configs/synthetic.py --workdir=runs/demo [--config.key=value ...]
 
-A run resumes by itself from the newest checkpoint in --workdir. Written there (by process 0):
+A run resumes by itself from the newest checkpoint in the workdir. Written there (by process 0):
 metrics.jsonl (training rows: step, loss, loss_seg, loss_aux, grad_norm; validation rows: step,
-split="val", dice_et, dice_tc, dice_wt, dice_mean), TensorBoard events under tb/, config.json;
-and by all processes: checkpoints/ (last K) and best/ (highest validation dice_mean).
+split="val", dice_et, dice_tc, dice_wt, dice_mean and, with gates, attn_dice_ncr, attn_dice_ed,
+attn_dice_et), TensorBoard events under tb/, config.json, postprocessing.json (fitted on the
+validation cases at the end); and by all processes: checkpoints/ (last K) and best/ (highest
+validation dice_mean).
 
-Several processes (hosts): on a Cloud TPU slice or under SLURM, jax.distributed finds its peers by
-itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
-SIGTERM (preemption) saves a checkpoint at the next step and exits with status 0.
+Order at a step that both validates and saves: validate, log the row, update best/, then save the
+checkpoint. So a checkpoint implies its step's validation is logged, except after a preemption,
+which saves at once; the resumed run then validates that step first. A kill at any moment therefore
+gives, after the same command, the metrics.jsonl of an uninterrupted run.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -24,26 +25,41 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from segguided_jax import sharding
+from segguided_jax import postprocess, sharding
 from segguided_jax.checkpointing import Checkpointer, all_process_states
-from segguided_jax.data.brats import labels_to_regions
+from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
-from segguided_jax.inference import make_window_predictor, probabilities_to_labels, sliding_window
-from segguided_jax.metrics import region_dice
-from segguided_jax.optim import make_optimizer
-from segguided_jax.steps import init_state, train_step
+from segguided_jax.inference import VolumePredictor
+from segguided_jax.metrics import region_dice, soft_dice
+from segguided_jax.steps import sharded_steps
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, logs.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run, for jax.distributed.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let it detect the "
-                                 "cluster (SLURM, Kubernetes, MPI, ...), even where this code would not.")
+METRICS = "metrics.jsonl"
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (a kill in the middle of writing it) is dropped
+    with a warning; damage anywhere else is an error naming the file and line."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); the file is damaged") from e
+            _warn(f"{path}: dropped a torn last line (a run killed while writing it): {line[:80]!r}")
+    return rows
 
 
 class MetricsLog:
@@ -51,23 +67,29 @@ class MetricsLog:
 
     def __init__(self, workdir: str, resume_step: int):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if not self.active:
-            return
+        self.path = os.path.join(workdir, METRICS)
         # Rows past the checkpoint we resume from were logged by the killed run and will be
         # produced again: drop them so the file reads as one uninterrupted run.
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.path + ".tmp", self.path)
+        self.rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        if not self.active:
+            return
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        os.replace(self.path + ".tmp", self.path)
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def validated(self, step: int) -> dict | None:
+        """The validation row of `step`, if logged."""
+        return next((r for r in self.rows if r["step"] == step and r.get("split") == "val"), None)
+
+    def last_validation(self) -> dict:
+        return next((r for r in reversed(self.rows) if r.get("split") == "val"), {})
 
     def write(self, row: dict, **tb_only):
         """Appends row to metrics.jsonl; row and tb_only (e.g. timings, which differ between
         otherwise identical runs) go to TensorBoard."""
+        self.rows.append(row)
         if not self.active:
             return
         with open(self.path, "a") as f:
@@ -87,27 +109,67 @@ class MetricsLog:
             self.tb.close()
 
 
-def validate(predict_batch, source: CaseSource, eval_cfg) -> dict:
-    """Sliding-window inference on every case of `source`, labelled as predict labels them; mean
-    region Dice over cases."""
-    rows = []
-    for i in range(len(source)):
-        case = source[i]
-        probs = sliding_window(predict_batch, case["image"], eval_cfg.window, eval_cfg.overlap,
-                               eval_cfg.batch_size)
-        labels = probabilities_to_labels(probs, eval_cfg.threshold, eval_cfg.min_et_voxels)
-        rows.append(region_dice(labels_to_regions(labels), labels_to_regions(case["label"])))
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    out["dice_mean"] = float(np.mean(list(out.values())))
-    return out
+class Validator:
+    """Validation on the `val` cases of the config's split (never the test cases), through the
+    same VolumePredictor and post-processing as predict."""
+
+    def __init__(self, config, graphdef, params, mesh):
+        self.source = CaseSource(config.data.dir, "val", config.data.split)
+        if config.eval.max_cases:
+            self.source.cases = self.source.cases[: config.eval.max_cases]
+        self.gates = bool(config.model.gates)
+        self.predictor = VolumePredictor.from_config(config, graphdef, params, mesh)
+        self.post = postprocess.PostProcessing.from_config(config.eval)
+        target = self.source.manifest.get("target_spacing")
+        self.spacing = lambda meta: target or meta["spacing"]  # the voxel size of the preprocessed grid
+
+    def __call__(self, params, fit_postprocessing: bool = False) -> tuple[dict, dict | None]:
+        """(validation metrics, the post-processing fitted on these cases if asked, else None)."""
+        self.predictor.set_params(params)
+        dice_rows, attn, fit = [], {s: [] for s in SUBREGIONS}, 0.0
+        for i, meta in enumerate(self.source.cases):
+            case = self.source[i]
+            out = self.predictor(case["image"])
+            labels = self.post.labels(out, self.spacing(meta))
+            dice_rows.append(region_dice(labels_to_regions(labels), labels_to_regions(case["label"])))
+            if self.gates:
+                masks = labels_to_subregions(case["label"])
+                for k, sub in enumerate(SUBREGIONS):
+                    if masks[..., k].any():  # fidelity is measured where the sub-region exists
+                        attn[sub].append(soft_dice(out[..., 3 + k], masks[..., k]))
+            if fit_postprocessing:
+                fit = fit + postprocess.fit_scores(out, case["label"], self.spacing(meta), self.post)
+        row = {k: float(np.mean([r[k] for r in dice_rows])) for k in dice_rows[0]}
+        row["dice_mean"] = float(np.mean(list(row.values())))
+        if self.gates:  # a sub-region absent from every case has no fidelity to report
+            row.update({f"attn_dice_{s.lower()}": float(np.mean(v)) for s, v in attn.items() if v})
+        return row, postprocess.choose(fit, len(self.source)) if fit_postprocessing else None
 
 
-def params_digest(params) -> str:
-    """sha256 of this process's copy of the parameters: equal digests, equal parameters."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        h.update(np.asarray(leaf.addressable_data(0)).tobytes())
-    return h.hexdigest()
+class NonFiniteGuard:
+    """Collects each step's on-device finiteness checks without waiting for them; `check` fetches
+    them all at once (before anything is saved or logged) and raises naming the first bad step and,
+    when its input was not finite, the case."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, step: int, metrics: dict, case_ids) -> None:
+        self.pending.append((step, metrics.pop("finite"), metrics.pop("input_finite"), case_ids))
+
+    def check(self, data_dir: str) -> None:
+        pending, self.pending = self.pending, []
+        flags = jax.device_get([(f, i) for _, f, i, _ in pending])
+        for (step, _, _, cases), (finite, inputs) in zip(pending, flags):
+            if finite:
+                continue
+            bad = [str(c) for c, ok in zip(cases, np.asarray(inputs)) if not ok] if cases is not None else []
+            why = (f"the images of case(s) {', '.join(bad)} hold NaN/Inf: check those cases' input files and "
+                   f"re-run the conversion of {data_dir}") if bad else (
+                "the inputs were finite: the training diverged (lower optim.learning_rate or "
+                "optim.grad_clip_norm)")
+            raise FloatingPointError(f"non-finite loss or parameters at step {step}; nothing from this step on is "
+                                     f"saved, the last checkpoint is intact. {why}")
 
 
 class Preemption:
@@ -129,78 +191,98 @@ class Preemption:
         return multihost_utils.reached_preemption_sync_point(step)
 
 
+def params_digest(params) -> str:
+    """sha256 of this process's copy of the parameters: equal digests, equal parameters."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.asarray(leaf.addressable_data(0)).tobytes())
+    return h.hexdigest()
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _restore_or_init(config, ckpt: Checkpointer, fns, data_iter, fingerprint: str):
+    """(state, start step): the newest checkpoint that restores (its data position set on
+    data_iter), or a new state."""
+    restored = ckpt.restore_newest(fns.abstract, warn=_warn)
+    if restored is None:
+        return fns.init(), 0
+    start, state, data_state = restored
+    if data_state["fingerprint"] != fingerprint and not config.data.allow_fingerprint_mismatch:
+        raise ValueError(
+            f"{config.data.dir} has data fingerprint {fingerprint[:12]}…, but the checkpoint in {ckpt.directory} was "
+            f"trained on {data_state['fingerprint'][:12]}…: other input files or preprocessing. Resume anyway "
+            "with --config.data.allow_fingerprint_mismatch=True, or use another --workdir.")
+    iterators = data_state["iterators"]
+    if len(iterators) != jax.process_count():
+        raise ValueError(f"the checkpoint at step {start} was written by {len(iterators)} process(es); this "
+                         f"run has {jax.process_count()}, whose data shards differ: resume with as many")
+    data_iter.set_state(iterators[jax.process_index()])
+    print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+    return state, start
+
+
+def _is_eval_step(step: int, config) -> bool:
+    return step % config.train.eval_every == 0 or step == config.train.steps
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (resuming from workdir if it holds a checkpoint) and returns the last validation row."""
     os.makedirs(workdir, exist_ok=True)
-    data_dir = config.data.dir
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    tx = make_optimizer(config.optim, config.train.steps)
-
-    init = jax.jit(functools.partial(init_state, config.seed, config.model, tx), out_shardings=replicated)
-    step_fn = jax.jit(functools.partial(train_step, loss_cfg=config.loss, output=config.model.output),
-                      in_shardings=(replicated, batch_sharding),
-                      out_shardings=(replicated, replicated), donate_argnums=0)
+    fns = sharded_steps(config, mesh)
     ckpt = Checkpointer(workdir, config.checkpoint)
-    dataset = train_dataset(data_dir, config.data, seed=config.seed,
-                            batch_size=config.train.batch_size // jax.process_count())
-    data_iter = iter(dataset)
-    fingerprint = load_manifest(data_dir)["fingerprint"]
-
-    start = ckpt.latest_step()
-    if start is None:
-        state = init()
-        start = 0
-    else:
-        abstract = jax.eval_shape(init)
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-        state, data_state, _ = ckpt.restore(start, abstract)
-        if data_state["fingerprint"] != fingerprint and not config.data.allow_fingerprint_mismatch:
-            raise ValueError(
-                f"{data_dir} has data fingerprint {fingerprint[:12]}…, but the checkpoint in {ckpt.directory} was "
-                f"trained on {data_state['fingerprint'][:12]}…: other input files or preprocessing. Resume anyway "
-                "with --config.data.allow_fingerprint_mismatch=True, or use another --workdir.")
-        iterators = data_state["iterators"]
-        if len(iterators) != jax.process_count():
-            raise ValueError(f"the checkpoint at step {start} was written by {len(iterators)} process(es); this "
-                             f"run has {jax.process_count()}, whose data shards differ: resume with as many")
-        data_iter.set_state(iterators[jax.process_index()])
-        print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+    data_iter = iter(train_dataset(config.data.dir, config.data, seed=config.seed,
+                                   batch_size=config.train.batch_size // jax.process_count()))
+    fingerprint = load_manifest(config.data.dir)["fingerprint"]
+    state, start = _restore_or_init(config, ckpt, fns, data_iter, fingerprint)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=1))
     log = MetricsLog(workdir, start)
+    validator = Validator(config, state.graphdef, state.params, mesh)
+    guard = NonFiniteGuard()
 
-    val_source = CaseSource(data_dir, "val", config.data.split)
-    if config.eval.max_cases:
-        val_source.cases = val_source.cases[: config.eval.max_cases]
-    predict = make_window_predictor(state.graphdef, mesh, output=config.model.output)
+    def validate(step):
+        final = step == config.train.steps
+        t0 = time.time()
+        metrics, fitted = validator(state.params, fit_postprocessing=final)
+        row = {"step": step, "split": "val", **metrics}
+        log.write(row)
+        ckpt.save_best(step, state, row)
+        log.progress(f"validation at step {step} on {len(validator.source)} val cases ({time.time() - t0:.0f}s): "
+                     + ", ".join(f"{k.removeprefix('dice_').removeprefix('attn_dice_').upper()}"
+                                 f"{' attn' if k.startswith('attn') else ''} {v:.3f}"
+                                 for k, v in row.items() if k.startswith(("dice_", "attn_dice_"))))
+        if fitted is not None and jax.process_index() == 0:
+            with open(os.path.join(workdir, postprocess.FILE), "w") as f:
+                json.dump(fitted, f, indent=1)
+            log.progress(f"post-processing fitted on the val cases: minimum component volumes (mm³) "
+                         f"{fitted['min_volume_mm3']}; see {os.path.join(workdir, postprocess.FILE)}")
+        return row
 
-    def predict_batch(x):  # every process runs the same windows; the result is replicated
-        return predict(state.params, x)
-
-    def save(step, force=False):
+    def save(step):
+        guard.check(config.data.dir)  # nothing non-finite is ever saved
         # Gathering the iterator states is a collective (all processes call it): only on save steps.
-        if force or ckpt.should_save(step):
-            data_state = {"iterators": all_process_states(data_iter.get_state()), "fingerprint": fingerprint}
-            ckpt.save(step, state, data_state, config.to_dict())
+        data_state = {"iterators": all_process_states(data_iter.get_state()), "fingerprint": fingerprint}
+        ckpt.save(step, state, data_state, config.to_dict())
 
-    preemption = Preemption()
-    total, last_val = config.train.steps, {}
+    if start and _is_eval_step(start, config) and not log.validated(start):
+        validate(start)  # the run stopped (preempted) after saving this step and before validating it
+    preemption, total = Preemption(), config.train.steps
     t_last, s_last = time.time(), start
     for step in range(start + 1, total + 1):
-        batch = sharding.global_batch(next(data_iter), mesh)
-        state, metrics = step_fn(state, batch)
+        host = next(data_iter)
+        cases = host.pop("case_id", None)
+        state, metrics = fns.step(state, sharding.global_batch(host, mesh))
+        guard.add(step, metrics, cases)
         if step % config.train.log_every == 0 or step == total:
+            guard.check(config.data.dir)
             row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"non-finite loss {row['loss']} at step {step}; {row}")
             now = time.time()
             rate = (step - s_last) / (now - t_last)
             t_last, s_last = now, step
@@ -208,55 +290,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.progress(f"step {step}/{total} | loss {row['loss']:.4f} (seg {row['loss_seg']:.4f}, "
                          f"aux {row['loss_aux']:.4f}) | {rate:.2f} steps/s | ETA {_fmt_time((total - step) / rate)}")
         if preemption.reached(step):
-            save(step, force=True)
+            save(step)
             log.progress(f"preempted: saved a checkpoint at step {step}; the same command resumes from it")
             break
-        save(step, force=(step == total))
-        if step % config.train.eval_every == 0 or step == total:
-            t0 = time.time()
-            last_val = {"step": step, "split": "val", **validate(predict_batch, val_source, config.eval)}
-            log.write(last_val)
-            ckpt.save_best(step, state, last_val)
-            log.progress(f"validation at step {step} on {len(val_source)} held-out cases "
-                         f"({time.time() - t0:.0f}s): " + ", ".join(
-                             f"{k.removeprefix('dice_').upper()} {last_val[k]:.3f}"
-                             for k in ("dice_et", "dice_tc", "dice_wt", "dice_mean")))
+        if _is_eval_step(step, config):
+            guard.check(config.data.dir)
+            validate(step)
             t_last = time.time()  # validation time is not training time
+        if ckpt.should_save(step) or step == total:
+            save(step)
     ckpt.close()
     log.close()
     print(f"process {jax.process_index()}: parameters sha256 {params_digest(state.params)}", flush=True)
-    return last_val
-
-
-def initialize_distributed():
-    """jax.distributed for multi-process runs: explicit flags, or what the cluster says (JAX itself
-    reads SLURM's and Cloud TPU's environment). One process needs nothing."""
-    explicit = _COORDINATOR.value is not None
-    cluster = (_DISTRIBUTED.value or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-               or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
-    if not (explicit or cluster):
-        return
-    # Cross-process collectives between CPU devices need a CPU collectives backend (harmless on
-    # accelerators, whose collectives do not use it).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if explicit:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    else:
-        jax.distributed.initialize()
-
-
-def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax logs every save step at INFO (dozens of lines per checkpoint), which buries the
-        # progress line; --verbosity=0 brings them back.
-        logging.set_verbosity(logging.WARNING)
-    if _WORKDIR.value is None:
-        sys.exit("--workdir is required")
-    initialize_distributed()
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    return log.last_validation()
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    from segguided_jax.main import run
+
+    run()

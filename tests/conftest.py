@@ -30,7 +30,8 @@ def raw_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir(raw_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("prepared"))
-    convert.convert(raw_dir, out, val_fraction=0.25, split_seed=0, cases_per_shard=3, log=lambda *a, **k: None)
+    convert.convert(raw_dir, out, test_cases=2, val_cases=2, split_seed=0, cases_per_shard=3,
+                    log=lambda *a, **k: None)
     return out
 
 

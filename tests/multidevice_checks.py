@@ -17,7 +17,7 @@ from flax import nnx  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from segguided_jax import sharding  # noqa: E402
-from segguided_jax.inference import make_window_predictor, sliding_window, window_outputs  # noqa: E402
+from segguided_jax.inference import VolumePredictor, window_outputs  # noqa: E402
 from segguided_jax.optim import make_optimizer  # noqa: E402
 from segguided_jax.steps import init_state, train_step  # noqa: E402
 
@@ -56,16 +56,14 @@ def main(ckpt_dir):
 
     # Sliding windows spread over 4 devices == on 1 device.
     volume = rng.standard_normal((30, 21, 17, 4)).astype(np.float32)
-    one = jax.jit(fwd)
-    m4 = mesh(4, 1)
-    four = make_window_predictor(state.graphdef, m4, output="regions", attention_stages=(-1,))
-    params4 = jax.device_put(state.params, sharding.replicated(m4))
-    p1 = sliding_window(lambda b: one(state.params, b), volume, (16, 16, 16), 0.5, 4)
-    p4 = sliding_window(lambda b: four(params4, b), volume, (16, 16, 16), 0.5, 4)
+    kw = dict(output="regions", window=(16, 16, 16), overlap=0.5, batch_size=4, attention_stages=(-1,))
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), (sharding.DATA_AXIS, sharding.SPATIAL_AXIS))
+    p1 = VolumePredictor(state.graphdef, state.params, one_device, **kw)(volume)
+    p4 = VolumePredictor(state.graphdef, state.params, mesh(4, 1), **kw)(volume)
     out["windows_1_vs_4_max_abs_diff"] = float(np.max(np.abs(p1 - p4)))
 
     # A checkpoint written from 4 devices, for test_sharding to restore on 1.
-    state4 = jax.device_put(state, sharding.replicated(m4))
+    state4 = jax.device_put(state, sharding.replicated(mesh(4, 1)))
     with ocp.CheckpointManager(ckpt_dir) as mgr:
         mgr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state4)))
         mgr.wait_until_finished()

@@ -10,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import convert, splits, synthetic
-from data_prep.cases import CaseError
-from data_prep.nifti_io import write_nifti_gz
+from data_prep import convert, synthetic
+from segguided_jax.data import splits
 from segguided_jax.data.brats import EDITIONS
-from segguided_jax.data.records import CaseSource, load_manifest, to_original_grid
+from segguided_jax.data.cases import CaseError, write_nifti_gz
+from segguided_jax.data.preprocess import labels_to_original as to_original_grid
+from segguided_jax.data.records import CaseSource, load_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda *a, **k: None)
@@ -36,7 +37,7 @@ def test_conversion_round_trip_is_exact(raw_dir, data_dir):
     manifest = load_manifest(data_dir)
     assert manifest["edition"] == "2021" and len(manifest["cases"]) == 8
     assert len(manifest["fingerprint"]) == 64
-    for part in ("train", "val"):
+    for part in ("train", "val", "test"):
         source = CaseSource(data_dir, part)
         for i, meta in enumerate(source.cases):
             case = source[i]
@@ -58,7 +59,7 @@ def test_conversion_round_trip_is_exact(raw_dir, data_dir):
 def test_full_size_round_trip(tmp_path, edition):
     raw, out = tmp_path / "raw", tmp_path / "out"
     synthetic.write_case(str(raw), edition, 0, seed=9)  # 240 x 240 x 155
-    convert.convert(str(raw), str(out), val_cases=0, folds=0, **QUIET)
+    convert.convert(str(raw), str(out), test_cases=0, val_cases=0, folds=0, **QUIET)
     manifest = load_manifest(str(out))
     meta = manifest["cases"][0]
     assert meta["orig_shape"] == [240, 240, 155]
@@ -71,20 +72,38 @@ def test_full_size_round_trip(tmp_path, edition):
 
 def test_splits_are_deterministic_disjoint_and_reused(tmp_path):
     ids = [f"c{i:02d}" for i in range(23)]
-    a = splits.make_splits(ids, ["p1"], val_cases=5, folds=3, seed=4)
-    assert a == splits.make_splits(ids, ["p1"], val_cases=5, folds=3, seed=4)
-    assert a != splits.make_splits(ids, ["p1"], val_cases=5, folds=3, seed=5)
-    assert len(a["holdout"]["val"]) == 5 and sorted(a["holdout"]["train"] + a["holdout"]["val"]) == ids
+    kw = dict(test_cases=5, val_cases=4, folds=3)
+    a = splits.make_splits(ids, ["p1"], **kw, seed=4)
+    assert a == splits.make_splits(ids, ["p1"], **kw, seed=4)
+    assert a != splits.make_splits(ids, ["p1"], **kw, seed=5)
+    hold = a["holdout"]
+    assert (len(hold["test"]), len(hold["val"]), len(hold["train"])) == (5, 4, 14)
+    assert sorted(hold["train"] + hold["val"] + hold["test"]) == ids
+    non_test = sorted(hold["train"] + hold["val"])
     fold_vals = [c for k in range(3) for c in a[f"fold{k}"]["val"]]
-    assert sorted(fold_vals) == sorted(a["holdout"]["train"])  # the folds partition the training part
+    assert sorted(fold_vals) == non_test  # the folds partition the non-test cases
     for k in range(3):
-        assert not set(a[f"fold{k}"]["val"]) & set(a[f"fold{k}"]["train"])
-        assert not set(a[f"fold{k}"]["val"]) & set(a["holdout"]["val"])
+        fold = a[f"fold{k}"]
+        assert sorted(fold["train"] + fold["val"]) == non_test and not set(fold["val"]) & set(fold["train"])
+        assert fold["test"] == hold["test"]  # every fold shares the held-out test set
     assert a["predict"] == ["p1"]
-    splits.write_or_check(str(tmp_path), ids, [], val_cases=5, folds=3, seed=4)
-    splits.write_or_check(str(tmp_path), ids, [], val_cases=5, folds=3, seed=4)  # reused
+    splits.write_or_check(str(tmp_path), ids, [], **kw, seed=4)
+    splits.write_or_check(str(tmp_path), ids, [], **kw, seed=4)  # reused
     with pytest.raises(ValueError, match="other settings"):
-        splits.write_or_check(str(tmp_path), ids, [], val_cases=5, folds=3, seed=7)
+        splits.write_or_check(str(tmp_path), ids, [], **kw, seed=7)
+
+
+def test_old_splits_without_a_test_part_are_refused_with_the_fix(data_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(data_dir, old)
+    current = json.load(open(old / "splits.json"))
+    # What an older version wrote: no version, and `val` was the held-out test set.
+    legacy = {"seed": 0, "val_cases": 2, "folds": 5, "predict": [],
+              "holdout": {"train": current["holdout"]["train"] + current["holdout"]["val"],
+                          "val": current["holdout"]["test"]}}
+    json.dump(legacy, open(old / "splits.json", "w"))
+    with pytest.raises(ValueError, match="older version.*delete .*splits.json.*data_prep.convert"):
+        CaseSource(str(old), "train")
 
 
 # --- bad input: each stops with the case and file named, and leaves no partial shard ---
@@ -267,3 +286,66 @@ def test_killed_conversion_rerun_gives_the_same_shards(raw_dir, tmp_path):
     for name in sorted(os.listdir(ref)):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_killed_multiworker_conversion_takes_its_workers_along(raw_dir, tmp_path):
+    src, _ = _copy_cases(raw_dir, tmp_path, n=8)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep.convert", "--src", str(src), "--out", str(out),
+           "--cases-per-shard", "1", "--val-cases", "2", "--folds", "2", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers, deadline = [], time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        # spawn's resource tracker is a child too; the workers are the ones writing shards
+        workers = _children(proc.pid)
+        if len(workers) >= 3 and out.exists() and any(".tmp" in n for n in os.listdir(out)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert workers, "no worker processes seen"
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers), "workers outlived the killed conversion"
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # the rerun, at once
+    assert (out / "manifest.json").exists()
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_full_disk_leaves_no_temporary_shard(raw_dir, tmp_path, monkeypatch):
+    from array_record.python import array_record_module
+
+    src, _ = _copy_cases(raw_dir, tmp_path, n=2)
+    real = array_record_module.ArrayRecordWriter
+
+    class FullDisk:  # what ENOSPC looks like: the write fails, and so does the close after it
+        def __init__(self, path, options):
+            self.writer = real(path, options)
+
+        def write(self, record):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.writer.close()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        convert.convert(str(src), str(out), cases_per_shard=1, val_cases=1, folds=0, **QUIET)
+    assert not [n for n in os.listdir(out) if ".tmp" in n or n.endswith(".array_record")]

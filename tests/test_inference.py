@@ -1,3 +1,4 @@
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,7 +26,7 @@ def test_sliding_window_of_a_pointwise_function_reproduces_it():
     image = rng.standard_normal((23, 37, 12, 2)).astype(np.float32)  # z smaller than the window
 
     def predict(batch):  # a pointwise "network": every window agrees where windows overlap
-        return np.tanh(batch[..., :1]) * 2
+        return jnp.tanh(batch[..., :1]) * 2
 
     out = sliding_window(predict, image, (16, 16, 16), 0.5, batch_size=3)
     assert out.shape == (23, 37, 12, 1)
@@ -91,3 +92,32 @@ def test_sliding_window_equals_whole_volume_forward_when_the_window_fits():
     padded[:12, :16, :9] = small
     np.testing.assert_allclose(sliding_window(fwd, small, (16, 16, 16), 0.5, batch_size=2),
                                np.asarray(fwd(padded[None]))[0][:12, :16, :9], rtol=1e-5, atol=1e-6)
+
+
+def test_volume_predictor_equals_window_outputs_on_the_host():
+    """The device-side accumulation gives what the host-side formula gives."""
+    import jax
+    from flax import nnx
+
+    from configs import tiny
+    from segguided_jax import sharding
+    from segguided_jax.inference import VolumePredictor, gaussian_weights, window_outputs, window_starts
+    from segguided_jax.models.network import build_model
+
+    cfg = tiny.get_config()
+    graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(0)), nnx.Param)
+    volume = np.random.default_rng(2).standard_normal((30, 21, 17, 4)).astype(np.float32)
+    predictor = VolumePredictor(graphdef, params, sharding.make_mesh(), output="regions", window=(16, 16, 16),
+                                overlap=0.5, batch_size=3, mirror_axes=(1,), attention_stages=(-1,))
+    got = predictor(volume)
+    padded = volume  # every dim >= the window: no padding
+    acc = np.zeros(padded.shape[:3] + (6,))
+    norm = np.zeros(padded.shape[:3])
+    g = gaussian_weights((16, 16, 16))
+    fwd = jax.jit(lambda b: window_outputs(graphdef, params, b, output="regions", mirror_axes=(1,),
+                                           attention_stages=(-1,)))
+    for x, y, z in window_starts(padded.shape[:3], (16, 16, 16), 0.5):
+        out = np.asarray(fwd(padded[None, x:x + 16, y:y + 16, z:z + 16]))[0]
+        acc[x:x + 16, y:y + 16, z:z + 16] += out * g[..., None]
+        norm[x:x + 16, y:y + 16, z:z + 16] += g
+    np.testing.assert_allclose(got, (acc / norm[..., None])[:30, :21, :17], rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ from configs import tiny
 from data_prep import synthetic
 from segguided_jax import evaluate, predict
 from segguided_jax.data.brats import EDITIONS
-from segguided_jax.inference import remove_small_et
+from segguided_jax.data import cases as cases_lib
+from segguided_jax.data.preprocess import to_original_grid
 from segguided_jax.panels import VIEWS, _orientation, _show
 from segguided_jax.train import train_and_evaluate
 
@@ -104,24 +105,22 @@ def test_damaged_case_is_reported_and_others_run(workdir, raw_dir, tmp_path, cap
     assert "2 ok, 1 failed" in captured.out
 
 
-def test_remove_small_et():
-    labels = np.zeros((12, 12, 12), np.uint8)
-    labels[1:11, 1:11, 1:11] = 2  # oedema everywhere else
-    labels[2, 2, 2] = 3  # 1 voxel
-    labels[5, 2:7, 2] = 3  # 5 voxels in a row
-    labels[2:5, 9, 9] = 3  # 3 + 3 voxels touching only at a corner, (4, 9, 9) and (5, 10, 10):
-    labels[5:8, 10, 10] = 3  # one component of 6 with 26-connectivity (two of 3 with 6-connectivity)
-    labels[9, 2:9, 7] = 3  # 7 voxels
-    labels[9, 9, 2] = 1  # NCR stays NCR
-    before = np.bincount(labels.ravel(), minlength=4)
-    out = remove_small_et(labels, 6)
-    assert out[2, 2, 2] == 1 and (out[5, 2:7, 2] == 1).all()
-    assert (out[2:5, 9, 9] == 3).all() and (out[5:8, 10, 10] == 3).all() and (out[9, 2:9, 7] == 3).all()
-    changed = out != labels
-    assert changed.sum() == 6 and (labels[changed] == 3).all()
-    assert np.bincount(out.ravel(), minlength=4)[2] == before[2]
-    np.testing.assert_array_equal(remove_small_et(labels, 0), labels)
-    assert remove_small_et(labels, 8)[9, 3, 7] == 1  # now the 7-voxel one is too small too
+def test_full_disk_while_writing_leaves_no_partial_case(workdir, raw_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real = os.replace
+
+    def replace(src, dst):  # the label map, the last file of a case, hits a full disk
+        if str(dst).endswith("BraTS2021_00001.nii.gz"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(cases_lib.os, "replace", replace)
+    args = ["--workdir", workdir, "--out", str(out), "--no-tta", "--probabilities", "--input"]
+    assert predict.main(args + [os.path.join(raw_dir, f"BraTS2021_{i:05d}") for i in (1, 3)]) == 1
+    assert "No space left" in capsys.readouterr().err
+    names = os.listdir(out)
+    assert not [n for n in names if n.startswith("BraTS2021_00001") or ".tmp" in n]  # nothing half-written
+    assert "BraTS2021_00003.nii.gz" in names and "BraTS2021_00003_attention_ET.nii.gz" in names
 
 
 def test_tta_and_explicit_files(workdir, raw_dir, tmp_path, capsys):
@@ -129,13 +128,14 @@ def test_tta_and_explicit_files(workdir, raw_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
     args = ["--workdir", workdir, "--out", out, "--no-panels", "--no-attention"]
     args += [a for m in ("t1", "t1ce", "t2", "flair") for a in (f"--{m}", files[m])]
-    assert predict.main(args + ["--tta"]) == 0
-    assert "(8 passes)" in capsys.readouterr().out
+    assert predict.main(args) == 0
+    assert "(8 passes)" in capsys.readouterr().out  # mirroring is the default, as in nnU-Net
     labels = _assert_same_grid(os.path.join(out, "BraTS2021_00004.nii.gz"), files["t1"], np.uint8)
     assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
     assert not [n for n in os.listdir(out) if "attention" in n]
     # Threshold 0: every region everywhere in the brain box, so every voxel there is ET = 4.
-    assert predict.main(args + ["--threshold", "0", "--case-id", "mine"]) == 0
+    assert predict.main(args + ["--no-tta", "--threshold", "0", "--case-id", "mine"]) == 0
+    assert "(1 passes)" in capsys.readouterr().out
     labels = _assert_same_grid(os.path.join(out, "mine.nii.gz"), files["t1"], np.uint8)
     assert set(np.unique(labels).tolist()) == {0, 4}
 
@@ -154,16 +154,18 @@ def test_2023_writes_et_as_3(workdir, tmp_path):
 
 
 def test_case_id_from_file():
-    assert predict.case_id_from_file("/x/BraTS2021_00007_t1.nii.gz") == "BraTS2021_00007"
-    assert predict.case_id_from_file("BraTS-GLI-00001-000-t1n.nii.gz") == "BraTS-GLI-00001-000"
-    assert predict.case_id_from_file("patient.nii") == "patient"
+    assert cases_lib.case_id_from_file("/x/BraTS2021_00007_t1.nii.gz") == "BraTS2021_00007"
+    assert cases_lib.case_id_from_file("BraTS-GLI-00001-000-t1n.nii.gz") == "BraTS-GLI-00001-000"
+    assert cases_lib.case_id_from_file("patient.nii") == "patient"
 
 
-def test_to_input_grid_resamples_back():
+def test_to_original_grid_resamples_back():
     meta = {"orig_shape": [10, 12, 8], "crop_box": [[2, 8], [1, 11], [0, 8]], "shape": [3, 5, 4]}
-    out = predict.to_input_grid(np.full((3, 5, 4, 2), 0.5, np.float32), meta)
+    out = to_original_grid(np.full((3, 5, 4, 2), 0.5, np.float32), meta)
     assert out.shape == (10, 12, 8, 2) and out.dtype == np.float32
     assert np.allclose(out[2:8, 1:11, :], 0.5) and out.sum() == pytest.approx(0.5 * 6 * 10 * 8 * 2)
+    labels = to_original_grid(np.full((3, 5, 4), 2, np.uint8), meta)  # labels: nearest, dtype kept
+    assert labels.dtype == np.uint8 and set(np.unique(labels).tolist()) == {0, 2} and (labels[2:8, 1:11] == 2).all()
 
 
 def test_panel_orientation_is_radiological():

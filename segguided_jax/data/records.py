@@ -1,11 +1,11 @@
-"""The record schema of the shards, the manifest beside them, and the way back to a case's
-original grid.
+"""The record schema of the shards, the manifest beside them, and a source of decoded cases.
 
 A record is one case: `np.savez` bytes (no pickle) with
   image  (X, Y, Z, 4) float32, z-scored per modality inside the brain, 0 outside, MODALITIES order;
   label  (X, Y, Z) uint8 internal labels 0..3 (absent for prediction-only cases);
   case_id  str.
-(X, Y, Z) is the case's brain box, cropped from the original grid (`crop_box` in the manifest).
+(X, Y, Z) is the case's brain box, cropped from the original grid (`crop_box` in the manifest);
+segguided_jax.data.preprocess.to_original_grid goes back.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segguided_jax.data.brats import ALL_EDITIONS
+from segguided_jax.data.splits import split_ids
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -55,20 +55,15 @@ def shard_paths(data_dir: str, manifest: dict) -> list[str]:
 
 
 class CaseSource(Sequence):
-    """Random access to the decoded cases of one part ("train" or "val") of a split ("holdout",
-    "fold0", ...; see data_prep.splits): a Grain-compatible data source."""
+    """Random access to the decoded cases of one part ("train", "val" or "test") of a split
+    ("holdout", "fold0", ...; see segguided_jax.data.splits): a Grain-compatible data source."""
 
     def __init__(self, data_dir: str, part: str, split: str = "holdout", manifest: dict | None = None):
         from grain.sources import ArrayRecordDataSource  # array_record is heavy; import on use
 
         self.manifest = manifest or load_manifest(data_dir)
-        with open(os.path.join(data_dir, "splits.json")) as f:
-            splits = json.load(f)
-        if split not in splits:
-            raise ValueError(f"{data_dir}/splits.json has no split {split!r}; it has "
-                             f"{[k for k, v in splits.items() if isinstance(v, dict)]}")
         by_id = {c["id"]: c for c in self.manifest["cases"]}
-        self.cases = [by_id[i] for i in splits[split][part]]
+        self.cases = [by_id[i] for i in split_ids(data_dir, split, part)]
         if not self.cases:
             raise ValueError(f"{data_dir}: no cases in the {part!r} part of split {split!r}")
         self._source = ArrayRecordDataSource(shard_paths(data_dir, self.manifest))
@@ -78,21 +73,3 @@ class CaseSource(Sequence):
 
     def __getitem__(self, i):
         return decode_case(self._source[self.cases[i]["record"]])
-
-
-def to_original_grid(label: np.ndarray, case: dict, edition: str) -> np.ndarray:
-    """Internal labels on the case's preprocessed grid -> the edition's label values on the
-    original grid (zeros outside the crop box). The exact inverse of the conversion's crop and
-    label map; when the conversion resampled, labels go back by nearest neighbour."""
-    out = np.zeros(case["orig_shape"], np.uint8)
-    box = tuple(slice(lo, hi) for lo, hi in case["crop_box"])
-    if tuple(label.shape) != tuple(case["shape"]):
-        raise ValueError(f"case {case['id']}: label shape {label.shape}, expected {tuple(case['shape'])}")
-    crop_shape = out[box].shape
-    if label.shape != crop_shape:
-        from scipy import ndimage
-
-        factors = [c / s for c, s in zip(crop_shape, label.shape)]
-        label = ndimage.zoom(label, factors, order=0, mode="nearest", grid_mode=True)
-    out[box] = ALL_EDITIONS[edition].from_internal(label)
-    return out

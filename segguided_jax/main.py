@@ -1,0 +1,68 @@
+"""The training command: flags, jax.distributed, then train.train_and_evaluate(config, workdir).
+
+    python -m segguided_jax.main --config=configs/synthetic.py --workdir=runs/demo [--config.key=value ...]
+
+(`python -m segguided_jax.train ...` is the same command.) Several processes (hosts): on a Cloud TPU
+slice or under SLURM, jax.distributed finds its peers by itself; elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I. A process that dies is noticed by
+the others within --heartbeat_timeout seconds, after which they stop with an error; the same command
+then resumes the run from its last checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run, for jax.distributed.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let it detect the "
+                                 "cluster (SLURM, Kubernetes, MPI, ...), even where this code would not.")
+# JAX's default (100 s) left a run hanging for well over a minute after a peer was killed; 30 s
+# notices a dead host quickly while riding out a busy one (heartbeats come from their own thread).
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds without a heartbeat after which the other "
+                                  "processes declare a process dead and stop (multi-process runs).")
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                           detect: bool, heartbeat_timeout: int) -> None:
+    """jax.distributed for multi-process runs: explicit coordinates, or what the cluster says (JAX
+    itself reads SLURM's and Cloud TPU's environment). One process needs nothing."""
+    cluster = (detect or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+               or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+    if coordinator is None and not cluster:
+        return
+    # Cross-process collectives between CPU devices need a CPU collectives backend (harmless on
+    # accelerators, whose collectives do not use it).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every save step at INFO (dozens of lines per checkpoint), which buries the
+        # progress line; --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
+    if _WORKDIR.value is None:
+        sys.exit("--workdir is required")
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value,
+                           _HEARTBEAT.value)
+    from segguided_jax.train import train_and_evaluate
+
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+    flags.mark_flag_as_required("config")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

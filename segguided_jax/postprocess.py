@@ -1,0 +1,137 @@
+"""From region probabilities to BraTS labels: threshold, nesting, and post-processing rules, with
+the component-size rule learned on the validation cases.
+
+`PostProcessing.labels(probs, spacing)` applies, in this order:
+1. threshold the ET/TC/WT probabilities and nest them the nnU-Net way (WT without TC is ED, TC
+   without ET is NCR, ET is ET);
+2. per region, WT then TC then ET, remove the 26-connected components whose volume is below
+   `min_volume_mm3[region]`: a WT component becomes background (with everything inside it), a TC
+   component becomes oedema, an ET component becomes NCR. These sizes are learned on the validation
+   cases by `fit` (what BraTS 2023 entries do against the lesion-wise metrics, where each false-
+   positive speck counts as a missed lesion) and stored beside the model (postprocessing.json);
+3. the ET rule: "component" turns each ET component of fewer than `min_et_voxels` voxels into NCR;
+   "case" (nnU-Net's BraTS rule) turns all ET into NCR when the case has fewer than
+   `min_et_voxels` ET voxels in all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from segguided_jax.data.brats import REGIONS, labels_to_regions, regions_to_labels
+from segguided_jax.metrics import lesion_wise
+
+FILE = "postprocessing.json"
+_CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
+# Candidate minimum component volumes (mm³) that `fit` chooses from, per region.
+CANDIDATES_MM3 = (0, 10, 25, 50, 100, 250, 500, 1000, 2500)
+# Label a removed component of each region becomes (see the module docstring).
+_REMOVED_TO = {"WT": 0, "TC": 2, "ET": 1}
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: float) -> np.ndarray:
+    """Boolean (X, Y, Z) -> the mask of its 26-connected components with at least min_voxels voxels."""
+    if min_voxels <= 1 or not mask.any():
+        return mask.copy()
+    components, n = ndimage.label(mask, structure=_CONNECTIVITY_26)
+    sizes = np.bincount(components.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[components]
+
+
+@dataclasses.dataclass(frozen=True)
+class PostProcessing:
+    threshold: float = 0.5
+    et_rule: str = "component"  # "component" or "case"
+    min_et_voxels: int = 0
+    min_volume_mm3: dict = dataclasses.field(default_factory=lambda: {r: 0.0 for r in REGIONS})
+
+    def __post_init__(self):
+        if self.et_rule not in ("component", "case"):
+            raise ValueError(f"eval.et_rule must be 'component' or 'case', got {self.et_rule!r}")
+
+    @classmethod
+    def from_config(cls, eval_cfg, learned: dict | None = None) -> "PostProcessing":
+        """From a config's `eval` block, with learned component sizes (postprocessing.json's
+        "min_volume_mm3") if given."""
+        sizes = {r: 0.0 for r in REGIONS}
+        if learned:
+            sizes.update({r: float(v) for r, v in learned.items()})
+        return cls(threshold=float(eval_cfg.threshold), et_rule=str(eval_cfg.get("et_rule", "component")),
+                   min_et_voxels=int(eval_cfg.get("min_et_voxels", 0)), min_volume_mm3=sizes)
+
+    def labels(self, probs: np.ndarray, spacing) -> np.ndarray:
+        """ET/TC/WT probabilities (X, Y, Z, >=3) on a grid of `spacing` mm -> internal labels uint8."""
+        labels = regions_to_labels(probs[..., :3] > self.threshold)
+        voxel_mm3 = float(np.prod(spacing))
+        for region in ("WT", "TC", "ET"):
+            min_voxels = self.min_volume_mm3.get(region, 0.0) / voxel_mm3
+            if min_voxels > 1:
+                mask = labels_to_regions(labels)[..., REGIONS.index(region)]
+                labels = np.where(mask & ~remove_small_components(mask, min_voxels),
+                                  np.uint8(_REMOVED_TO[region]), labels).astype(np.uint8)
+        return self._et_rule(labels)
+
+    def _et_rule(self, labels: np.ndarray) -> np.ndarray:
+        if self.min_et_voxels <= 1:
+            return labels
+        et = labels == 3
+        if self.et_rule == "case":
+            small = et if et.sum() < self.min_et_voxels else np.zeros_like(et)
+        else:
+            small = et & ~remove_small_components(et, self.min_et_voxels)
+        return np.where(small, np.uint8(1), labels).astype(np.uint8)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{r} {self.min_volume_mm3.get(r, 0):g}" for r in ("WT", "TC", "ET"))
+        return (f"threshold {self.threshold}, components below [{sizes}] mm³ removed, ET rule "
+                f"{self.et_rule} < {self.min_et_voxels} voxels")
+
+
+def fit_scores(probs: np.ndarray, ref_labels: np.ndarray, spacing, base: PostProcessing,
+               candidates=CANDIDATES_MM3) -> np.ndarray:
+    """One validation case's lesion-wise Dice per region (REGIONS order) and candidate minimum
+    volume: (3, len(candidates)). Each region is scored with only its own rule varied (the others
+    at `base`), so cases can be scored one at a time and the choice made from their sum."""
+    ref_regions = labels_to_regions(ref_labels)
+    scores = np.zeros((len(REGIONS), len(candidates)))
+    for i, region in enumerate(REGIONS):
+        last = None
+        for j, size in enumerate(candidates):
+            pp = dataclasses.replace(base, min_volume_mm3={**base.min_volume_mm3, region: float(size)})
+            pred = labels_to_regions(pp.labels(probs, spacing))[..., i]
+            if last is not None and np.array_equal(pred, last[0]):
+                scores[i, j] = last[1]  # this size removes nothing more: same score
+                continue
+            scores[i, j] = lesion_wise(pred, ref_regions[..., i], spacing)["dice"]
+            last = (pred, scores[i, j])
+    return scores
+
+
+def choose(total_scores: np.ndarray, num_cases: int, candidates=CANDIDATES_MM3) -> dict:
+    """The learned rule from the summed fit_scores of the validation cases: per region the
+    candidate with the highest mean lesion-wise Dice (the smallest among ties). Returns the JSON-able
+    record stored as postprocessing.json."""
+    mean = total_scores / max(num_cases, 1)
+    chosen = {r: float(candidates[int(np.flatnonzero(np.isclose(mean[i], mean[i].max()))[0])])
+              for i, r in enumerate(REGIONS)}
+    return {"min_volume_mm3": chosen, "cases": num_cases, "candidates_mm3": list(candidates),
+            "lesion_dice_by_candidate": {r: [float(v) for v in mean[i]] for i, r in enumerate(REGIONS)},
+            "lesion_dice_without": {r: float(mean[i, 0]) for i, r in enumerate(REGIONS)}}
+
+
+def load_learned(workdir_or_checkpoint: str) -> dict | None:
+    """postprocessing.json of a training workdir (for a checkpoint folder WORKDIR/checkpoints/STEP,
+    its workdir's), or None."""
+    path = os.path.abspath(workdir_or_checkpoint)
+    for candidate in (path, os.path.dirname(os.path.dirname(path))):
+        f = os.path.join(candidate, FILE)
+        if os.path.exists(f):
+            with open(f) as fh:
+                return json.load(fh)
+    return None
