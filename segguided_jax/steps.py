@@ -46,7 +46,8 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(params))
+    # Leaf by leaf: a norm of large but finite parameters could itself overflow.
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     input_finite = jnp.all(jnp.isfinite(batch["image"]), axis=tuple(range(1, batch["image"].ndim)))
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "finite": finite,
                "input_finite": input_finite}

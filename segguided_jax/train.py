@@ -163,7 +163,8 @@ class NonFiniteGuard:
         for (step, _, _, cases), (finite, inputs) in zip(pending, flags):
             if finite:
                 continue
-            bad = [str(c) for c, ok in zip(cases, np.asarray(inputs)) if not ok] if cases is not None else []
+            bad = [str(cases[i]) if cases is not None else f"sample {i} of the batch"
+                   for i in np.flatnonzero(~np.asarray(inputs))]
             why = (f"the images of case(s) {', '.join(bad)} hold NaN/Inf: check those cases' input files and "
                    f"re-run the conversion of {data_dir}") if bad else (
                 "the inputs were finite: the training diverged (lower optim.learning_rate or "
@@ -275,32 +276,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
         validate(start)  # the run stopped (preempted) after saving this step and before validating it
     preemption, total = Preemption(), config.train.steps
     t_last, s_last = time.time(), start
-    for step in range(start + 1, total + 1):
-        host = next(data_iter)
-        cases = host.pop("case_id", None)
-        state, metrics = fns.step(state, sharding.global_batch(host, mesh))
-        guard.add(step, metrics, cases)
-        if step % config.train.log_every == 0 or step == total:
-            guard.check(config.data.dir)
-            row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-            now = time.time()
-            rate = (step - s_last) / (now - t_last)
-            t_last, s_last = now, step
-            log.write(row, steps_per_sec=rate)
-            log.progress(f"step {step}/{total} | loss {row['loss']:.4f} (seg {row['loss_seg']:.4f}, "
-                         f"aux {row['loss_aux']:.4f}) | {rate:.2f} steps/s | ETA {_fmt_time((total - step) / rate)}")
-        if preemption.reached(step):
-            save(step)
-            log.progress(f"preempted: saved a checkpoint at step {step}; the same command resumes from it")
-            break
-        if _is_eval_step(step, config):
-            guard.check(config.data.dir)
-            validate(step)
-            t_last = time.time()  # validation time is not training time
-        if ckpt.should_save(step) or step == total:
-            save(step)
-    ckpt.close()
-    log.close()
+    try:
+        for step in range(start + 1, total + 1):
+            host = next(data_iter)
+            cases = host.pop("case_id", None)
+            state, metrics = fns.step(state, sharding.global_batch(host, mesh))
+            guard.add(step, metrics, cases)
+            if step % config.train.log_every == 0 or step == total:
+                guard.check(config.data.dir)
+                row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                now = time.time()
+                rate = (step - s_last) / (now - t_last)
+                t_last, s_last = now, step
+                log.write(row, steps_per_sec=rate)
+                log.progress(f"step {step}/{total} | loss {row['loss']:.4f} (seg {row['loss_seg']:.4f}, aux "
+                             f"{row['loss_aux']:.4f}) | {rate:.2f} steps/s | ETA {_fmt_time((total - step) / rate)}")
+            if preemption.reached(step):
+                save(step)
+                log.progress(f"preempted: saved a checkpoint at step {step}; the same command resumes from it")
+                break
+            if _is_eval_step(step, config):
+                guard.check(config.data.dir)
+                validate(step)
+                t_last = time.time()  # validation time is not training time
+            if ckpt.should_save(step) or step == total:
+                save(step)
+    finally:  # also on an error: finish the saves under way and close the event file
+        ckpt.close()
+        log.close()
     print(f"process {jax.process_index()}: parameters sha256 {params_digest(state.params)}", flush=True)
     return log.last_validation()
 

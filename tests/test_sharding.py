@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def _rows(workdir):
 
 
 def _digests(stdout):
-    return [line.split()[-1] for line in stdout.splitlines() if "parameters sha256" in line]
+    # Both processes write to one pipe and their lines may interleave: match the lines' contents.
+    found = dict(re.findall(r"process (\d+): parameters sha256 ([0-9a-f]{64})", stdout))
+    return [found[k] for k in sorted(found)]
 
 
 def test_two_processes_kill_resume_equals_uninterrupted(data_dir, tmp_path):
@@ -127,3 +130,29 @@ def test_sigterm_saves_at_next_step_and_exits_zero(data_dir, tmp_path):
     assert "preempted: saved a checkpoint at step" in rest
     saved = int(rest.split("preempted: saved a checkpoint at step ")[1].split(";")[0])
     assert saved >= 3 and (workdir / "checkpoints" / str(saved)).exists()
+
+
+def test_a_dead_peer_stops_the_run_within_the_heartbeat_timeout(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    cmd = _two_process_cmd(data_dir, workdir, 100000)
+    cmd.insert(cmd.index("--") + 1, "--heartbeat_timeout=10")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (workdir / "metrics.jsonl").exists() and len(_rows(workdir)) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended early"
+        ps = subprocess.run(["pgrep", "-f", "--", f"--process_id=1 .*--workdir={workdir}"], capture_output=True, text=True)
+        victim = int(ps.stdout.split()[0])
+        killed = time.time()
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=120)
+        noticed = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert noticed < 45, f"process 0 went on for {noticed:.0f} s after its peer died"
