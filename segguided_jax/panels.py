@@ -15,8 +15,6 @@ process.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from scipy import ndimage
 
@@ -85,6 +83,54 @@ def _label_rgba(labels: np.ndarray) -> np.ndarray:
     return rgba
 
 
+def _draw_cell(ax, name: str, index: tuple, images: dict, ranges: dict, aspect: float, heat) -> None:
+    """One image of the grid: a grey base (T1ce for its column, FLAIR otherwise), then the
+    prediction's colours, or an attention map as a heat overlay outlined by its own sub-region of
+    the prediction (so a map can be read against what it should follow)."""
+    base = "t1ce" if name == "T1ce" else "flair"
+    ax.imshow(_show(images[base][index]), cmap="gray", vmin=ranges[base][0], vmax=ranges[base][1], aspect=aspect,
+              interpolation="nearest")
+    labels = _show(images["labels"][index])
+    if name == "prediction":
+        ax.imshow(_label_rgba(labels), aspect=aspect, interpolation="nearest")
+    elif name.startswith("attention"):
+        k = SUBREGIONS.index(name.split()[-1])
+        a = np.clip(_show(images["attention"][index + (k,)]), 0.0, 1.0)
+        rgba = heat[1](heat[0](a))
+        rgba[..., 3] = 0.75 * np.sqrt(a)  # low attention stays see-through
+        ax.imshow(rgba, aspect=aspect, interpolation="nearest")
+        mask = labels == k + 1
+        if mask.any() and not mask.all():
+            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[LABEL_COLOURS[k + 1]], linewidths=1.2)
+
+
+def _letters(ax, letters) -> None:
+    top, bottom, left, right = letters
+    style = dict(color="white", fontsize=FONT_SIZE - 3, transform=ax.transAxes, fontweight="bold")
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+
+
+def _footer(fig, footer, heat, with_attention: bool) -> None:
+    """The label legend under the prediction and a colour bar under each attention map."""
+    from matplotlib import cm
+    from matplotlib.patches import Patch
+
+    legend = [Patch(facecolor=LABEL_COLOURS[v], label=n) for v, n in zip((1, 2, 3), SUBREGIONS)]
+    footer[2].legend(handles=legend, loc="center", ncol=3, fontsize=FONT_SIZE - 1, frameon=False,
+                     handlelength=1.2, columnspacing=0.8)
+    if not with_attention:
+        return
+    mappable = cm.ScalarMappable(norm=heat[0], cmap=heat[1])
+    for c, sub in zip(range(3, 6), SUBREGIONS):
+        footer[c].axis("on")
+        bar = fig.colorbar(mappable, cax=footer[c], orientation="horizontal")
+        bar.ax.tick_params(labelsize=FONT_SIZE - 3)
+        bar.set_label(f"attention; outline: predicted {sub}", fontsize=FONT_SIZE - 3)
+
+
 def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarray,
                attention: np.ndarray | None, spacing, title: str, affine=None) -> None:
     """Writes the case's panel PNG to `path` (atomically: a temporary name, then renamed).
@@ -95,85 +141,51 @@ def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarra
     to orient the slices (None: the arrays are taken to be RAS already). All on the same grid.
     """
     import matplotlib
-    from matplotlib import cm, colors
+    from matplotlib import colors
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     from nibabel.orientations import apply_orientation
+
+    from segguided_jax.data.cases import atomic_file
 
     ornt = _orientation(affine)
     ras_spacing = np.empty(3)
     ras_spacing[ornt[:, 0].astype(int)] = spacing
-    spacing = ras_spacing
-    flair, t1ce, labels = (apply_orientation(v, ornt) for v in (flair, t1ce, labels))
-    attention = None if attention is None else apply_orientation(attention, ornt)
-    centre = slice_centre(labels)
-    columns = ["FLAIR", "T1ce", "prediction"]
+    images = {"flair": flair, "t1ce": t1ce, "labels": labels}
     if attention is not None:
-        columns += [f"attention {s}" for s in SUBREGIONS]
-    flair_range, t1ce_range = _window(flair), _window(t1ce)
-    heat = colors.Normalize(0.0, 1.0)
-    heat_map = matplotlib.colormaps[HEAT_CMAP]
+        images["attention"] = attention
+    images = {k: apply_orientation(v, ornt) for k, v in images.items()}
+    centre = slice_centre(images["labels"])
+    columns = ["FLAIR", "T1ce", "prediction"] + ([f"attention {s}" for s in SUBREGIONS] if attention is not None else [])
+    ranges = {k: _window(images[k]) for k in ("flair", "t1ce")}
+    heat = (colors.Normalize(0.0, 1.0), matplotlib.colormaps[HEAT_CMAP])
 
     # Rows as tall as their slices are (in mm) for their width, plus a thin row for the legend
     # and the colour bars: a bar attached to a column would shrink that column's images.
-    extent = np.asarray(labels.shape) * spacing
+    extent = np.asarray(images["labels"].shape) * ras_spacing
     ratios = [extent[row_axis] / extent[col_axis] for _, _, _, (row_axis, col_axis) in VIEWS] + [0.12]
     fig = Figure(figsize=(PANEL_INCHES * len(columns), PANEL_INCHES * sum(ratios) + 1.0), dpi=100,
                  layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=FONT_SIZE + 2)
     grid = fig.add_gridspec(len(VIEWS) + 1, len(columns), height_ratios=ratios)
-    axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(len(columns))] for r in range(len(VIEWS))])
     footer = [fig.add_subplot(grid[-1, c]) for c in range(len(columns))]
     for ax in footer:
         ax.axis("off")
     for r, (view, axis, letters, (row_axis, col_axis)) in enumerate(VIEWS):
-        index = [slice(None)] * 3
-        index[axis] = centre[axis]
-        index = tuple(index)
-        aspect = spacing[row_axis] / spacing[col_axis]
-        base = _show(flair[index])
+        index = tuple(centre[axis] if a == axis else slice(None) for a in range(3))
         for c, name in enumerate(columns):
-            ax = axes[r, c]
+            ax = fig.add_subplot(grid[r, c])
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_facecolor("black")
-            if name == "T1ce":
-                ax.imshow(_show(t1ce[index]), cmap="gray", vmin=t1ce_range[0], vmax=t1ce_range[1], aspect=aspect,
-                          interpolation="nearest")
-            else:
-                ax.imshow(base, cmap="gray", vmin=flair_range[0], vmax=flair_range[1], aspect=aspect,
-                          interpolation="nearest")
-            if name == "prediction":
-                ax.imshow(_label_rgba(_show(labels[index])), aspect=aspect, interpolation="nearest")
-            elif name.startswith("attention"):
-                a = np.clip(_show(attention[index + (c - 3,)]), 0.0, 1.0)
-                rgba = heat_map(heat(a))
-                rgba[..., 3] = 0.75 * np.sqrt(a)  # low attention stays see-through
-                ax.imshow(rgba, aspect=aspect, interpolation="nearest")
+            _draw_cell(ax, name, index, images, ranges, ras_spacing[row_axis] / ras_spacing[col_axis], heat)
             if r == 0:
                 ax.set_title(name, fontsize=FONT_SIZE)
             if c == 0:
-                ax.set_ylabel(f"{view} ({_input_index(ornt, labels.shape, axis, centre[axis])})",
+                ax.set_ylabel(f"{view} ({_input_index(ornt, images['labels'].shape, axis, centre[axis])})",
                               fontsize=FONT_SIZE)
-            top, bottom, left, right = letters
-            style = dict(color="white", fontsize=FONT_SIZE - 3, transform=ax.transAxes, fontweight="bold")
-            ax.text(0.5, 0.98, top, ha="center", va="top", **style)
-            ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
-            ax.text(0.02, 0.5, left, ha="left", va="center", **style)
-            ax.text(0.98, 0.5, right, ha="right", va="center", **style)
-    legend = [Patch(facecolor=LABEL_COLOURS[v], label=n) for v, n in zip((1, 2, 3), SUBREGIONS)]
-    footer[2].legend(handles=legend, loc="center", ncol=3, fontsize=FONT_SIZE - 1, frameon=False,
-                     handlelength=1.2, columnspacing=0.8)
-    if attention is not None:
-        mappable = cm.ScalarMappable(norm=heat, cmap=heat_map)
-        for c in range(3, 6):
-            footer[c].axis("on")
-            bar = fig.colorbar(mappable, cax=footer[c], orientation="horizontal")
-            bar.ax.tick_params(labelsize=FONT_SIZE - 3)
-            bar.set_label("attention", fontsize=FONT_SIZE - 2)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", facecolor="white")
-    os.replace(tmp, path)
+            _letters(ax, letters)
+    _footer(fig, footer, heat, attention is not None)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", facecolor="white")
