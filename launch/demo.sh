@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
 # The demo, from a fresh clone: set up .venv, generate the synthetic BraTS-like set, convert it to
-# shards, train SegGuidedNet on it (configs/synthetic.py) and print the held-out Dice per region.
-# Rerunning skips what is done; training resumes from runs/synthetic. Extra arguments go to the
-# trainer (e.g. --config.train.steps=200).
+# shards (train / val / test), train SegGuidedNet on it (configs/synthetic.py), then predict the
+# held-out test cases from their NIfTI folders and score them with the BraTS metrics, attention
+# maps included. Rerunning skips what is done; training resumes from runs/synthetic. Extra
+# arguments go to the trainer (e.g. --config.train.steps=200).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 start=$(date +%s)
 RAW=data/synthetic/raw
 PREPARED=data/synthetic/prepared
 WORKDIR=runs/synthetic
 if [ ! -f "$PREPARED/manifest.json" ]; then
-  python -m data_prep.synthetic --out "$RAW" --cases 30 --edition 2021 --seed 0 --shape 96 96 64
-  python -m data_prep.convert --src "$RAW" --out "$PREPARED" --test-fraction 0.2 --val-fraction 0.2 --split-seed 0
+  python -m data_prep.synthetic --out "$RAW" --cases 30 --edition 2021 --seed 0 --shape 96 96 64 --workers 2
+  python -m data_prep.convert --src "$RAW" --out "$PREPARED" --test-fraction 0.2 --val-fraction 0.2 \
+    --split-seed 0 --workers 2
 fi
 python -m segguided_jax.train --config=configs/synthetic.py --workdir="$WORKDIR" \
   --config.data.dir="$PREPARED" "$@"
-python - "$WORKDIR/metrics.jsonl" <<'PY'
+
+# The test cases, never seen by training or validation, as a user would meet them: NIfTI folders.
+TEST="$WORKDIR/test_cases"
+rm -rf "$TEST" && mkdir -p "$TEST"
+for id in $(python -c "import json; print(' '.join(json.load(open('$PREPARED/splits.json'))['holdout']['test']))"); do
+  ln -s "$PWD/$RAW/$id" "$TEST/$id"
+done
+python -m segguided_jax.predict --workdir "$WORKDIR" --input "$TEST" --out "$WORKDIR/test_predictions"
+python -m segguided_jax.evaluate --pred "$WORKDIR/test_predictions" --ref "$TEST" --out "$WORKDIR/test_scores" >/dev/null
+python - "$WORKDIR" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-val = [r for r in rows if r.get("split") == "val"][-1]
-print(f"\nHeld-out Dice at step {val['step']} (synthetic validation cases):")
-for k in ("dice_et", "dice_tc", "dice_wt", "dice_mean"):
-    print(f"  {k[5:].upper():>4}  {val[k]:.3f}")
+summary = json.load(open(f"{sys.argv[1]}/test_scores/metrics.json"))["summary"]
+mean = lambda k: summary[k]["mean"]
+print(f"\nHeld-out test cases ({summary['dice_et']['n']}), never seen in training or validation:")
+print("           ET      TC      WT    mean")
+for name, key in (("Dice", "dice"), ("lesion Dice", "lesion_dice")):
+    values = [mean(f"{key}_{r}") for r in ("et", "tc", "wt")]
+    print(f"  {name:<11}" + "".join(f"{v:6.3f}  " for v in values) + f"{sum(values) / 3:.3f}")
+print(f"  {'HD95 (mm)':<11}" + "".join(f"{mean(f'hd95_{r}'):6.2f}  " for r in ("et", "tc", "wt")))
+print("Attention maps (finest stage) against their own sub-region:")
+print("              NCR     ED      ET")
+for name, key in (("soft Dice", "attention_soft_dice"), ("mass inside", "attention_mass_inside")):
+    print(f"  {name:<11}" + "".join(f"{mean(f'{key}_{s}'):6.3f}  " for s in ("ncr", "ed", "et")))
 PY
+echo "predictions, panels and per-case scores: $WORKDIR/test_predictions, $WORKDIR/test_scores"
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -71,6 +71,8 @@ Attention maps (per sub-region NCR, ED, ET, a map m in [0, 1] against the sub-re
     soft_dice           2 sum(m g) / (sum(m) + sum(g)); both zero: 1.
     attention_mass_inside   sum(m g) / sum(m): the fraction of the map's mass inside the mask;
                         NaN when the map has no mass (undefined).
+    In case_metrics both are NaN (left out of summaries) for a case without the sub-region: a map's
+    fidelity to a sub-region is measured where the sub-region exists.
 """
 from __future__ import annotations
 
@@ -410,6 +412,8 @@ def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Seque
     for label, sub in enumerate(SUBREGIONS, start=1):
         if attention is not None and sub in attention:
             mask = ref_labels == label
-            out[f"attention_soft_dice_{sub.lower()}"] = soft_dice(attention[sub], mask)
-            out[f"attention_mass_inside_{sub.lower()}"] = attention_mass_inside(attention[sub], mask)
+            present = bool(mask.any())
+            out[f"attention_soft_dice_{sub.lower()}"] = soft_dice(attention[sub], mask) if present else float("nan")
+            out[f"attention_mass_inside_{sub.lower()}"] = (attention_mass_inside(attention[sub], mask) if present
+                                                          else float("nan"))
     return out
