@@ -1,11 +1,12 @@
 """SegGuidedNet on BraTS2021 at the paper's scale (128³ patches, widths 32…320, bf16), for accelerators.
 
-    python -m data_prep.convert --src /path/to/BraTS2021_TrainingData --out data/brats21/prepared
+    python -m data_prep.convert --src /path/to/BraTS2021_TrainingData --out data/brats21/prepared \
+        --test-cases 251 --val-fraction 0.2   # the paper's 251 held out; val drawn from the other 1,000
     python -m segguided_jax.train --config=configs/brats21.py --workdir=runs/brats21 \
         [--config.data.dir=/path/to/prepared]
 """
 from configs import synthetic
-from configs.synthetic import get_sweep  # noqa: F401  (the same seeds × gate ablation)
+from configs.synthetic import get_sweep  # noqa: F401  (the same ablation and λ sweeps)
 from segguided_jax.data.augment import default_augment_config
 
 

@@ -94,9 +94,18 @@ def get_config():
     return c
 
 
-def get_sweep():
-    """The paper's missing experiment: 3 seeds, SegAttentionGates with the auxiliary loss (λ from
-    the config) against no gates. Run with launch/sweep.py."""
-    return {"seeds": [0, 1, 2],
-            "settings": {"gate_aux": {}, "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
-            "compare": ["gate_aux", "no_gate"], "repeats": 1}
+def get_sweep(name: str = "ablation"):
+    """The experiments the paper lacks, over 3 seeds (run with launch/sweep.py --sweep=NAME):
+    "ablation": gates with the auxiliary loss (λ from the config) against gates with λ = 0 (the
+    maps are then free features) and no gates at all; "lambda": the auxiliary weight λ."""
+    seeds = [0, 1, 2]
+    sweeps = {
+        "ablation": {"seeds": seeds,
+                     "settings": {"gate_aux": {}, "gate_no_aux": {"loss.aux_weight": 0.0},
+                                  "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
+                     "compare": [["gate_aux", "no_gate"], ["gate_aux", "gate_no_aux"]]},
+        "lambda": {"seeds": seeds,
+                   "settings": {f"aux{w:g}": {"loss.aux_weight": w} for w in (0.03, 0.1, 0.3, 1.0)},
+                   "sensitivity": "loss.aux_weight"},
+    }
+    return sweeps[name]

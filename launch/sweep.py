@@ -1,6 +1,10 @@
-"""Run a config's sweep (get_sweep() in the config file; see segguided_jax/sweep.py).
+"""Run a config's sweep (get_sweep(name) in the config file; see segguided_jax/sweep.py).
 
-    python launch/sweep.py --config=configs/synthetic.py --root=runs/sweep [--mode=local] [-- TRAIN ARGS]
+    python launch/sweep.py --config=configs/synthetic.py --root=runs/sweep [--sweep=ablation|lambda]
+        [--mode=local] [-- TRAIN ARGS]
+
+--sweep        which of the config's sweeps (default "ablation": gates + auxiliary loss, gates with
+               λ = 0, no gates; "lambda": the auxiliary loss weight λ in {0.03, 0.1, 0.3, 1.0}).
 
 --mode=local   runs every unfinished run here, one after another (a rerun skips finished runs and
                resumes unfinished ones from their checkpoints), evaluates each on the held-out
@@ -26,13 +30,16 @@ sys.path.insert(0, ROOT)
 from segguided_jax import sweep as sweep_lib  # noqa: E402
 
 
-def load_sweep(config_path: str) -> dict:
+def load_sweep(config_path: str, name: str) -> dict:
     spec = importlib.util.spec_from_file_location("sweep_config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         sys.exit(f"{config_path} defines no get_sweep()")
-    return module.get_sweep()
+    try:
+        return module.get_sweep(name)
+    except KeyError:
+        sys.exit(f"{config_path} has no sweep {name!r}")
 
 
 def train_command(config: str, workdir: str, run, extra) -> list[str]:
@@ -47,16 +54,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--root", required=True)
+    parser.add_argument("--sweep", default="ablation", help="which of the config's sweeps")
     parser.add_argument("--mode", choices=["local", "print", "slurm", "report"], default="local")
     parser.add_argument("--evaluate-run", metavar="WORKDIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.evaluate_run:
         print(sweep_lib.evaluate_run(args.evaluate_run))
         return
-    sweep = load_sweep(args.config)
+    sweep = load_sweep(args.config, args.sweep)
     runs = sweep_lib.expand(sweep)
     report = os.path.join(args.root, "report")
-    me = [sys.executable, os.path.abspath(__file__), f"--config={args.config}", f"--root={args.root}"]
+    me = [sys.executable, os.path.abspath(__file__), f"--config={args.config}", f"--root={args.root}",
+          f"--sweep={args.sweep}"]
     if args.mode in ("print", "slurm"):
         lines = []
         for run in runs:
@@ -93,9 +102,9 @@ eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(comm
                 continue
             print(f"sweep [{i + 1}/{len(runs)}] {run.name}: training", flush=True)
             subprocess.run(train_command(args.config, workdir, run, extra), cwd=ROOT, check=True)
-            print(f"sweep [{i + 1}/{len(runs)}] {run.name}: evaluating on the held-out cases", flush=True)
+            print(f"sweep [{i + 1}/{len(runs)}] {run.name}: evaluating on the test cases", flush=True)
             sweep_lib.evaluate_run(workdir)
-    result = sweep_lib.aggregate(args.root, runs, tuple(sweep.get("compare", ())), report)
+    result = sweep_lib.aggregate(args.root, runs, report, sweep.get("compare", ()), sweep.get("sensitivity"))
     print(open(os.path.join(report, "report.md")).read().split("## Bootstrap")[0])
     print(f"report: {os.path.join(report, 'report.md')}")
     return result

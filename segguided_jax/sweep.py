@@ -99,23 +99,41 @@ def _val_curve(workdir: str) -> list[tuple[int, float]]:
         return [(r["step"], r["dice_mean"]) for r in map(json.loads, f) if r.get("split") == "val"]
 
 
-def aggregate(root: str, runs: list[Run], compare: tuple, out_dir: str) -> dict:
-    """Writes out_dir/report.md, runs.csv, summary.csv, tests.csv and curves.png; returns the
-    summary. Per setting and region: mean ± std over seeds of each run's mean Dice and HD95, a
-    bootstrap 95 % CI over cases of the seed-averaged per-case values, attention fidelity; a
-    paired Wilcoxon test per region between the two `compare` settings, pairing each case's
-    seed-averaged values; and which runs repeat a (setting, seed) and whether they agree."""
+def _pairs(compare) -> list[tuple[str, str]]:
+    """A sweep's "compare": one pair of settings, or a list of pairs."""
+    if not compare:
+        return []
+    if isinstance(compare[0], str):
+        return [tuple(compare)]
+    return [tuple(p) for p in compare]
+
+
+def _run_row(run: Run, cases: dict) -> dict:
+    """One run's means over its cases: Dice, lesion-wise Dice and HD95 per region, attention
+    fidelity per sub-region (over the cases that have the sub-region)."""
+    row = {"run": run.name, "setting": run.setting, "seed": run.seed, "cases": len(cases)}
+    for m in [f"{k}_{g}" for k in ("dice", "lesion_dice", "hd95") for g in REGIONS]:
+        row[m] = float(np.mean([c[m] for c in cases.values()]))
+    row["dice_mean"] = float(np.mean([row[f"dice_{g}"] for g in REGIONS]))
+    for sub in SUBREGIONS:
+        vals = [c[f"attention_soft_dice_{sub}"] for c in cases.values() if f"attention_soft_dice_{sub}" in c]
+        row[f"attention_soft_dice_{sub}"] = float(np.mean(vals)) if vals else None
+    return row
+
+
+def aggregate(root: str, runs: list[Run], out_dir: str, compare=(), sensitivity: str | None = None) -> dict:
+    """Writes out_dir/report.md, runs.csv, summary.json and curves.png; returns the summary.
+
+    Per setting and region: mean ± std over seeds of each run's mean Dice, lesion-wise Dice and
+    HD95, a bootstrap 95 % CI over cases of the seed-averaged per-case values, attention fidelity;
+    for each pair of settings in `compare` (a pair or a list of pairs), a paired Wilcoxon test per
+    region pairing each case's seed-averaged values; with `sensitivity` (a config key the settings
+    vary, e.g. "loss.aux_weight"), Dice and fidelity against its value; and which runs repeat a
+    (setting, seed) and whether they agree."""
     os.makedirs(out_dir, exist_ok=True)
     per_run = {r.name: _read_per_case(os.path.join(root, r.name, EVAL_DIR, "per_case.csv")) for r in runs}
     settings = list(dict.fromkeys(r.setting for r in runs))
-    run_rows, summary = [], {}
-    for r in runs:
-        cases = per_run[r.name]
-        row = {"run": r.name, "setting": r.setting, "seed": r.seed, "cases": len(cases)}
-        for m in [f"{k}_{g}" for k in ("dice", "hd95") for g in REGIONS]:
-            row[m] = float(np.mean([c[m] for c in cases.values()]))
-        row["dice_mean"] = float(np.mean([row[f"dice_{g}"] for g in REGIONS]))
-        run_rows.append(row)
+    run_rows = [_run_row(r, per_run[r.name]) for r in runs]
 
     def per_case_mean(setting, metric):  # seed-averaged value per case
         names = [r.name for r in runs if r.setting == setting]
@@ -123,23 +141,27 @@ def aggregate(root: str, runs: list[Run], compare: tuple, out_dir: str) -> dict:
         return {c: float(np.mean([per_run[n][c][metric] for n in names])) for c in sorted(common)
                 if all(metric in per_run[n][c] for n in names)}
 
+    summary = {}
     for s in settings:
         rows = [x for x in run_rows if x["setting"] == s]
         summary[s] = {"runs": len(rows)}
-        for m in [f"{k}_{g}" for k in ("dice", "hd95") for g in REGIONS] + ["dice_mean"]:
+        for m in [f"{k}_{g}" for k in ("dice", "lesion_dice", "hd95") for g in REGIONS] + ["dice_mean"]:
             summary[s][m] = mean_std([x[m] for x in rows])
             if m != "dice_mean":
                 summary[s][m + "_ci95"] = bootstrap_ci(list(per_case_mean(s, m).values()))
         for sub in SUBREGIONS:
+            fid = [x[f"attention_soft_dice_{sub}"] for x in rows if x[f"attention_soft_dice_{sub}"] is not None]
+            summary[s][f"attention_soft_dice_{sub}_over_seeds"] = mean_std(fid) if fid else None
             for m in (f"attention_soft_dice_{sub}", f"attention_mass_inside_{sub}"):
                 vals = list(per_case_mean(s, m).values())
                 summary[s][m] = float(np.mean(vals)) if vals else None
     tests = []
-    if compare and len(compare) == 2 and all(c in settings for c in compare):
-        for g in REGIONS:
-            for k in ("dice", "hd95"):
-                res = paired_wilcoxon(per_case_mean(compare[0], f"{k}_{g}"), per_case_mean(compare[1], f"{k}_{g}"))
-                tests.append({"metric": f"{k}_{g}", "a": compare[0], "b": compare[1], **res})
+    for a, b in _pairs(compare):
+        if a in settings and b in settings:
+            for g in REGIONS:
+                for k in ("dice", "hd95"):
+                    res = paired_wilcoxon(per_case_mean(a, f"{k}_{g}"), per_case_mean(b, f"{k}_{g}"))
+                    tests.append({"metric": f"{k}_{g}", "a": a, "b": b, **res})
     groups = {}
     for r in runs:
         groups.setdefault((r.setting, r.seed), []).append(r.name)
@@ -148,51 +170,74 @@ def aggregate(root: str, runs: list[Run], compare: tuple, out_dir: str) -> dict:
         curves = [_val_curve(os.path.join(root, n)) for n in names]
         repro.append({"setting": s, "seed": seed, "runs": names,
                       "identical": all(c == curves[0] for c in curves) if len(names) > 1 else None})
-    _write_report(out_dir, root, runs, run_rows, summary, tests, repro, settings, compare)
-    return {"summary": summary, "tests": tests, "reproducibility": repro}
+    values = {}
+    if sensitivity:
+        values = {r.setting: dict(r.overrides).get(sensitivity) for r in runs}
+    result = {"summary": summary, "tests": tests, "reproducibility": repro,
+              "sensitivity": {"key": sensitivity, "values": values} if sensitivity else None}
+    _write_report(out_dir, root, runs, run_rows, result, settings)
+    return result
 
 
 def _fmt(ms, digits=3):
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+    return "—" if ms is None else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
-def _write_report(out_dir, root, runs, run_rows, summary, tests, repro, settings, compare):
+def _write_report(out_dir, root, runs, run_rows, result, settings):
+    summary, tests, repro = result["summary"], result["tests"], result["reproducibility"]
     with open(os.path.join(out_dir, "runs.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, list(run_rows[0]))
         w.writeheader()
         w.writerows(run_rows)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"summary": summary, "tests": tests, "reproducibility": repro}, f, indent=1)
+        json.dump(result, f, indent=1)
     lines = ["# Sweep report", "", f"Runs under `{root}`: {len(runs)} "
-             f"({', '.join(settings)} × seeds {sorted({r.seed for r in runs})}); metrics on the held-out cases "
-             "(classic BraTS 2021 Dice and HD95 in mm, see segguided_jax/metrics.py).", "",
+             f"({', '.join(settings)} × seeds {sorted({r.seed for r in runs})}); metrics on the test cases, "
+             "never seen in training or validation (classic BraTS 2021 Dice, BraTS 2023 lesion-wise Dice, HD95 "
+             "in mm as the official BraTS 2023 code computes it; see segguided_jax/metrics.py).", "",
              "## Mean ± std over seeds of each run's mean over cases", "",
-             "| setting | runs | Dice ET | Dice TC | Dice WT | Dice mean | HD95 ET | HD95 TC | HD95 WT |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | runs | Dice ET | Dice TC | Dice WT | Dice mean | lesion Dice ET | lesion Dice TC | "
+             "lesion Dice WT | HD95 ET | HD95 TC | HD95 WT |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in settings:
         v = summary[s]
         lines.append(f"| {s} | {v['runs']} | " + " | ".join(_fmt(v[f"dice_{g}"]) for g in REGIONS)
-                     + f" | {_fmt(v['dice_mean'])} | " + " | ".join(_fmt(v[f"hd95_{g}"], 2) for g in REGIONS) + " |")
+                     + f" | {_fmt(v['dice_mean'])} | " + " | ".join(_fmt(v[f"lesion_dice_{g}"]) for g in REGIONS)
+                     + " | " + " | ".join(_fmt(v[f"hd95_{g}"], 2) for g in REGIONS) + " |")
+    lines += ["", "## Attention fidelity (finest stage): soft Dice of each map with its own sub-region", "",
+              "Mean ± std over seeds of each run's mean over the cases that contain the sub-region; then the "
+              "seed- and case-averaged share of each map's mass inside its sub-region.", "",
+              "| setting | soft Dice NCR | soft Dice ED | soft Dice ET | mass inside NCR | mass inside ED | "
+              "mass inside ET |", "|---|---|---|---|---|---|---|"]
+    for s in settings:
+        v = summary[s]
+        mass = [v[f"attention_mass_inside_{sub}"] for sub in SUBREGIONS]
+        lines.append(f"| {s} | " + " | ".join(_fmt(v[f"attention_soft_dice_{sub}_over_seeds"]) for sub in SUBREGIONS)
+                     + " | " + " | ".join("—" if c is None else f"{c:.3f}" for c in mass) + " |")
+    if result["sensitivity"]:
+        key, values = result["sensitivity"]["key"], result["sensitivity"]["values"]
+        lines += ["", f"## Sensitivity to `{key}` (mean ± std over seeds)", "",
+                  f"| {key} | Dice ET | Dice TC | Dice WT | Dice mean | soft Dice NCR | soft Dice ED | soft Dice ET |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in sorted(settings, key=lambda x: (values.get(x) is None, values.get(x))):
+            v = summary[s]
+            lines.append(f"| {values.get(s)} | " + " | ".join(_fmt(v[f"dice_{g}"]) for g in REGIONS)
+                         + f" | {_fmt(v['dice_mean'])} | "
+                         + " | ".join(_fmt(v[f"attention_soft_dice_{sub}_over_seeds"]) for sub in SUBREGIONS) + " |")
     lines += ["", "## Bootstrap 95 % CI over cases (seed-averaged per-case values; 10,000 resamples)", "",
               "| setting | Dice ET | Dice TC | Dice WT | HD95 ET | HD95 TC | HD95 WT |", "|---|---|---|---|---|---|---|"]
     for s in settings:
         v = summary[s]
         lines.append(f"| {s} | " + " | ".join(
             "[{:.3f}, {:.3f}]".format(*v[f"{k}_{g}_ci95"]) for k in ("dice", "hd95") for g in REGIONS) + " |")
-    if tests:
-        lines += ["", f"## Paired Wilcoxon signed-rank tests, {compare[0]} vs {compare[1]}", "",
-                  f"Pairs: each held-out case's value averaged over seeds in each setting; n cases; two-sided.", "",
+    for a, b in dict.fromkeys((t["a"], t["b"]) for t in tests):
+        pair = [t for t in tests if (t["a"], t["b"]) == (a, b)]
+        lines += ["", f"## Paired Wilcoxon signed-rank tests, {a} vs {b}", "",
+                  "Pairs: each test case's value averaged over seeds in each setting; n cases; two-sided.", "",
                   "| metric | n | median difference (a − b) | W | p |", "|---|---|---|---|---|"]
-        for t in tests:
-            lines.append(f"| {t['metric']} | {t['n']} | {t['median_diff']:.4f} | {t['statistic']:.1f} | {t['p_value']:.4f} |")
-        lines += ["", "Cases paired: " + ", ".join(tests[0]["cases"])]
-    lines += ["", "## Attention fidelity (finest stage; seed- and case-averaged)", "",
-              "| setting | soft Dice NCR | soft Dice ED | soft Dice ET | mass inside NCR | mass inside ED | mass inside ET |",
-              "|---|---|---|---|---|---|---|"]
-    for s in settings:
-        v = summary[s]
-        cells = [v[f"attention_{m}_{sub}"] for m in ("soft_dice", "mass_inside") for sub in SUBREGIONS]
-        lines.append(f"| {s} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+        for t in pair:
+            lines.append(f"| {t['metric']} | {t['n']} | {t['median_diff']:.4f} | {t['statistic']:.1f} | "
+                         f"{t['p_value']:.4f} |")
+        lines += ["", "Cases paired: " + ", ".join(pair[0]["cases"])]
     lines += ["", "## Reproducibility", "", "| setting | seed | runs | identical validation curves |", "|---|---|---|---|"]
     for r in repro:
         same = "only one run" if r["identical"] is None else ("yes" if r["identical"] else "NO")
