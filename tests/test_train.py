@@ -118,3 +118,27 @@ def test_kill9_then_same_command_resumes(data_dir, tmp_path):
     assert f"at step {killed_at}" in out.stdout
     steps = [r["step"] for r in _rows(workdir) if "split" not in r]
     assert steps == list(range(5, 301, 5))  # continued to the end; no row lost or duplicated
+
+
+def test_no_test_case_is_read_by_training_or_validation(tiny_config, tmp_path, monkeypatch):
+    """Every record read while training and validating (best/ included) belongs to the train or
+    val part; the held-out test cases are never touched."""
+    from grain.sources import ArrayRecordDataSource
+
+    from segguided_jax.data.records import load_manifest
+
+    read = []
+    getitem, getitems = ArrayRecordDataSource.__getitem__, ArrayRecordDataSource.__getitems__
+    monkeypatch.setattr(ArrayRecordDataSource, "__getitem__", lambda self, i: (read.append(i), getitem(self, i))[1])
+    monkeypatch.setattr(ArrayRecordDataSource, "__getitems__",
+                        lambda self, keys: (read.extend(keys), getitems(self, keys))[1])
+    cfg = tiny_config
+    cfg.train.steps, cfg.train.eval_every = 8, 4
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+    splits = json.load(open(os.path.join(cfg.data.dir, "splits.json")))["holdout"]
+    record = {c["id"]: c["record"] for c in load_manifest(cfg.data.dir)["cases"]}
+    test_records = {record[c] for c in splits["test"]}
+    assert test_records and read
+    assert not test_records & set(read), "a test case was read"
+    assert {record[c] for c in splits["val"]} <= set(read)  # validation did read its own cases
+    assert os.listdir(tmp_path / "run" / "best")
