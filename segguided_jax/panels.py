@@ -28,7 +28,7 @@ FONT_SIZE = 12
 PANEL_INCHES = 3.0  # width of one image at 100 dpi
 
 
-def _orientation(affine) -> np.ndarray:
+def orientation(affine) -> np.ndarray:
     """nibabel's (3, 2) orientation: row i = (RAS axis of array axis i, +1 or -1 if flipped)."""
     if affine is None:
         return np.array([[0, 1], [1, 1], [2, 1]], np.float64)
@@ -52,7 +52,7 @@ def slice_centre(labels: np.ndarray) -> tuple:
 
 
 # For a RAS volume: (row name, fixed axis, (top, bottom, left, right) letters, (row axis, column
-# axis) of the displayed image, for the aspect ratio). Every view is shown with `_show`.
+# axis) of the displayed image, for the aspect ratio). Every view is shown with `displayed`.
 VIEWS = (
     ("axial", 2, ("A", "P", "R", "L"), (1, 0)),
     ("coronal", 1, ("S", "I", "R", "L"), (2, 0)),
@@ -60,7 +60,7 @@ VIEWS = (
 )
 
 
-def _show(plane: np.ndarray) -> np.ndarray:
+def displayed(plane: np.ndarray) -> np.ndarray:
     """A 2-D slice of a RAS volume -> the displayed image: rot90 puts the high end of the slice's
     second axis (A or S) at the top, fliplr the high end of its first (R, or A for sagittal) on the
     left."""
@@ -88,14 +88,14 @@ def _draw_cell(ax, name: str, index: tuple, images: dict, ranges: dict, aspect: 
     prediction's colours, or an attention map as a heat overlay outlined by its own sub-region of
     the prediction (so a map can be read against what it should follow)."""
     base = "t1ce" if name == "T1ce" else "flair"
-    ax.imshow(_show(images[base][index]), cmap="gray", vmin=ranges[base][0], vmax=ranges[base][1], aspect=aspect,
+    ax.imshow(displayed(images[base][index]), cmap="gray", vmin=ranges[base][0], vmax=ranges[base][1], aspect=aspect,
               interpolation="nearest")
-    labels = _show(images["labels"][index])
+    labels = displayed(images["labels"][index])
     if name == "prediction":
         ax.imshow(_label_rgba(labels), aspect=aspect, interpolation="nearest")
     elif name.startswith("attention"):
         k = SUBREGIONS.index(name.split()[-1])
-        a = np.clip(_show(images["attention"][index + (k,)]), 0.0, 1.0)
+        a = np.clip(displayed(images["attention"][index + (k,)]), 0.0, 1.0)
         rgba = heat[1](heat[0](a))
         rgba[..., 3] = 0.75 * np.sqrt(a)  # low attention stays see-through
         ax.imshow(rgba, aspect=aspect, interpolation="nearest")
@@ -148,7 +148,7 @@ def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarra
 
     from segguided_jax.data.cases import atomic_file
 
-    ornt = _orientation(affine)
+    ornt = orientation(affine)
     ras_spacing = np.empty(3)
     ras_spacing[ornt[:, 0].astype(int)] = spacing
     images = {"flair": flair, "t1ce": t1ce, "labels": labels}

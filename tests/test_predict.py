@@ -15,7 +15,7 @@ from segguided_jax import evaluate, predict
 from segguided_jax.data.brats import EDITIONS
 from segguided_jax.data import cases as cases_lib
 from segguided_jax.data.preprocess import to_original_grid
-from segguided_jax.panels import VIEWS, _orientation, _show
+from segguided_jax.panels import VIEWS, orientation, displayed
 from segguided_jax.train import train_and_evaluate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -175,10 +175,10 @@ def test_panel_orientation_is_radiological():
     vol[2, 2, 5] = 1  # right, anterior
     from nibabel.orientations import apply_orientation
 
-    ras = apply_orientation(vol, _orientation(affine))
+    ras = apply_orientation(vol, orientation(affine))
     name, axis, letters, _ = VIEWS[0]
     assert name == "axial" and letters[0] == "A" and letters[2] == "R"
-    shown = _show(ras[:, :, 5])
+    shown = displayed(ras[:, :, 5])
     r, c = np.argwhere(shown)[0]
     assert r < 10 and c < 10  # anterior up, the patient's right on the image's left
 
@@ -199,3 +199,44 @@ def test_other_voxel_size_warns_and_spacing_train_resamples(workdir, tmp_path, c
     outside[_brain_box(case_dir)] = False
     att = _assert_same_grid(os.path.join(out, "BraTS2021_00000_attention_ED.nii.gz"), t1, np.float32)
     assert att.min() >= 0 and att.max() <= 1 and not att[outside].any() and not labels[outside].any()
+
+
+def test_validation_sweep_and_predict_give_identical_probabilities(workdir, data_dir, raw_dir, tmp_path,
+                                                                   monkeypatch):
+    """One code path: the probabilities of a case are the same whether validation, the sweep's
+    test evaluation or the predict CLI computes them."""
+    import json
+
+    import jax
+
+    from segguided_jax import sharding, sweep
+    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.data.records import CaseSource
+    from segguided_jax.inference import VolumePredictor
+    from segguided_jax.train import Validator
+
+    config, graphdef, params = load_for_inference(workdir)
+    case_id = json.load(open(os.path.join(data_dir, "splits.json")))["holdout"]["test"][0]
+    source = CaseSource(data_dir, "test")
+    index = [c["id"] for c in source.cases].index(case_id)
+    meta, image = source.cases[index], source[index]["image"]
+
+    seen = {}  # what the sweep's evaluation computes, case by case
+    call = VolumePredictor.__call__
+    monkeypatch.setattr(VolumePredictor, "__call__",
+                        lambda self, img: seen.setdefault(len(seen), (self.mirror_axes, call(self, img)))[1])
+    sweep.evaluate_run(workdir, str(tmp_path / "sweep"))
+    monkeypatch.undo()
+    mirror_axes, mirrored = seen[index]  # the sweep predicts the test cases in this order
+    assert mirror_axes == (0, 1, 2)
+    validation = Validator(config, graphdef, params, sharding.make_mesh()).predictor(image)
+
+    def predicted(extra):
+        out = str(tmp_path / ("tta" if not extra else "plain"))
+        assert predict.main(["--workdir", workdir, "--input", os.path.join(raw_dir, case_id), "--out", out,
+                             "--probabilities", "--no-panels", *extra]) == 0
+        return np.asanyarray(nib.load(os.path.join(out, f"{case_id}_probabilities.nii.gz")).dataobj)
+
+    assert jax.device_count() == 1
+    np.testing.assert_array_equal(predicted(["--no-tta"]), to_original_grid(validation[..., :3], meta))
+    np.testing.assert_array_equal(predicted([]), to_original_grid(mirrored[..., :3], meta))
