@@ -15,7 +15,7 @@ from segguided_jax import evaluate, predict
 from segguided_jax.data.brats import EDITIONS
 from segguided_jax.data import cases as cases_lib
 from segguided_jax.data.preprocess import to_original_grid
-from segguided_jax.panels import VIEWS, orientation, displayed
+from segguided_jax.panels import VIEWS, displayed, orientation
 from segguided_jax.train import train_and_evaluate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
