@@ -1,7 +1,7 @@
 """A Google Cloud Storage emulator on localhost for the tests, and the pytest fixtures that start it.
 
 The emulator is gcp-storage-emulator (PyPI), run in its own process:
-    python tests/gcs_emulator.py --bucket BUCKET      # prints "port N" once it serves
+    python tests/gcs_emulator.py [--bucket BUCKET]    # prints "port N" once it serves
 The `gcs_emulator` fixture starts it once per test session and points every library in the chain
 at it through the environment (inherited by subprocesses):
     STORAGE_EMULATOR_HOST            gcsfs (etils.epath's gs:// backend), google-cloud-storage
@@ -39,7 +39,19 @@ MODULES = {"gcsfs": "gcsfs", "gcp_storage_emulator": "gcp-storage-emulator"}
 # ---------------------------------------------------------------------------------------------
 # The server (runs in its own process)
 
-def _serve(bucket: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    # The emulator must not outlive a killed test run: SIGTERM when the parent dies (Linux),
+    # and exit at once if it died before this line.
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        sys.exit(0)
+
+
+def _serve(bucket: str, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     import http.server
     from http import HTTPStatus
 
@@ -84,19 +96,12 @@ def _ensure_installed() -> None:
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         extra = tomllib.load(f)["project"]["optional-dependencies"]["test"]
     wanted = [r for r in extra if any(r.startswith(pkg) for pkg in missing)]
-    out = subprocess.run([sys.executable, "-m", "pip", "install", *wanted], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pip", "install", *wanted], capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         pytest.fail(f"could not install {wanted} for the storage emulator tests:\n{out.stdout[-2000:]}"
                     f"{out.stderr[-2000:]}")
     importlib.invalidate_caches()
-
-
-def _die_with_parent():
-    # The emulator must not outlive a killed test run.
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Emulator:
@@ -120,9 +125,9 @@ def gcs_emulator():
     """The emulator, serving BUCKET on a free localhost port, with os.environ pointing the
     storage libraries at it for the rest of the session."""
     _ensure_installed()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--bucket", BUCKET],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            preexec_fn=_die_with_parent)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--bucket", BUCKET,
+                             "--parent-pid", str(os.getpid())],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()  # blocks until the server listens (or dies)
         if not line.startswith("port "):
@@ -156,4 +161,6 @@ def gcs_dir(gcs_emulator):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bucket", default=BUCKET)
-    _serve(parser.parse_args().bucket)
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
+    args = parser.parse_args()
+    _serve(args.bucket, args.parent_pid if args.parent_pid is not None else os.getppid())

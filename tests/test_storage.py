@@ -82,7 +82,7 @@ def test_failed_local_write_keeps_the_old_file(tmp_path):
 
     with pytest.raises(TypeError):
         storage.write_bytes(path, "not bytes")  # fails inside the write
-    assert open(path).read() == "old"
+    assert (tmp_path / "config.json").read_text() == "old"
     assert os.listdir(tmp_path) == ["config.json"]
 
 
@@ -179,7 +179,7 @@ def test_metrics_file_drops_a_torn_last_line(tmp_path, caplog):
         assert metrics.rows() == ROWS[:3]
     assert "dropping its last line" in caplog.text and path in caplog.text
     assert metrics.truncate_after(4) == 0
-    assert open(path).read() == good  # the torn line is gone from the file too
+    assert (tmp_path / "metrics.jsonl").read_text() == good  # the torn line is gone from the file too
     metrics.append(ROWS[3])
     assert metrics.rows() == ROWS[:4]
 
@@ -256,12 +256,12 @@ def test_orbax_checkpoints_in_a_bucket(gcs_dir, tmp_path, monkeypatch, async_sav
 
     monkeypatch.chdir(tmp_path)
     tree = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(5, jnp.int32)}
-    options = dict(enable_async_checkpointing=async_save, create=True)
+    options = {"enable_async_checkpointing": async_save, "create": True}
     directory = storage.join(gcs_dir, "checkpoints")
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, **options)) as mgr:
         for step in (2, 4, 6):
             mgr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(jax.tree.map(lambda x: x * step, tree)),
+                state=ocp.args.StandardSave(jax.tree.map(lambda x, k=step: x * k, tree)),
                 data=ocp.args.JsonSave({"iterators": [{"pos": step}], "fingerprint": "f00d"}),
                 config=ocp.args.JsonSave({"seed": 3})))
         mgr.wait_until_finished()
@@ -269,7 +269,7 @@ def test_orbax_checkpoints_in_a_bucket(gcs_dir, tmp_path, monkeypatch, async_sav
         max_to_keep=1, best_fn=lambda m: m["dice_mean"], best_mode="max", **options))
     for step, dice in ((4, 0.7), (6, 0.6)):
         best.save(step, metrics={"dice_mean": dice}, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.tree.map(lambda x: x * step, tree))))
+            state=ocp.args.StandardSave(jax.tree.map(lambda x, k=step: x * k, tree))))
     best.wait_until_finished()
     best.close()
 
@@ -323,7 +323,7 @@ def test_stage_data_dir(data_dir, gcs_dir, tmp_path, monkeypatch):
     wanted = sorted(n for n in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, n)))
     assert sorted(os.listdir(target)) == wanted
     for name in wanted:
-        assert open(os.path.join(target, name), "rb").read() == open(os.path.join(data_dir, name), "rb").read()
+        assert storage.read_bytes(os.path.join(target, name)) == storage.read_bytes(os.path.join(data_dir, name))
     assert os.listdir(tmp_path / "cache") == ["prepared"]  # no partial folder left
     source, staged = CaseSource(data_dir, "val"), CaseSource(target, "val")
     assert [c["id"] for c in staged.cases] == [c["id"] for c in source.cases]
@@ -343,7 +343,7 @@ def test_stage_data_dir(data_dir, gcs_dir, tmp_path, monkeypatch):
         f.write("from the old copy")
     storage.stage_data_dir(gcs_dir, target, log_fn=logs.append)
     assert len(logs) == 2
-    assert json.load(open(os.path.join(target, "manifest.json")))["fingerprint"] == "0" * 64
+    assert json.loads(storage.read_text(os.path.join(target, "manifest.json")))["fingerprint"] == "0" * 64
     assert sorted(os.listdir(target)) == wanted
     assert os.listdir(tmp_path / "cache") == ["prepared"]
 
@@ -392,7 +392,7 @@ def _run_pair(workdir: str, private_tmpfs: bool) -> list[subprocess.CompletedPro
 def _unshare_works() -> bool:
     if shutil.which("unshare") is None:
         return False
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False).returncode == 0
 
 
 def test_unshared_workdir_stops_every_process(tmp_path):
