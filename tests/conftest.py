@@ -40,3 +40,7 @@ def tiny_config(data_dir):
     config = tiny.get_config()
     config.data.dir = data_dir
     return config
+
+
+# The Cloud Storage emulator (session-wide, started on first use) and a fresh gs:// folder per test.
+from tests.gcs_emulator import gcs_dir, gcs_emulator  # noqa: E402, F401

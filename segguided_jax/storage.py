@@ -1,0 +1,469 @@
+"""One interface for every path a run reads or writes: local paths and gs:// URIs alike.
+
+Local paths behave exactly as the os / shutil calls they replace (os.path.join, os.path.abspath,
+os.makedirs, open, tmp + os.replace). A path with a scheme (gs://BUCKET/...) goes through
+etils.epath — the path library Orbax uses for its own directories — whose gs:// backend is gcsfs
+(tf.io.gfile instead where TensorFlow is installed). Such a path never meets os.path.abspath or
+os.makedirs, so no local folder named `gs:` is ever created.
+
+Object storage differs from a file system in three ways this module accounts for:
+- no append: MetricsFile keeps metrics.jsonl whole and rewrites it (see its docstring);
+- no rename, but one object upload is atomic (the object appears only once complete), so
+  write_bytes / write_text are atomic on both backends;
+- no folders: makedirs is a no-op there, and a "folder" exists once something is written in it.
+
+Also here: the TensorBoard writer for either backend (summary_writer), the start-up check that
+every process of a run sees the same workdir (check_shared_workdir) and the copy of a prepared
+data folder from a bucket to local disk (stage_data_dir).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import time
+import uuid
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+log = logging.getLogger(__name__)
+
+
+def _disable_gcs_listing_cache():
+    # gcsfs caches directory listings per process; a file another host wrote after this process
+    # listed its folder would stay invisible (exists() False, listdir() without it). Runs share
+    # their workdir between hosts, so every lookup asks the bucket. An explicit setting wins.
+    try:
+        import fsspec.config
+    except ImportError:
+        return
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_disable_gcs_listing_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+def is_remote(path) -> bool:
+    """True for a URI with a scheme (gs://bucket/x), False for a local path."""
+    return bool(_SCHEME.match(os.fspath(path)))
+
+
+def _epath(path):
+    from etils import epath
+
+    path = os.fspath(path)
+    # epath's gs:// backend: tf.io.gfile where TensorFlow is installed, else gcsfs.
+    if path.startswith("gs://") and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
+        raise ImportError(f"{path}: gs:// paths need gcsfs: `pip install -e .[gcs]` (or `pip install gcsfs`)")
+    return epath.Path(path)
+
+
+def join(path, *parts) -> str:
+    """os.path.join for local paths; '/'-joined for URIs (gs://b/run + ckpt -> gs://b/run/ckpt)."""
+    path = os.fspath(path)
+    if is_remote(path):
+        return posixpath.join(path, *map(os.fspath, parts))
+    return os.path.join(path, *parts)
+
+
+def abspath(path) -> str:
+    """os.path.abspath for local paths; a URI is already absolute and comes back unchanged."""
+    path = os.fspath(path)
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def basename(path) -> str:
+    path = os.fspath(path)
+    return posixpath.basename(path) if is_remote(path) else os.path.basename(path)
+
+
+def dirname(path) -> str:
+    path = os.fspath(path)
+    return posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
+
+
+def exists(path) -> bool:
+    return _epath(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path) -> bool:
+    """True for a local folder; for a URI, True once at least one object lies under it."""
+    return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def makedirs(path) -> None:
+    """os.makedirs(path, exist_ok=True). Nothing to do on object storage: a folder there is a
+    name prefix, which exists once an object is written under it."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(path) -> list[str]:
+    """Sorted names of the entries directly inside path; FileNotFoundError if there are none
+    (a URI) or it does not exist (a local path)."""
+    if is_remote(path):
+        names = [p.name for p in _epath(path).iterdir()]
+        if not names:
+            raise FileNotFoundError(f"{path}: no such folder")
+        return sorted(names)
+    return sorted(os.listdir(path))
+
+
+def read_bytes(path) -> bytes:
+    if is_remote(path):
+        return _epath(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Writes data to path atomically: readers see the old content or the new, never a part.
+    Local: a temporary file beside it, then os.replace; object storage: one upload."""
+    path = os.fspath(path)
+    if is_remote(path):
+        _epath(path).write_bytes(data)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text: str) -> None:
+    """write_bytes of the UTF-8 text (atomic on both backends)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path) -> None:
+    """Removes one file; FileNotFoundError if it does not exist."""
+    if is_remote(path):
+        p = _epath(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        p.unlink()
+    else:
+        os.remove(path)
+
+
+def rmtree(path) -> None:
+    """Removes path and everything under it."""
+    if is_remote(path):
+        _epath(path).rmtree()
+    else:
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def _open_read(path):
+    if is_remote(path):
+        with _epath(path).open("rb") as f:
+            yield f
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
+def copy_file(src, dst, chunk_bytes: int = 64 << 20) -> None:
+    """Copies one file between any two backends, streaming in chunks (shards can be GBs), and
+    atomically as write_bytes: dst appears only once whole."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if is_remote(dst):
+        with _open_read(src) as fin, _epath(dst).open("wb") as fout:
+            shutil.copyfileobj(fin, fout, chunk_bytes)
+        return
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        with _open_read(src) as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, chunk_bytes)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per line, each with an integer "step", in writing order.
+
+    Local file: every append is appended to the file at once, as before.
+    Object storage has no append, so the file is kept whole in memory and rewritten — one
+    single-object upload, atomic — at most every `flush_secs` seconds on append, and on flush().
+    The caller flushes whenever it saves a checkpoint (and at the end): the rows a resumed run
+    keeps (step <= its checkpoint) are then always in the bucket, and the rows a kill loses are
+    only ones a resume would drop and log again. Why not one object per row or per segment:
+    every reader (sweeps, pandas, jq) would have to list and merge them; the whole file is small
+    (~150 bytes a row: 3,000 rows of a 150k-step run at log_every 50 are under 0.5 MB), so one
+    upload a minute costs little.
+
+    A last line torn by a kill (a local append cut short) is dropped with a warning when the
+    file is read; an unreadable line elsewhere is an error naming the file and line.
+    """
+
+    def __init__(self, path, flush_secs: float = 60.0):
+        self.path = os.fspath(path)
+        self.flush_secs = flush_secs
+        self._remote = is_remote(self.path)
+        self._lines: list[str] | None = None  # object storage: the file's lines, once read
+        self._dirty = False
+        self._last_flush = time.monotonic()
+
+    def _load(self) -> tuple[str, list[str]]:
+        """(the file's text, its complete lines each ending in a newline, a torn last line
+        dropped); ("", []) where there is no file yet."""
+        if self._lines is not None:
+            text = "".join(self._lines)
+            return text, list(self._lines)
+        try:
+            text = read_text(self.path)
+        except FileNotFoundError:
+            return "", []
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            last = i == len(lines) - 1
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("not a JSON object with an integer step")
+                if last and not line.endswith("\n"):
+                    raise ValueError("no newline at the end")
+            except ValueError as e:
+                if last:
+                    log.warning("%s: dropping its last line, cut short (the run was killed while "
+                                "writing it?): %r", self.path, line[:200])
+                    lines.pop()
+                    break
+                raise ValueError(f"{self.path}, line {i + 1}: {e}: {line[:200]!r}") from None
+        return text, lines
+
+    def rows(self) -> list[dict]:
+        """Every row, in order (including rows not flushed yet)."""
+        return [json.loads(line) for line in self._load()[1]]
+
+    def append(self, row: dict) -> None:
+        line = json.dumps(row) + "\n"
+        if not self._remote:
+            with open(self.path, "a") as f:
+                f.write(line)
+            return
+        if self._lines is None:
+            self._lines = self._load()[1]
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self.flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        """Object storage: uploads the whole file if rows were appended since the last upload.
+        Local: nothing to do (appends are written at once)."""
+        if self._remote and self._dirty:
+            write_text(self.path, "".join(self._lines))
+            self._dirty = False
+        self._last_flush = time.monotonic()
+
+    def truncate_after(self, step: int) -> int:
+        """Drops every row with step > `step` (and a torn last line), rewriting the file
+        atomically; returns how many rows were dropped. Nothing is written if nothing changes."""
+        raw, lines = self._load()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if self._remote:
+            self._lines = kept
+        if "".join(kept) != raw:
+            write_text(self.path, "".join(kept))
+            self._dirty = False
+        return len(lines) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+
+def summary_writer(logdir, sync_secs: float = 60.0):
+    """A tensorboardX SummaryWriter whose event files end up in logdir.
+
+    Local logdir: tensorboardX's own writer, as before. URI logdir: the events are written to a
+    local staging folder and each changed event file is uploaded whole to logdir on flush() —
+    at most every `sync_secs` seconds — and on close(). (tensorboardX 2.6 can write gs:// itself,
+    through google-cloud-storage, but re-uploads the whole file on every flush, from the training
+    loop, and again when the writer is garbage-collected.) Events logged since the last upload
+    are lost if the process is killed, as they are with any buffered writer.
+    """
+    from tensorboardX import SummaryWriter
+
+    logdir = os.fspath(logdir)
+    if not is_remote(logdir):
+        return SummaryWriter(logdir)
+
+    import tempfile
+
+    class _MirroredSummaryWriter(SummaryWriter):
+        def __init__(self):
+            self.remote_logdir = logdir
+            self.staging = tempfile.mkdtemp(prefix="segguided-tb-")
+            self._uploaded: dict[str, tuple] = {}
+            self._last_sync = time.monotonic()
+            # Event files are named by the second they were opened in; the random suffix keeps a
+            # writer (a resumed run) from overwriting another's file in the bucket.
+            super().__init__(self.staging, filename_suffix=f".{uuid.uuid4().hex[:8]}")
+
+        def sync(self):
+            """Uploads every event file that changed since its last upload."""
+            for root, _, files in os.walk(self.staging):
+                for name in files:
+                    local = os.path.join(root, name)
+                    st = os.stat(local)
+                    if self._uploaded.get(local) == (st.st_size, st.st_mtime_ns):
+                        continue
+                    rel = os.path.relpath(local, self.staging).replace(os.sep, "/")
+                    copy_file(local, join(self.remote_logdir, rel))
+                    self._uploaded[local] = (st.st_size, st.st_mtime_ns)
+            self._last_sync = time.monotonic()
+
+        def flush(self):
+            super().flush()
+            if time.monotonic() - self._last_sync >= sync_secs:
+                self.sync()
+
+        def close(self):
+            if self.staging is None:
+                return
+            super().close()
+            self.sync()
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+    return _MirroredSummaryWriter()
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process runs
+
+class WorkdirNotShared(RuntimeError):
+    """The processes of a run do not see the same workdir."""
+
+
+def check_shared_workdir(workdir) -> None:
+    """Stops a multi-process run at once if its processes do not all see the same workdir.
+
+    Process 0 writes a token file with a random value into workdir; after a barrier every other
+    process reads it; the outcome is gathered so that every process raises WorkdirNotShared
+    (with the same message) or none does. A collective: every process must call it. Nothing to
+    check with one process.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    workdir = os.fspath(workdir)
+    nonce = np.frombuffer(uuid.uuid4().bytes, np.int32).copy()  # 4 int32: no 64-bit types needed
+    nonce = np.asarray(multihost_utils.broadcast_one_to_all(nonce))
+    value = "".join(f"{int(x) & 0xFFFFFFFF:08x}" for x in nonce)
+    token = join(workdir, f".shared-workdir-check-{value[:12]}")
+    if jax.process_index() == 0:
+        makedirs(workdir)
+        write_text(token, value)
+    multihost_utils.sync_global_devices("segguided_jax.storage.check_shared_workdir: token written")
+    if jax.process_index() == 0:
+        seen = True
+    else:
+        try:
+            seen = read_text(token) == value
+        except FileNotFoundError:
+            seen = False
+    seen_by = np.asarray(multihost_utils.process_allgather(np.array([seen], np.int32))).reshape(-1)
+    if jax.process_index() == 0:
+        with contextlib.suppress(FileNotFoundError):
+            remove(token)
+    blind = [i for i, s in enumerate(seen_by) if not s]
+    if blind:
+        raise WorkdirNotShared(
+            f"workdir {workdir} is not shared between the processes of this run: process(es) "
+            f"{', '.join(map(str, blind))} of {len(seen_by)} cannot see the file "
+            f"{basename(token)} that process 0 wrote there. All processes write the checkpoints "
+            f"and resume from them, so they must all see one workdir: use a bucket "
+            f"(--workdir=gs://BUCKET/runs/NAME) or a folder on a file system every host mounts "
+            f"at the same path (NFS, a gcsfuse mount of the bucket).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def _manifest_fingerprint(data_dir) -> str | None:
+    """The fingerprint in data_dir/manifest.json, or None where there is no readable manifest."""
+    try:
+        return json.loads(read_text(join(data_dir, "manifest.json")))["fingerprint"]
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stage_data_dir(src, local_dir, log_fn=print) -> str:
+    """Copies a prepared data folder (manifest.json, splits.json, shards) from src (gs:// or
+    another local path, e.g. a network mount) to local_dir on this host's disk and returns
+    local_dir. Nothing is copied when local_dir already holds a copy with the same manifest
+    fingerprint. The copy is made in a temporary folder beside local_dir and renamed into place
+    when whole, so a killed copy is never mistaken for a complete one, and several processes on
+    one host may call it at once.
+    """
+    src, local_dir = os.fspath(src), os.fspath(local_dir)
+    if is_remote(local_dir):
+        raise ValueError(f"stage_data_dir: the copy goes to a local folder, not {local_dir}")
+    local_dir = os.path.abspath(local_dir)
+    wanted = _manifest_fingerprint(src)
+    if wanted is None:
+        raise FileNotFoundError(f"{join(src, 'manifest.json')}: no manifest with a fingerprint; is {src} "
+                                "a folder written by `python -m data_prep.convert`?")
+    if _manifest_fingerprint(local_dir) == wanted:
+        return local_dir
+    names = [n for n in listdir(src) if not n.endswith(".tmp") and not isdir(join(src, n))]
+    names.sort(key=lambda n: n == "manifest.json")  # the manifest last: its presence means complete
+    os.makedirs(os.path.dirname(local_dir), exist_ok=True)
+    partial = f"{local_dir}.partial{os.getpid()}"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    t0 = time.time()
+    try:
+        for name in names:
+            copy_file(join(src, name), os.path.join(partial, name))
+        got = _manifest_fingerprint(partial)
+        if got != wanted:
+            raise RuntimeError(f"{src} changed while it was being copied (fingerprint {wanted[:12]}… "
+                               f"became {str(got)[:12]}…); run again")
+        if os.path.exists(local_dir):
+            if _manifest_fingerprint(local_dir) == wanted:  # another process finished first
+                return local_dir
+            stale = f"{local_dir}.stale{os.getpid()}"
+            os.rename(local_dir, stale)
+            shutil.rmtree(stale)
+        try:
+            os.rename(partial, local_dir)
+        except OSError:
+            if _manifest_fingerprint(local_dir) != wanted:
+                raise
+    finally:
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+    size = sum(os.path.getsize(os.path.join(local_dir, n)) for n in os.listdir(local_dir))
+    log_fn(f"staged {src} -> {local_dir} ({len(names)} files, {size / 2**20:.0f} MiB, "
+           f"{time.time() - t0:.0f}s; fingerprint {wanted[:12]}…)")
+    return local_dir
