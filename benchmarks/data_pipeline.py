@@ -10,8 +10,8 @@
    bit-exact), to measure both storages.
 2. Runs the training pipeline of the config (its patch, batch size and augmentation) over each
    storage with each --patches-per-case, every run in a fresh process, and prints patches/s (wall)
-   and CPU seconds per patch (this process and its threads: with 0 workers, patches per CPU-second
-   is the throughput per core). With --baseline-src (e.g. `git worktree add /tmp/base <commit>`),
+   and CPU seconds per patch (this process, no read-ahead thread: with 0 workers, patches per
+   CPU-second is the throughput per core; --batches must be a multiple of each patches_per_case). With --baseline-src (e.g. `git worktree add /tmp/base <commit>`),
    the same measurement runs first on that checkout's own conversion and pipeline, so before and
    after come from one run on one machine, and every row prints its ratio to it.
 3. Sampling geometry, from the config's augmentation and the converted cases' shapes and crop
@@ -55,7 +55,8 @@ for key, value in args["overrides"].items():
 from segguided_jax.data.pipeline import train_dataset
 b = config.train.batch_size
 it = iter(train_dataset(args["prepared"], config.data, seed=0, batch_size=b))
-batch = next(it)  # start-up (worker processes, first reads) is not throughput
+for _ in range(args["warmup"]):  # start-up (worker processes, first reads, the first group) is not throughput
+    batch = next(it)
 cpu, wall = time.process_time(), time.perf_counter()
 for _ in range(args["batches"]):
     batch = next(it)
@@ -76,7 +77,12 @@ def _config(path):
 
 def _measure(tree: str, prepared: str, config: str, batches: int, overrides: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": tree}
-    args = json.dumps({"prepared": prepared, "config": config, "batches": batches, "overrides": overrides})
+    # whole groups of patches_per_case batches in the warm-up and in the timed window
+    k = overrides.get("patches_per_case", 1)
+    if batches % k:
+        raise ValueError(f"--batches {batches} must be a multiple of patches_per_case {k}")
+    args = json.dumps({"prepared": prepared, "config": config, "batches": batches, "overrides": overrides,
+                       "warmup": k})
     out = subprocess.run([sys.executable, "-c", _MEASURE, args], cwd=tree, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"pipeline run in {tree} failed:\n{out.stderr[-3000:]}")
@@ -206,7 +212,9 @@ def main():
     config = _config(config_path)
     rows = []
     workers = [int(w) for w in args.pipeline_workers.split(",")]
-    common = {"read_threads": 1, "prefetch": 1}  # one reading thread: a per-core figure
+    # No read-ahead thread: every patch is made inside next(), in this process, so CPU seconds per
+    # patch (0 workers) is the cost on one core and the timed window holds whole groups only.
+    common = {"read_threads": 0, "prefetch": 0}
     if args.baseline_src:
         base_tree = os.path.abspath(args.baseline_src)
         base_prepared = prepared + "-baseline"

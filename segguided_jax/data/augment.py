@@ -283,10 +283,10 @@ def mirror_channels_last(img: np.ndarray, label: np.ndarray | None, rng: np.rand
     cfg.mirror_probability, and moves the channels last. Returns (image (X, Y, Z, C) float32,
     label): the image written into `out` when given (else a new array), the label C-contiguous."""
     axes = tuple(a for a in range(3) if rng.random() < cfg.mirror_probability)
-    view = np.moveaxis(np.flip(img, tuple(a + 1 for a in axes)) if axes else img, 0, -1)
     if out is None:
-        out = np.empty(view.shape, np.float32)
-    np.copyto(out, view)
+        out = np.empty(img.shape[1:] + img.shape[:1], np.float32)
+    for c in range(img.shape[0]):  # channel by channel: faster than one transposing copy
+        out[..., c] = np.flip(img[c], axes) if axes else img[c]
     if label is not None and axes:
         label = np.ascontiguousarray(np.flip(label, axes))
     return out, label
