@@ -2,18 +2,21 @@
 
     python -m data_prep.synthetic --out DIR --cases 6 --workers 2      # full-size 240 x 240 x 155
     python benchmarks/data_pipeline.py --raw DIR [--prepared DIR] [--convert-workers 1]
-        [--batches 12] [--pipeline-workers 0] [--patches-per-case 1,2,4] [--config configs/brats21.py]
-        [--baseline-src OTHER_CHECKOUT] [--outside-samples 400] [--device-batches 3]
+        [--batches 12] [--rounds 3] [--pipeline-workers 0] [--patches-per-case 1,2,4]
+        [--config configs/brats21.py] [--baseline-src OTHER_CHECKOUT] [--outside-samples 400]
+        [--device-batches 3]
 
 1. Converts the BraTS-layout cases in --raw (prints seconds and MiB per case), and writes a copy
    of the result with the images stored as int16 plus the conversion's statistics (records.py;
    bit-exact), to measure both storages.
 2. Runs the training pipeline of the config (its patch, batch size and augmentation) over each
-   storage with each --patches-per-case, every run in a fresh process, and prints patches/s (wall)
-   and CPU seconds per patch (this process, no read-ahead thread: with 0 workers, patches per
-   CPU-second is the throughput per core; --batches must be a multiple of each patches_per_case). With --baseline-src (e.g. `git worktree add /tmp/base <commit>`),
-   the same measurement runs first on that checkout's own conversion and pipeline, so before and
-   after come from one run on one machine, and every row prints its ratio to it.
+   storage with each --patches-per-case, every run in a fresh process, --rounds times round-robin
+   (seed = round), and prints the totals: patches/s (wall) and CPU seconds per patch (this
+   process, no read-ahead thread: with 0 workers, patches per CPU-second is the throughput per
+   core; --batches must be a multiple of each patches_per_case). With --baseline-src (e.g.
+   `git worktree add /tmp/base <commit>`), the same measurement runs in every round on that
+   checkout's own conversion and pipeline, so before and after come from one run on one machine,
+   and every row prints its ratio to it.
 3. Sampling geometry, from the config's augmentation and the converted cases' shapes and crop
    boxes: the share of patch voxels whose source point lies outside the original image grid (no
    data: a 0 that is not the case's background) and outside the case's brain box (background
@@ -54,7 +57,7 @@ for key, value in args["overrides"].items():
         config.data[key] = value
 from segguided_jax.data.pipeline import train_dataset
 b = config.train.batch_size
-it = iter(train_dataset(args["prepared"], config.data, seed=0, batch_size=b))
+it = iter(train_dataset(args["prepared"], config.data, seed=args["seed"], batch_size=b))
 for _ in range(args["warmup"]):  # start-up (worker processes, first reads, the first group) is not throughput
     batch = next(it)
 cpu, wall = time.process_time(), time.perf_counter()
@@ -62,7 +65,7 @@ for _ in range(args["batches"]):
     batch = next(it)
 cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
 n = args["batches"] * b
-print(json.dumps({"patches_per_s": n / wall, "cpu_s_per_patch": cpu / n, "shape": list(batch["image"].shape[1:])}))
+print(json.dumps({"patches": n, "wall_s": wall, "cpu_s": cpu, "shape": list(batch["image"].shape[1:])}))
 """
 
 
@@ -75,14 +78,14 @@ def _config(path):
     return module.get_config()
 
 
-def _measure(tree: str, prepared: str, config: str, batches: int, overrides: dict) -> dict:
+def _measure(tree: str, prepared: str, config: str, batches: int, overrides: dict, seed: int) -> dict:
     env = {**os.environ, "PYTHONPATH": tree}
     # whole groups of patches_per_case batches in the warm-up and in the timed window
     k = overrides.get("patches_per_case", 1)
     if batches % k:
         raise ValueError(f"--batches {batches} must be a multiple of patches_per_case {k}")
     args = json.dumps({"prepared": prepared, "config": config, "batches": batches, "overrides": overrides,
-                       "warmup": k})
+                       "warmup": k, "seed": seed})
     out = subprocess.run([sys.executable, "-c", _MEASURE, args], cwd=tree, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"pipeline run in {tree} failed:\n{out.stderr[-3000:]}")
@@ -182,7 +185,8 @@ def main():
     parser.add_argument("--raw", required=True)
     parser.add_argument("--prepared", default=None, help="default: a fresh folder beside --raw")
     parser.add_argument("--convert-workers", type=int, default=1)
-    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per run and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all runs, seeds 0, 1, ...")
     parser.add_argument("--pipeline-workers", default="0", help="comma-separated Grain worker counts")
     parser.add_argument("--patches-per-case", default="1,2,4", help="comma-separated values to measure")
     parser.add_argument("--config", default="configs/brats21.py")
@@ -210,11 +214,11 @@ def main():
           "on disk", flush=True)
 
     config = _config(config_path)
-    rows = []
     workers = [int(w) for w in args.pipeline_workers.split(",")]
     # No read-ahead thread: every patch is made inside next(), in this process, so CPU seconds per
     # patch (0 workers) is the cost on one core and the timed window holds whole groups only.
     common = {"read_threads": 0, "prefetch": 0}
+    runs = []  # (name, storage, k, workers, tree, prepared, config, overrides)
     if args.baseline_src:
         base_tree = os.path.abspath(args.baseline_src)
         base_prepared = prepared + "-baseline"
@@ -225,15 +229,25 @@ def main():
                        env={**os.environ, "PYTHONPATH": base_tree})
         base_config = os.path.join(base_tree, os.path.relpath(config_path, ROOT))
         for w in workers:
-            rows.append((f"baseline {base_tree}", "as its conversion", "-", w,
-                         _measure(base_tree, base_prepared, base_config, args.batches, {**common, "num_workers": w})))
-            _print_row(rows[-1], rows[0])
+            runs.append((f"baseline {base_tree}", "its own", "-", w, base_tree, base_prepared, base_config,
+                         {**common, "num_workers": w}))
     for storage, folder in (("float32", prepared), ("int16", int16_dir)):
         for k in [int(v) for v in args.patches_per_case.split(",")]:
             for w in workers:
-                overrides = {**common, "num_workers": w, "patches_per_case": k}
-                rows.append(("this tree", storage, k, w, _measure(ROOT, folder, config_path, args.batches, overrides)))
-                _print_row(rows[-1], rows[0] if args.baseline_src else None)
+                runs.append(("this tree", storage, k, w, ROOT, folder, config_path,
+                             {**common, "num_workers": w, "patches_per_case": k}))
+    # Rounds over all runs, each round with its own seed: the machine's load drifts over minutes,
+    # and which patches draw a rotation (the costliest transform) varies from seed to seed.
+    totals = [{"patches": 0, "wall_s": 0.0, "cpu_s": 0.0} for _ in runs]
+    for r in range(args.rounds):
+        for total, (name, storage, k, w, tree, folder, cfg_path, overrides) in zip(totals, runs):
+            m = _measure(tree, folder, cfg_path, args.batches, overrides, seed=r)
+            for key in ("patches", "wall_s", "cpu_s"):
+                total[key] += m[key]
+            total["shape"] = m["shape"]
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    for total, run in zip(totals, runs):
+        _print_row(run[:4], total, totals[0] if args.baseline_src else None)
 
     manifest = load_manifest(prepared)
     patch = tuple(config.data.patch)
@@ -265,16 +279,16 @@ def main():
     print(f"peak RSS: this process {kib / 2**20:.2f} GiB, largest child process {kib_children / 2**20:.2f} GiB")
 
 
-def _print_row(row, base):
-    name, storage, k, workers, m = row
+def _print_row(run, m, base):
+    name, storage, k, workers = run
+    rate, per_core = m["patches"] / m["wall_s"], m["patches"] / m["cpu_s"]
     ratio = ""
     if base is not None:
-        b = base[4]
-        ratio = (f" | x{m['patches_per_s'] / b['patches_per_s']:.2f} wall, "
-                 f"x{b['cpu_s_per_patch'] / m['cpu_s_per_patch']:.2f} per core vs the baseline")
-    print(f"pipeline: {name}, {storage} records, patches_per_case {k}, {workers} worker(s): "
-          f"{m['patches_per_s']:.2f} patches/s, {m['cpu_s_per_patch']:.3f} CPU s/patch = "
-          f"{1 / m['cpu_s_per_patch']:.2f} patches per CPU-second, patch {tuple(m['shape'])}{ratio}", flush=True)
+        ratio = (f" | x{rate / (base['patches'] / base['wall_s']):.2f} wall, "
+                 f"x{per_core / (base['patches'] / base['cpu_s']):.2f} per core vs the baseline")
+    print(f"pipeline: {name}, {storage} records, patches_per_case {k}, {workers} worker(s), {m['patches']} patches: "
+          f"{rate:.2f} patches/s, {m['cpu_s'] / m['patches']:.3f} CPU s/patch = {per_core:.2f} patches per "
+          f"CPU-second, patch {tuple(m['shape'])}{ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,29 @@ def test_crop_smaller_than_the_patch_fails_loudly():
     image, label = _batch(size=12)
     with pytest.raises(ValueError, match="at least as large as the patch"):
         dev.augment_batch(jax.random.key(0), image, label, _data_cfg())
+
+
+def test_pipeline_crops_for_the_device_hold_the_cpu_paths_patches(tiny_config):
+    """With augment_on_device the pipeline ships the enlarged boxes (same placement draws as the
+    CPU path); with no transform drawn, augment_batch's centre crop is the CPU path's patch."""
+    from segguided_jax.data.pipeline import train_dataset
+
+    cfg = tiny_config.data
+    for key in list(cfg.augment.keys()):
+        if key.endswith("_probability"):
+            cfg.augment[key] = 0.0
+    cfg.augment.rotation_probability = 1e-12  # enlarges the box (16 -> 22) but is never drawn
+    cfg.foreground_fraction = 0.5
+    initial = aug.initial_patch_size(cfg.patch, cfg.augment)
+    assert initial == (22, 22, 22)
+    cpu = iter(train_dataset(cfg.dir, cfg, seed=3, batch_size=2))
+    cfg.augment_on_device = True
+    crops = iter(train_dataset(cfg.dir, cfg, seed=3, batch_size=2))
+    fn = jax.jit(functools.partial(dev.augment_batch, data_cfg=cfg))
+    for step in range(3):
+        want, got = next(cpu), next(crops)
+        assert got["image"].shape == (2,) + initial + (4,) and got["label"].shape == (2,) + initial
+        assert list(got["case_id"]) == list(want["case_id"])
+        image, label = fn(jax.random.key(step), got["image"], got["label"])
+        np.testing.assert_array_equal(np.asarray(label), want["label"])
+        np.testing.assert_allclose(np.asarray(image), want["image"], atol=1e-6)

@@ -1,4 +1,4 @@
-"""nnU-Net-style 3D data augmentation in numpy and scipy.ndimage, channels last throughout.
+"""nnU-Net-style 3D data augmentation in numpy and scipy.ndimage, in float32.
 
 Two entry points:
 - `augment(image, label, rng, cfg)`: one patch in, one augmented patch of the same shape out
@@ -6,9 +6,12 @@ Two entry points:
 - The training pipeline (segguided_jax.data.transforms) instead draws the spatial transform with
   `draw_spatial`, resamples the final patch's voxels straight from the whole case with `resample`
   (so rotation and scaling draw real tissue, not the zeros beyond a final-size crop), then calls
-  `augment_intensity` and `mirror`.
-Arrays: image (X, Y, Z, C) float32, label (X, Y, Z) uint8 (values 0..3). Every random number
-comes from the `rng` given (the pipeline derives it from its seed and the position in the stream).
+  `augment_intensity` and `mirror_channels_last`.
+Arrays in and out: image (X, Y, Z, C) float32 channels last, label (X, Y, Z) uint8 (values 0..3).
+In between the image is channels first, (C, X, Y, Z), so that each channel is one contiguous
+volume: per-channel numpy and scipy work on strided channels-last views is several times slower.
+Every random number comes from the `rng` given (the pipeline derives it from its seed and the
+position in the stream).
 
 The order, the sampling and the defaults follow nnU-Net v2's `nnUNetTrainer.get_training_transforms`
 (MIC-DKFZ/nnUNet, nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py, read at commit 017de4ad) and

@@ -41,6 +41,7 @@ def train_dataset(data_dir: str, data_cfg, *, seed: int, batch_size: int) -> gra
     if batch_size < 1 or data_cfg.patches_per_case < 1:
         raise ValueError(f"batch_size {batch_size} and data.patches_per_case {data_cfg.patches_per_case} "
                          "must be positive")
+    data_cfg = data_cfg.copy_and_resolve_references()  # later changes to the caller's config do not leak in
     source = CaseSource(data_dir, "train", data_cfg.split)
     ds = grain.MapDataset.source(_LazyCases(source))
     if jax.process_count() > 1:

@@ -26,7 +26,6 @@ conversion to store them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -66,10 +65,12 @@ class ForegroundLocations:
     def sample(self, labels, rng: np.random.Generator) -> np.ndarray:
         """One voxel (3,) int64, uniform over the voxels whose label is in `labels` (which must be
         present): a label drawn in proportion to its voxel count, then one of its stored voxels."""
-        totals = np.array([self._total(l) for l in labels], np.float64)
-        k = FOREGROUND_LABELS.index(labels[int(rng.choice(len(labels), p=totals / totals.sum()))]
-                                    if len(labels) > 1 else labels[0])
-        coords = self.coords[k]
+        labels = tuple(labels)
+        label = labels[0]
+        if len(labels) > 1:
+            totals = np.array([self._total(l) for l in labels], np.float64)
+            label = labels[int(rng.choice(len(labels), p=totals / totals.sum()))]
+        coords = self.coords[FOREGROUND_LABELS.index(label)]
         return coords[int(rng.integers(len(coords)))].astype(np.int64)
 
     def _total(self, label) -> int:
@@ -164,6 +165,7 @@ class Case:
 
     @property
     def channels(self) -> int:
+        """C, the number of image channels."""
         return (self._image if self._image is not None else self._raw).shape[-1]
 
     @property
@@ -171,7 +173,7 @@ class Case:
         """"float32" or "int16": how the record stores the image."""
         return "float32" if self._image is not None else "int16"
 
-    @functools.cached_property
+    @property
     def foreground(self) -> ForegroundLocations | None:
         """None for prediction-only cases; computed here for format-1 records."""
         if self._foreground is None and self.label is not None:
