@@ -8,7 +8,7 @@ one by one. A batch therefore holds B different cases, as nnU-Net's, and each de
 serves `patches_per_case` consecutive batches, which divides the cost of reading and decoding a
 whole case by that number.
 
-Random numbers: row i of batch j of group g draws from np.random.default_rng((seed,
+Random numbers: row i of batch j of group g draws from np.random.default_rng((tag, seed,
 process index, g, j, i)): from the seed and the position in the stream only. Everything up to the
 group is a MapDataset and the split into batches is Grain's FlatMapIterDataset, whose state is the
 group's position and the index inside it, so saving and restoring an iterator's state gives
