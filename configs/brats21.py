@@ -14,11 +14,15 @@ def get_config():
     c = synthetic.get_config()
     c.data.dir = "data/brats21/prepared"
     c.data.patch = (128, 128, 128)
-    c.data.foreground_fraction = 0.33  # nnU-Net's oversampling share
+    c.data.foreground_fraction = 0.33  # nnU-Net's oversample_foreground_percent (batch 2: the last row)
     c.data.augment = default_augment_config()  # all of nnU-Net's, at its probabilities
+    # Each decoded full-size case gives 4 patches (in 4 consecutive batches; each batch still holds
+    # B different cases): reading and decoding a 240 x 240 x 155 case costs about as much as
+    # augmenting a patch (benchmarks/data_pipeline.py prints the figures).
+    c.data.patches_per_case = 4
     c.data.num_workers = 8
     c.data.read_threads = 4
-    c.data.prefetch = 4
+    c.data.prefetch = 1  # in groups of patches_per_case batches: 4 batches ahead, as before
 
     c.model.widths = (32, 64, 128, 256, 320)
     c.model.encoder_blocks = (1, 2, 2, 2, 2)

@@ -22,13 +22,24 @@ def get_config():
     # unless this is True.
     c.data.allow_fingerprint_mismatch = False
     c.data.patch = (32, 32, 32)
-    c.data.foreground_fraction = 0.5  # share of patches centred on a tumour voxel
+    # nnU-Net's oversample_foreground_percent: in every batch the last B - round(B * (1 - f)) rows
+    # are centred on a voxel of a class chosen uniformly among those the case has (batch 2: one row).
+    c.data.foreground_fraction = 0.5
+    # The classes to choose from, each a tuple of internal labels: the sub-regions NCR, ED, ET.
+    # nnU-Net's BraTS region training uses the regions instead: ((1, 2, 3), (1, 3), (3,)).
+    c.data.foreground_classes = ((1,), (2,), (3,))
+    # Consecutive batches cut from each group of decoded cases: reading and decoding a case is
+    # paid once per this many patches (benchmarks/data_pipeline.py measures it).
+    c.data.patches_per_case = 1
     # nnU-Net's augmentation without the costly resampling ones (rotation, scaling, low
     # resolution), which a 2-core CPU and a 600-step run cannot afford; brats21 turns them on.
     c.data.augment = default_augment_config()
     c.data.augment.rotation_probability = 0.0
     c.data.augment.scale_probability = 0.0
     c.data.augment.lowres_probability = 0.0
+    # True: the pipeline ships the enlarged crops and the train step augments them on the
+    # accelerator with segguided_jax.data.device_augment.augment_batch.
+    c.data.augment_on_device = False
     c.data.num_workers = 0  # Grain worker processes; 0 = in the training process
     c.data.read_threads = 1
     c.data.prefetch = 2

@@ -73,7 +73,7 @@ def convert_shard(path: str, cases: list[CaseFiles], target_spacing, skip_bad: b
                     raise
                 skipped.append({"id": cf.case_id, "error": str(e)})
                 continue
-            writer.write(encode_case(case.case_id, image, labels))
+            writer.write(encode_case(case.case_id, image, labels, norm=meta["norm"]))
             entries.append({"id": case.case_id, "has_label": labels is not None, "affine": case.affine.tolist(),
                             "spacing": case.spacing, "header": case.header, "files": case.hashes, **meta})
         writer.close()

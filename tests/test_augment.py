@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from segguided_jax.data import augment as aug
 
@@ -31,6 +32,15 @@ def _cfg(**overrides):
     return cfg
 
 
+def _resample(image, label, matrix, centre=None, patch=None):
+    """augment.resample on a channels-last array; returns channels-last."""
+    shape = label.shape
+    centre = (np.asarray(shape) - 1) / 2 if centre is None else centre
+    read = lambda lo, hi: [image[aug._box(lo, hi) + (c,)] for c in range(image.shape[-1])]
+    out, lab = aug.resample(read, label, shape, matrix, centre, patch or shape)
+    return np.moveaxis(out, 0, -1), lab
+
+
 def test_default_config_has_nnunet_values():
     cfg = aug.default_augment_config()
     assert (cfg.rotation_probability, cfg.rotation_max_degrees) == (0.2, 30.0)
@@ -39,7 +49,7 @@ def test_default_config_has_nnunet_values():
     assert (cfg.gamma_probability, cfg.gamma_invert_probability, tuple(cfg.gamma_range)) == (0.3, 0.1, (0.7, 1.5))
     assert (cfg.brightness_probability, tuple(cfg.brightness_range)) == (0.15, (0.75, 1.25))
     assert (cfg.contrast_probability, tuple(cfg.contrast_range)) == (0.15, (0.75, 1.25))
-    assert (cfg.noise_probability, cfg.noise_variance) == (0.1, 0.1)
+    assert (cfg.noise_probability, cfg.noise_std) == (0.1, 0.1)  # nnU-Net's code: a std in [0, 0.1]
     assert (cfg.blur_probability, tuple(cfg.blur_sigma_range)) == (0.2, (0.5, 1.0))
     assert (cfg.lowres_probability, tuple(cfg.lowres_zoom_range)) == (0.25, (0.5, 1.0))
 
@@ -96,21 +106,19 @@ def _all_axis_subsets():
 def test_rotation_by_90_degrees_equals_rot90():
     image, label = _case(shape=(16, 16, 16))
     # angles[0] rotates the (Y, Z) plane: output[x, y, z] = input[x, 15 - z, y] = np.rot90(k=-1).
-    matrix = aug.affine_matrix([math.pi / 2, 0.0, 0.0], 1.0)
-    out_image, out_label = aug.apply_affine(np.moveaxis(image, -1, 0), label, matrix)
+    out_image, out_label = _resample(image, label, aug.affine_matrix([math.pi / 2, 0.0, 0.0], 1.0))
     np.testing.assert_array_equal(out_label, np.rot90(label, k=-1, axes=(1, 2)))
-    np.testing.assert_allclose(np.moveaxis(out_image, 0, -1), np.rot90(image, k=-1, axes=(1, 2)), atol=1e-5)
+    np.testing.assert_allclose(out_image, np.rot90(image, k=-1, axes=(1, 2)), atol=1e-5)
     # and about the last axis, the (X, Y) plane
-    matrix = aug.affine_matrix([0.0, 0.0, math.pi / 2], 1.0)
-    _, out_label = aug.apply_affine(np.moveaxis(image, -1, 0), label, matrix)
+    _, out_label = _resample(image, label, aug.affine_matrix([0.0, 0.0, math.pi / 2], 1.0))
     np.testing.assert_array_equal(out_label, np.rot90(label, k=-1, axes=(0, 1)))
 
 
 def test_rotations_compose_like_nnunet():
     # Rz @ Rx as the output-to-input map: the Rz (X, Y) turn is applied to the volume first.
     _, label = _case(shape=(16, 16, 16))
-    image = np.zeros((1, 16, 16, 16), np.float32)
-    _, out_label = aug.apply_affine(image, label, aug.affine_matrix([math.pi / 2, 0.0, math.pi / 2], 1.0))
+    image = np.zeros((16, 16, 16, 1), np.float32)
+    _, out_label = _resample(image, label, aug.affine_matrix([math.pi / 2, 0.0, math.pi / 2], 1.0))
     expected = np.rot90(np.rot90(label, k=-1, axes=(0, 1)), k=-1, axes=(1, 2))
     np.testing.assert_array_equal(out_label, expected)
     assert not np.array_equal(expected, np.rot90(np.rot90(label, k=-1, axes=(1, 2)), k=-1, axes=(0, 1)))
@@ -129,10 +137,53 @@ def test_scale_zooms_out_about_the_centre():
     label = np.zeros((17, 17, 17), np.uint8)
     label[6:11, 6:11, 6:11] = 1  # |i - 8| <= 2
     image = label[..., None].astype(np.float32)
-    _, out_label = aug.apply_affine(np.moveaxis(image, -1, 0), label, aug.affine_matrix([0, 0, 0], 2.0))
+    _, out_label = _resample(image, label, aug.affine_matrix([0, 0, 0], 2.0))
     expected = np.zeros_like(label)
     expected[7:10, 7:10, 7:10] = 1  # |2 (i - 8)| <= 2  <=>  |i - 8| <= 1
     np.testing.assert_array_equal(out_label, expected)
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.0, 1.37])
+def test_axis_by_axis_scaling_equals_scipy_affine_transform(scale):
+    # The separable path (diagonal matrices) gives ndimage.affine_transform's values, including
+    # its mode 'constant' edges, on a patch that reads past the source's border.
+    image, label = _case(seed=3, shape=(15, 17, 19), channels=2)
+    centre = np.array([5.0, 9.5, 12.25])
+    patch = (12, 14, 16)
+    matrix = np.diag([scale] * 3)
+    out_image, out_label = _resample(image, label, matrix, centre, patch)
+    offset = centre - matrix @ ((np.asarray(patch) - 1) / 2)
+    for c in range(2):
+        ref = ndimage.affine_transform(image[..., c], matrix, offset=offset, output_shape=patch, order=1,
+                                       mode="constant")
+        np.testing.assert_allclose(out_image[..., c], ref, atol=1e-5)
+    ref = ndimage.affine_transform(label, matrix, offset=offset, output_shape=patch, order=0, mode="constant")
+    assert (out_label == ref).mean() > 0.995  # nearest: float ties may round differently
+    assert (out_label == 0).any() and (out_image[..., 0] == 0).any()  # some of it lies outside
+
+
+def test_resample_reads_the_source_beyond_the_final_patch():
+    # A 48³ source of ones: a 16³ patch at its centre, rotated 40° and zoomed out 1.4x, reads
+    # only real voxels (the old final-size crop rotated in place filled ~half of it with zeros).
+    source = np.ones((48, 48, 48, 1), np.float32)
+    label = np.ones((48, 48, 48), np.uint8)
+    matrix = aug.affine_matrix([0.7, -0.7, 0.7], 1.4)
+    out_image, out_label = _resample(source, label, matrix, centre=np.full(3, 23.5), patch=(16, 16, 16))
+    np.testing.assert_allclose(out_image, 1.0, atol=1e-6)
+    assert (out_label == 1).all()
+    in_place, _ = _resample(source[:16, :16, :16], label[:16, :16, :16], matrix)
+    assert (in_place == 0).mean() > 0.3
+
+
+def test_initial_patch_size_is_nnunets_get_patch_size():
+    patch = (128, 128, 128)
+    assert aug.initial_patch_size(patch, _cfg()) == patch  # no rotation, no scaling
+    rot = _cfg(rotation_probability=0.2, rotation_max_degrees=30.0)
+    # nnU-Net: the extent vector rotated by 30° about one axis: 128 (cos 30° + sin 30°) = 174.85
+    assert aug.initial_patch_size(patch, rot) == (175, 175, 175)
+    both = _cfg(rotation_probability=0.2, scale_probability=0.2, scale_range=(0.7, 1.4))
+    assert aug.initial_patch_size(patch, both) == (245, 245, 245)  # 174.85 * 1.4 = 244.8
+    assert aug.initial_patch_size((128, 96, 64), _cfg(scale_probability=1.0, scale_range=(0.5, 0.9))) == (128, 96, 64)
 
 
 def test_forced_rotation_zero_and_scale_one_is_identity():
@@ -194,14 +245,14 @@ def test_gamma_one_is_identity():
 
 def test_gamma_known_values():
     x = np.linspace(0.0, 1.0, 11, dtype=np.float32).reshape(1, 1, 11)
-    np.testing.assert_allclose(aug.gamma(x, 2.0, retain_stats=False), x ** 2, atol=1e-6)
+    np.testing.assert_allclose(aug.gamma(x.copy(), 2.0, retain_stats=False), x ** 2, atol=1e-6)
     # on the negated channel: -((1 - x) ** 2) shifted back, i.e. 1 - (1 - x) ** 2
-    np.testing.assert_allclose(aug.gamma(x, 2.0, invert=True, retain_stats=False), 1 - (1 - x) ** 2, atol=1e-6)
+    np.testing.assert_allclose(aug.gamma(x.copy(), 2.0, invert=True, retain_stats=False), 1 - (1 - x) ** 2, atol=1e-6)
     # min and max stay put, on any range
     y = 3 * x - 1
-    out = aug.gamma(y, 0.7, retain_stats=False)
+    out = aug.gamma(y.copy(), 0.7, retain_stats=False)
     assert math.isclose(out.min(), -1, abs_tol=1e-6) and math.isclose(out.max(), 2, abs_tol=1e-6)
-    out = aug.gamma(y, 1.5, retain_stats=True)
+    out = aug.gamma(y.copy(), 1.5, retain_stats=True)
     assert not np.allclose(out, y, atol=1e-3)
     assert math.isclose(out.mean(), y.mean(), abs_tol=1e-5) and math.isclose(out.std(), y.std(), rel_tol=1e-5)
 
@@ -232,34 +283,36 @@ def test_bg_contrast_halves():
 
 def test_contrast_known_values():
     x = np.array([0.0, 1.0, 2.0, 3.0], np.float32).reshape(1, 1, 4)  # mean 1.5
-    np.testing.assert_allclose(aug.contrast(x, 0.5), [[[0.75, 1.25, 1.75, 2.25]]])
-    np.testing.assert_allclose(aug.contrast(x, 2.0), [[[0.0, 0.5, 2.5, 3.0]]])  # -1.5 and 4.5 clipped
+    np.testing.assert_allclose(aug.contrast(x.copy(), 0.5), [[[0.75, 1.25, 1.75, 2.25]]])
+    np.testing.assert_allclose(aug.contrast(x.copy(), 2.0), [[[0.0, 0.5, 2.5, 3.0]]])  # -1.5 and 4.5 clipped
     image, label = _case()
     out_image, _ = aug.augment(image, label, np.random.default_rng(0),
                                _cfg(contrast_probability=1.0, contrast_range=(1.0, 1.0)))
     np.testing.assert_allclose(out_image, image, atol=1e-6)
 
 
-def test_noise_has_requested_variance_and_is_shared_across_channels():
-    image = np.zeros((2, 64, 64, 64), np.float32)
-    noisy = aug.add_noise(image, 0.09, np.random.default_rng(0))
-    assert math.isclose(noisy[0].var(), 0.09, rel_tol=0.02)
-    assert abs(noisy[0].mean()) < 0.003
-    np.testing.assert_array_equal(noisy[0], noisy[1])
-    # through augment: variance drawn from U(0, 0.1)
-    img, label = _case()
-    variances = []
-    for seed in range(20):
-        out, _ = aug.augment(img, label, np.random.default_rng(seed), _cfg(noise_probability=1.0, noise_variance=0.1))
-        variances.append((out - img).var())
-    assert max(variances) < 0.1 * 1.15 and min(variances) < 0.03 and max(variances) > 0.05
+def test_noise_std_is_uniform_up_to_noise_std_and_shared_across_channels():
+    # nnU-Net's code draws the noise's standard deviation uniformly in [0, 0.1].
+    image = np.zeros((16, 16, 16, 2), np.float32)
+    label = np.zeros((16, 16, 16), np.uint8)
+    stds = []
+    for seed in range(300):
+        out, _ = aug.augment(image, label, np.random.default_rng(seed), _cfg(noise_probability=1.0, noise_std=0.1))
+        np.testing.assert_array_equal(out[..., 0], out[..., 1])
+        stds.append(out[..., 0].std())
+    stds = np.array(stds)  # each within ~1 % of its drawn std (4096 voxels)
+    assert stds.max() < 0.1 * 1.04 and stds.min() < 0.005 and stds.max() > 0.095
+    # U(0, 0.1): mean 0.05 (std of the mean of 300 draws: 0.0017); a variance in [0, 0.1] would
+    # give stds with mean 0.21
+    assert abs(stds.mean() - 0.05) < 0.007
+    assert abs((stds < 0.05).mean() - 0.5) < 0.1
 
 
 def test_blur_matches_gaussian_with_known_width():
-    delta = np.zeros((1, 21, 21, 21), np.float32)
-    delta[0, 10, 10, 10] = 1.0
+    delta = np.zeros((21, 21, 21, 1), np.float32)
+    delta[10, 10, 10] = 1.0
     cfg = _cfg(blur_probability=1.0, blur_per_channel_probability=1.0, blur_sigma_range=(1.0, 1.0))
-    out, _ = aug.augment(np.moveaxis(delta, 0, -1), np.zeros((21, 21, 21), np.uint8), np.random.default_rng(0), cfg)
+    out, _ = aug.augment(delta, np.zeros((21, 21, 21), np.uint8), np.random.default_rng(0), cfg)
     out = out[..., 0]
     assert math.isclose(out.sum(), 1.0, rel_tol=1e-4)
     coords = np.arange(21) - 10
@@ -283,6 +336,14 @@ def test_lowres_zoom_one_is_identity():
     cfg = _cfg(lowres_probability=1.0, lowres_per_channel_probability=1.0, lowres_zoom_range=(1.0, 1.0))
     out, _ = aug.augment(image, label, np.random.default_rng(0), cfg)
     np.testing.assert_array_equal(out, image)
+
+
+def test_lowres_known_values():
+    # n = 4, zoom 0.5: torch's 'nearest-exact' keeps fine voxels 1 and 3; linear upsampling with
+    # half-voxel centres reads the coarse grid at -0.25 (clamped to 0), 0.25, 0.75 and 1.25.
+    x = np.array([10.0, 20.0, 30.0, 40.0], np.float32).reshape(1, 1, 4)
+    out = aug.simulate_low_resolution(x, 0.5)
+    np.testing.assert_allclose(out[0, 0], [20.0, 25.0, 35.0, 40.0], atol=1e-5)
 
 
 def test_lowres_keeps_shape_and_smooth_content():

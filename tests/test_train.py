@@ -31,6 +31,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_config, gates, aux_weight):
     cfg.data.foreground_fraction = 1.0
     cfg.optim.learning_rate = 1e-2
     batch = next(iter(train_dataset(cfg.data.dir, cfg.data, seed=0, batch_size=2)))
+    batch.pop("case_id")  # host-side only: names the cases of a bad batch
     tx = make_optimizer(cfg.optim, 40)
     state = jax.jit(functools.partial(init_state, 0, cfg.model, tx))()
     step = jax.jit(functools.partial(train_step, loss_cfg=cfg.loss, output=cfg.model.output))

@@ -1,9 +1,17 @@
-"""nnU-Net-style 3D data augmentation on one channels-last patch, in numpy and scipy.ndimage.
+"""nnU-Net-style 3D data augmentation in numpy and scipy.ndimage, in float32.
 
-`augment(image, label, rng, cfg)` takes image (X, Y, Z, C) float32 and label (X, Y, Z) uint8 and
-returns new arrays of the same shapes and dtypes (the inputs are not modified). Every random number
-comes from `rng`, so the same Generator state gives the same output (Grain derives one per record
-from the pipeline seed and the record's index).
+Two entry points:
+- `augment(image, label, rng, cfg)`: one patch in, one augmented patch of the same shape out
+  (rotation and scaling resample the patch itself, 0 outside it).
+- The training pipeline (segguided_jax.data.transforms) instead draws the spatial transform with
+  `draw_spatial`, resamples the final patch's voxels straight from the whole case with `resample`
+  (so rotation and scaling draw real tissue, not the zeros beyond a final-size crop), then calls
+  `augment_intensity` and `mirror_channels_last`.
+Arrays in and out: image (X, Y, Z, C) float32 channels last, label (X, Y, Z) uint8 (values 0..3).
+In between the image is channels first, (C, X, Y, Z), so that each channel is one contiguous
+volume: per-channel numpy and scipy work on strided channels-last views is several times slower.
+Every random number comes from the `rng` given (the pipeline derives it from its seed and the
+position in the stream).
 
 The order, the sampling and the defaults follow nnU-Net v2's `nnUNetTrainer.get_training_transforms`
 (MIC-DKFZ/nnUNet, nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py, read at commit 017de4ad) and
@@ -32,25 +40,27 @@ nnU-Net's values). Each `*_probability` without "per_channel" is drawn once per 
     contrast_probability             scale each channel about its mean, clipped to its old range
     contrast_range                   (lo, hi), BGContrast-drawn
     noise_probability                add Gaussian noise, one field shared by all channels
-    noise_variance                   the variance is uniform in [0, noise_variance]
+    noise_std                        its standard deviation is uniform in [0, noise_std]
     blur_probability                 Gaussian blur, then per channel:
     blur_per_channel_probability     ... blur this channel, with a sigma per axis ...
     blur_sigma_range                 ... each uniform in (lo, hi) voxels
     lowres_probability               simulate low resolution, then per channel:
     lowres_per_channel_probability   ... downsample this channel (nearest) by a zoom ...
     lowres_zoom_range                ... uniform in (lo, hi), same on all axes, then upsample back
-                                     (linear, as nnU-Net v2) to the exact original shape
+                                     (linear) to the exact original shape
 
 Choices and differences from nnU-Net, on purpose:
 - The image is resampled with order 1 (trilinear), as nnU-Net v2 does (torch grid_sample
-  'bilinear'): order 3 costs ~3.6x more per channel on CPU (0.33 s against 0.09 s for 128³ on
-  this 2-core machine) and its splines overshoot at the sharp brain/background edge. Labels use
-  order 0 (nearest), so they keep their values; nnU-Net v2 resamples one-hot masks linearly instead.
-  Outside the input the resampling fills 0 (image and label).
-- Noise: the nnU-Net paper says "variance drawn from U(0, 0.1)", but the code passes that number to
-  np.random.normal as the standard deviation. Here `noise_variance` really is a variance (std =
-  sqrt(variance)), so 0.1 gives noise up to ~3x stronger than nnU-Net's code; use 0.01 for a
-  similar strength.
+  'bilinear'); labels with order 0 (nearest), so they keep their values (nnU-Net v2 resamples
+  one-hot masks linearly instead). Points outside the source get 0 (image and label), as
+  scipy.ndimage's mode 'constant': a point counts as inside on [0, n - 1] per axis.
+- Scaling without rotation is separable and is resampled axis by axis (the same trilinear values,
+  a fraction of the cost); rotations go through scipy.ndimage.affine_transform.
+- Noise: the nnU-Net paper says "variance drawn from U(0, 0.1)", but its code passes that number to
+  np.random.normal as the standard deviation (batchgeneratorsv2 GaussianNoiseTransform); we follow
+  the code: `noise_std` = 0.1, the std uniform in [0, 0.1].
+- Low resolution follows batchgeneratorsv2 (torch `interpolate`): shape round(n * zoom), 'nearest-
+  exact' down, linear with half-voxel centres (align_corners=False) up.
 - Intensity transforms act on the whole patch, background included, like nnU-Net: brightness keeps
   0 at 0, but noise, blur, contrast, gamma and low resolution can move background voxels away from
   exactly 0. Nothing re-masks them.
@@ -58,6 +68,7 @@ Choices and differences from nnU-Net, on purpose:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -66,7 +77,6 @@ from scipy import ndimage
 # Interpolation orders; see the module docstring for why.
 _IMAGE_ORDER = 1
 _LABEL_ORDER = 0
-_LOWRES_UP_ORDER = 1
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -93,10 +103,10 @@ def default_augment_config() -> ml_collections.ConfigDict:
     # ContrastTransform(BGContrast((0.75, 1.25)), preserve_range=True, per channel), apply_probability=0.15
     c.contrast_probability = 0.15
     c.contrast_range = (0.75, 1.25)
-    # GaussianNoiseTransform(noise_variance=(0, 0.1), synchronize_channels=True), apply_probability=0.1
-    # (a variance here; nnU-Net's code uses the number as a std, see the module docstring)
+    # GaussianNoiseTransform(noise_variance=(0, 0.1), synchronize_channels=True), apply_probability=0.1;
+    # the code draws the number as a standard deviation (see the module docstring)
     c.noise_probability = 0.1
-    c.noise_variance = 0.1
+    c.noise_std = 0.1
     # GaussianBlurTransform(blur_sigma=(0.5, 1.), synchronize_axes=False, p_per_channel=0.5),
     # apply_probability=0.2
     c.blur_probability = 0.2
@@ -115,61 +125,60 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, cfg)
 
     image: (X, Y, Z, C) float32, channels last; label: (X, Y, Z) integer (uint8, values 0..3).
     Returns (image, label): new C-contiguous arrays of the input shapes, float32 and label's dtype.
+    Rotation and scaling turn about the patch's centre and read 0 outside it.
     """
     if image.ndim != 4 or image.shape[:3] != label.shape:
         raise ValueError(f"augment wants image (X, Y, Z, C) and label (X, Y, Z); got {image.shape} and {label.shape}")
     label_dtype = label.dtype
-    # Channels first while working: each channel is then one contiguous volume for scipy.
-    img = np.moveaxis(np.asarray(image, np.float32), -1, 0).copy()
-    lab = np.asarray(label)
+    image = np.asarray(image, np.float32)
+    shape = label.shape
+    matrix = draw_spatial(rng, cfg)
+    centre = (np.asarray(shape, np.float64) - 1) / 2
+    img, lab = resample(lambda lo, hi: [image[_box(lo, hi) + (c,)] for c in range(image.shape[-1])], label, shape,
+                        matrix, centre, shape)
+    augment_intensity(img, rng, cfg)
+    img, lab = mirror_channels_last(img, lab, rng, cfg)
+    return img, lab.astype(label_dtype, copy=False)
 
-    # Spatial: one resampling for rotation and scaling together, skipped when neither is drawn.
+
+def initial_patch_size(patch, cfg) -> tuple[int, ...]:
+    """Edge lengths (voxels) of the box that holds every voxel the final `patch` may read under the
+    configured rotation and scaling: nnU-Net's get_patch_size (each axis' largest rotation on its
+    own, the patch's extent vector rotated, elementwise max) times the largest zoom-out factor.
+    Equals `patch` when neither rotation nor scaling can happen. Combined rotations about several
+    axes may reach a little further; those voxels read the case itself on the CPU path and 0 on
+    the accelerator path (as nnU-Net's enlarged crop)."""
+    extent = np.asarray(patch, np.float64)
+    out = extent.copy()
+    if cfg.rotation_probability > 0 and cfg.rotation_max_degrees > 0:
+        a = math.radians(min(cfg.rotation_max_degrees, 90.0))
+        for axis in range(3):
+            angles = [0.0, 0.0, 0.0]
+            angles[axis] = a
+            out = np.maximum(out, np.abs(affine_matrix(angles, 1.0) @ extent))
+    if cfg.scale_probability > 0:
+        out = out * max(1.0, float(cfg.scale_range[1]))
+    return tuple(int(math.ceil(v - 1e-6)) for v in out)
+
+
+def draw_spatial(rng: np.random.Generator, cfg) -> np.ndarray | None:
+    """The (3, 3) output-to-input matrix of a random rotation + scaling, or None (no spatial
+    transform drawn). Draws in nnU-Net's order: rotate?, scale?, three angles, one factor."""
     do_rotate = rng.random() < cfg.rotation_probability
     do_scale = rng.random() < cfg.scale_probability
-    if do_rotate or do_scale:
-        max_rad = math.radians(cfg.rotation_max_degrees)
-        angles = rng.uniform(-max_rad, max_rad, size=3) if do_rotate else np.zeros(3)
-        scale = rng.uniform(*cfg.scale_range) if do_scale else 1.0
-        img, lab = apply_affine(img, lab, affine_matrix(angles, scale))
-
-    n_channels = img.shape[0]
-    if rng.random() < cfg.noise_probability:
-        variance = rng.uniform(0.0, cfg.noise_variance)
-        img = add_noise(img, variance, rng)
-    if rng.random() < cfg.blur_probability:
-        for c in range(n_channels):
-            if rng.random() < cfg.blur_per_channel_probability:
-                sigmas = rng.uniform(*cfg.blur_sigma_range, size=3)
-                img[c] = ndimage.gaussian_filter(img[c], sigmas)
-    if rng.random() < cfg.brightness_probability:
-        for c in range(n_channels):
-            img[c] *= np.float32(_bg_contrast(cfg.brightness_range, rng))
-    if rng.random() < cfg.contrast_probability:
-        for c in range(n_channels):
-            img[c] = contrast(img[c], _bg_contrast(cfg.contrast_range, rng))
-    if rng.random() < cfg.lowres_probability:
-        for c in range(n_channels):
-            if rng.random() < cfg.lowres_per_channel_probability:
-                img[c] = simulate_low_resolution(img[c], rng.uniform(*cfg.lowres_zoom_range))
-    for invert, probability in ((True, cfg.gamma_invert_probability), (False, cfg.gamma_probability)):
-        if rng.random() < probability:
-            for c in range(n_channels):
-                img[c] = gamma(img[c], _bg_contrast(cfg.gamma_range, rng), invert=invert,
-                               retain_stats=cfg.gamma_retain_stats)
-
-    axes = tuple(a for a in range(3) if rng.random() < cfg.mirror_probability)
-    if axes:
-        img = np.flip(img, tuple(a + 1 for a in axes))
-        lab = np.flip(lab, axes)
-    return (np.ascontiguousarray(np.moveaxis(img, 0, -1), np.float32),
-            np.ascontiguousarray(lab, label_dtype))
+    if not (do_rotate or do_scale):
+        return None
+    max_rad = math.radians(cfg.rotation_max_degrees)
+    angles = rng.uniform(-max_rad, max_rad, size=3) if do_rotate else np.zeros(3)
+    scale = rng.uniform(*cfg.scale_range) if do_scale else 1.0
+    return affine_matrix(angles, scale)
 
 
 def affine_matrix(angles_rad, scale: float) -> np.ndarray:
     """(3, 3) matrix Rz @ Ry @ Rx @ (scale * I), nnU-Net's composition (create_affine_matrix_3d).
 
     angles_rad[i] rotates in the plane of the two axes other than i. Used as the map from output to
-    input coordinates (see apply_affine), so scale > 1 shows more of the input: a zoom out."""
+    input coordinates (see resample), so scale > 1 shows more of the input: a zoom out."""
     ax, ay, az = (float(a) for a in angles_rad)
     rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
     ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
@@ -177,64 +186,244 @@ def affine_matrix(angles_rad, scale: float) -> np.ndarray:
     return rz @ ry @ rx @ (float(scale) * np.eye(3))
 
 
-def apply_affine(image: np.ndarray, label: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Resamples image (C, X, Y, Z) and label (X, Y, Z) so that output voxel p reads the input at
-    matrix @ (p - centre) + centre, centre = (shape - 1) / 2 (the middle of the voxel grid).
-    Image with order 1, label with order 0; points outside the input get 0."""
-    centre = (np.asarray(label.shape, np.float64) - 1.0) / 2.0
-    offset = centre - matrix @ centre
-    out = np.empty(image.shape, np.float32)
-    for c in range(image.shape[0]):
-        ndimage.affine_transform(image[c], matrix, offset=offset, order=_IMAGE_ORDER,
+def source_points(matrix: np.ndarray | None, centre, patch) -> Callable:
+    """The map from output voxel p (..., 3) of a `patch`-sized output to its source point:
+    matrix @ (p - (patch - 1) / 2) + centre (identity matrix when None)."""
+    m = np.eye(3) if matrix is None else np.asarray(matrix, np.float64)
+    half = (np.asarray(patch, np.float64) - 1) / 2
+    c = np.asarray(centre, np.float64)
+    return lambda p: (np.asarray(p, np.float64) - half) @ m.T + c
+
+
+def resample(read_box: Callable, label: np.ndarray | None, shape, matrix: np.ndarray | None, centre,
+             patch) -> tuple[np.ndarray, np.ndarray | None]:
+    """The `patch`-sized output whose voxel p shows the source at matrix @ (p - (patch - 1) / 2) +
+    centre: one resampling of only the output's voxels.
+
+    read_box(lo, hi) -> C float32 arrays (hi - lo): the source image's box channel by channel
+    (0 <= lo <= hi <= shape; records.Case.channel_boxes);
+    label: the source's (X, Y, Z) uint8 labels or None; shape: the source's (X, Y, Z);
+    matrix: (3, 3) or None for the identity; centre: (3,) source point under the output's centre.
+    Image linear, labels nearest; 0 outside the source. Identity with an integer start is a crop;
+    a diagonal matrix goes axis by axis; anything else through ndimage.affine_transform.
+    Returns image (C, P, P, P) float32, channels FIRST (what augment_intensity and
+    mirror_channels_last take), and label (P, P, P) uint8 (None without a label): new
+    C-contiguous arrays."""
+    patch = tuple(int(p) for p in patch)
+    shape = tuple(int(s) for s in shape)
+    to_source = source_points(matrix, centre, patch)
+    corners = to_source(_corners(patch))
+    lo = np.clip(np.floor(corners.min(0)).astype(int), 0, shape)
+    hi = np.maximum(np.clip(np.floor(corners.max(0)).astype(int) + 2, 0, shape), lo)
+    region = read_box(lo, hi)
+    channels = len(region)
+    out = np.zeros((channels,) + patch, np.float32)
+    out_label = None if label is None else np.zeros(patch, np.uint8)
+    if region[0].size == 0:  # the whole patch lies outside the source
+        return out, out_label
+    label_region = None if label is None else label[_box(lo, hi)]
+    diagonal = matrix is None or not np.any(matrix - np.diag(np.diagonal(matrix)))
+    start = to_source(np.zeros(3)) - lo  # region coordinates of output voxel 0
+    if diagonal:
+        steps = np.ones(3) if matrix is None else np.diagonal(matrix)
+        axes = [start[a] + steps[a] * np.arange(patch[a]) for a in range(3)]
+        if matrix is None and np.all(start == np.round(start)):
+            for c in range(channels):
+                _crop_into(out[c], region[c], start.astype(int))
+            if out_label is not None:
+                _crop_into(out_label, label_region, start.astype(int))
+        else:
+            weights = [_linear_weights(x, n) for x, n in zip(axes, region[0].shape)]
+            for c in range(channels):
+                out[c] = _separable_linear(region[c], weights)
+            if out_label is not None:
+                out_label[...] = _separable_nearest(label_region, axes)
+        return out, out_label
+    # ndimage maps output index o to input matrix @ o + offset.
+    for c in range(channels):
+        ndimage.affine_transform(region[c], matrix, offset=start, output_shape=patch, order=_IMAGE_ORDER,
                                  mode="constant", cval=0.0, output=out[c])
-    lab = ndimage.affine_transform(label, matrix, offset=offset, order=_LABEL_ORDER,
-                                   mode="constant", cval=0, output=label.dtype)
-    return out, lab
+    if out_label is not None:
+        ndimage.affine_transform(label_region, matrix, offset=start, output_shape=patch, order=_LABEL_ORDER,
+                                 mode="constant", cval=0, output=out_label)
+    return out, out_label
 
 
-def add_noise(image: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
-    """image (C, X, Y, Z) plus one N(0, variance) field shared by all channels (nnU-Net uses
-    synchronize_channels=True)."""
-    noise = rng.normal(0.0, math.sqrt(variance), size=image.shape[1:]).astype(np.float32)
-    return image + noise[None]
+def augment_intensity(img: np.ndarray, rng: np.random.Generator, cfg) -> None:
+    """Noise, blur, brightness, contrast, low resolution, inverted gamma and gamma, in place on
+    img (C, X, Y, Z) float32, channels first (nnU-Net's order and probabilities; see the module
+    docstring)."""
+    n_channels = img.shape[0]
+    if rng.random() < cfg.noise_probability:
+        std = rng.uniform(0.0, cfg.noise_std)
+        noise = rng.standard_normal(img.shape[1:], dtype=np.float32)
+        noise *= np.float32(std)
+        img += noise
+    if rng.random() < cfg.blur_probability:
+        for c in range(n_channels):
+            if rng.random() < cfg.blur_per_channel_probability:
+                sigmas = rng.uniform(*cfg.blur_sigma_range, size=3)
+                ndimage.gaussian_filter(img[c], sigmas, output=img[c])
+    if rng.random() < cfg.brightness_probability:
+        for c in range(n_channels):
+            img[c] *= np.float32(_bg_contrast(cfg.brightness_range, rng))
+    if rng.random() < cfg.contrast_probability:
+        for c in range(n_channels):
+            contrast(img[c], _bg_contrast(cfg.contrast_range, rng))
+    if rng.random() < cfg.lowres_probability:
+        for c in range(n_channels):
+            if rng.random() < cfg.lowres_per_channel_probability:
+                img[c] = simulate_low_resolution(img[c], rng.uniform(*cfg.lowres_zoom_range))
+    for invert, probability in ((True, cfg.gamma_invert_probability), (False, cfg.gamma_probability)):
+        if rng.random() < probability:
+            for c in range(n_channels):
+                gamma(img[c], _bg_contrast(cfg.gamma_range, rng), invert=invert,
+                      retain_stats=cfg.gamma_retain_stats)
+
+
+def mirror_channels_last(img: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, cfg, out=None):
+    """Flips img (C, X, Y, Z) and label (X, Y, Z) along each spatial axis with probability
+    cfg.mirror_probability, and moves the channels last. Returns (image (X, Y, Z, C) float32,
+    label): the image written into `out` when given (else a new array), the label C-contiguous."""
+    axes = tuple(a for a in range(3) if rng.random() < cfg.mirror_probability)
+    if out is None:
+        out = np.empty(img.shape[1:] + img.shape[:1], np.float32)
+    for c in range(img.shape[0]):  # channel by channel: faster than one transposing copy
+        out[..., c] = np.flip(img[c], axes) if axes else img[c]
+    if label is not None and axes:
+        label = np.ascontiguousarray(np.flip(label, axes))
+    return out, label
 
 
 def contrast(channel: np.ndarray, factor: float) -> np.ndarray:
-    """(x - mean) * factor + mean, clipped to the channel's old [min, max] (nnU-Net's
-    ContrastTransform with preserve_range=True); mean over the whole channel."""
-    mean, lo, hi = channel.mean(), channel.min(), channel.max()
-    return np.clip((channel - mean) * np.float32(factor) + mean, lo, hi)
+    """In place: (x - mean) * factor + mean, clipped to the channel's old [min, max] (nnU-Net's
+    ContrastTransform with preserve_range=True); mean over the whole channel. Returns channel."""
+    mean, lo, hi = np.float32(channel.mean()), channel.min(), channel.max()
+    channel -= mean
+    channel *= np.float32(factor)
+    channel += mean
+    np.clip(channel, lo, hi, out=channel)
+    return channel
 
 
 def gamma(channel: np.ndarray, exponent: float, *, invert: bool = False, retain_stats: bool = True) -> np.ndarray:
-    """nnU-Net's GammaTransform on one channel: rescale to [0, 1] by its min and max, raise to
-    `exponent`, rescale back. invert=True does it on -channel and negates the result; retain_stats
-    restores the channel's mean and std afterwards."""
-    x = -channel if invert else channel
-    x = x.astype(np.float64)
+    """In place, nnU-Net's GammaTransform on one float32 channel: rescale to [0, 1] by its min and
+    max, raise to `exponent`, rescale back. invert=True does it on -channel and negates the result;
+    retain_stats restores the channel's mean and std afterwards. Returns channel."""
+    x = channel
+    if invert:
+        np.negative(x, out=x)
     if retain_stats:
-        mean, std = x.mean(), x.std()
-    lo = x.min()
-    span = x.max() - lo
-    x = ((x - lo) / max(span, 1e-7)) ** exponent * span + lo
+        mean, std = float(x.mean()), float(x.std())
+    lo = float(x.min())
+    span = max(float(x.max()) - lo, 1e-7)
+    x -= np.float32(lo)
+    x *= np.float32(1.0 / span)
+    np.clip(x, 0.0, 1.0, out=x)  # float rounding must not hand power() a value outside [0, 1]
+    np.power(x, np.float32(exponent), out=x)
     if retain_stats:
-        x = (x - x.mean()) * (std / max(x.std(), 1e-7)) + mean
-    return (-x if invert else x).astype(np.float32)
+        # (y * span + lo - its mean) * std / its std + mean, with y the powered [0, 1] values
+        y_mean, y_std = float(x.mean()), float(x.std())
+        x -= np.float32(y_mean)
+        x *= np.float32(span * std / max(y_std * span, 1e-7))
+        x += np.float32(mean)
+    else:
+        x *= np.float32(span)
+        x += np.float32(lo)
+    if invert:
+        np.negative(x, out=x)
+    return x
 
 
 def simulate_low_resolution(channel: np.ndarray, zoom: float) -> np.ndarray:
-    """Downsamples (X, Y, Z) by `zoom` with nearest neighbour, then upsamples back to exactly the
-    input shape by linear interpolation (order 1: nnU-Net v2's trilinear, ~5x cheaper than cubic)."""
-    shape = np.asarray(channel.shape)
-    small_shape = np.maximum(np.round(shape * zoom).astype(int), 1)
-    if np.array_equal(small_shape, shape):
-        return channel
-    small = ndimage.zoom(channel, small_shape / shape, order=0)
-    # zoom rounds shape * factor; these factors land back on `shape` exactly (checked below).
-    big = ndimage.zoom(small, shape / np.asarray(small.shape), order=_LOWRES_UP_ORDER)
-    if big.shape != channel.shape:
-        raise AssertionError(f"low-resolution round trip gave {big.shape}, wanted {channel.shape}")
-    return big.astype(np.float32, copy=False)
+    """(X, Y, Z) -> the same shape, float32: downsampled to round(n * zoom) per axis by nearest
+    neighbour, then upsampled back linearly (torch 'nearest-exact' and 'trilinear' with
+    align_corners=False, as batchgeneratorsv2's SimulateLowResolutionTransform)."""
+    shape = channel.shape
+    small_shape = [max(int(round(n * zoom)), 1) for n in shape]
+    if list(small_shape) == list(shape):
+        return np.asarray(channel, np.float32)
+    small = channel
+    for axis, (n, m) in enumerate(zip(shape, small_shape)):
+        idx = np.minimum(np.floor((np.arange(m) + 0.5) * (n / m)).astype(np.intp), n - 1)
+        small = small.take(idx, axis=axis)
+    out = small
+    for axis, (n, m) in enumerate(zip(shape, small_shape)):
+        src = np.maximum((np.arange(n) + 0.5) * (m / n) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.intp), m - 1)
+        i1 = np.minimum(i0 + 1, m - 1)
+        w = (src - i0).astype(np.float32)
+        out = _lerp(out.take(i0, axis=axis), out.take(i1, axis=axis), w, axis)
+    return out.astype(np.float32, copy=False)
+
+
+def _lerp(a, b, w, axis):
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    w = w.reshape(shape)
+    return a + (b - a) * w
+
+
+def _linear_weights(x: np.ndarray, n: int):
+    """Linear interpolation of an axis of length n at coordinates x: (i0, i1, w0, w1), with both
+    weights 0 where x is outside [0, n - 1] (mode 'constant')."""
+    valid = (x >= 0) & (x <= n - 1)
+    i0 = np.clip(np.floor(x).astype(np.intp), 0, max(n - 2, 0))
+    i1 = np.minimum(i0 + 1, n - 1)
+    w1 = np.where(valid, x - i0, 0.0).astype(np.float32)
+    w0 = np.where(valid, 1.0 - (x - i0), 0.0).astype(np.float32)
+    return i0, i1, w0, w1
+
+
+def _separable_linear(region: np.ndarray, weights) -> np.ndarray:
+    """region (X, Y, Z) sampled on a grid given per axis by _linear_weights: linear per axis (the
+    same values as trilinear), the axis that shrinks most first."""
+    out = region
+    order = sorted(range(3), key=lambda a: len(weights[a][0]) / region.shape[a])
+    for axis in order:
+        i0, i1, w0, w1 = weights[axis]
+        shape = [1] * 3
+        shape[axis] = -1
+        a = out.take(i0, axis=axis)
+        a *= w0.reshape(shape)
+        b = out.take(i1, axis=axis)
+        b *= w1.reshape(shape)
+        a += b
+        out = a
+    return out
+
+
+def _separable_nearest(region: np.ndarray, axes) -> np.ndarray:
+    """region (X, Y, Z) at the grid axes[0] x axes[1] x axes[2]: nearest (ties round up, as
+    ndimage's order 0), 0 where a coordinate is outside [0, n - 1]."""
+    idx, valid = [], []
+    for axis, x in enumerate(axes):
+        n = region.shape[axis]
+        valid.append((x >= 0) & (x <= n - 1))
+        idx.append(np.clip(np.floor(x + 0.5).astype(np.intp), 0, n - 1))
+    out = region[np.ix_(*idx)]
+    return np.where(valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :], out, 0).astype(region.dtype)
+
+
+def _crop_into(out: np.ndarray, source: np.ndarray, start) -> None:
+    """out[p] = source[p + start] where that lies inside source; the rest of out untouched."""
+    src, dst = [], []
+    for s, n, p in zip(start, source.shape, out.shape):
+        a, b = max(s, 0), min(s + p, n)
+        if a >= b:
+            return
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[tuple(dst)] = source[tuple(src)]
+
+
+def _corners(patch) -> np.ndarray:
+    return np.array([[i, j, k] for i in (0, patch[0] - 1) for j in (0, patch[1] - 1) for k in (0, patch[2] - 1)],
+                    np.float64)
+
+
+def _box(lo, hi) -> tuple:
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def _bg_contrast(value_range, rng: np.random.Generator) -> float:
