@@ -276,7 +276,7 @@ def test_brightness_draws_one_factor_per_channel_in_range():
 
 def test_bg_contrast_halves():
     rng = np.random.default_rng(0)
-    draws = np.array([aug._bg_contrast((0.5, 3.0), rng) for _ in range(4000)])
+    draws = np.array([aug.bg_contrast((0.5, 3.0), rng) for _ in range(4000)])
     assert draws.min() >= 0.5 and draws.max() <= 3.0
     assert abs((draws < 1).mean() - 0.5) < 0.03  # half below 1 although only 1/5 of the range is
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from data_prep import synthetic
-from segguided_jax.data.brats import EDITIONS, MODALITIES, labels_to_regions, regions_to_labels
 from segguided_jax.data import records as records_lib
+from segguided_jax.data import splits as splits_lib
+from segguided_jax.data.brats import EDITIONS, MODALITIES, labels_to_regions, regions_to_labels
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.transforms import enlarged_start, final_start, foreground_rows, outside_fraction
 
@@ -76,12 +77,13 @@ def _write_prepared(folder, cases, *, records=None):
         json.dump({"version": records_lib.MANIFEST_VERSION, "shards": [shard], "cases": entries,
                    "fingerprint": "0" * 64}, f)
     with open(os.path.join(folder, "splits.json"), "w") as f:
-        json.dump({"holdout": {"train": [c[0] for c in cases], "val": []}}, f)
+        json.dump({"version": splits_lib.SPLITS_VERSION,
+                   "holdout": {"train": [c[0] for c in cases], "val": [], "test": []}}, f)
     return folder
 
 
 def _zscored(raw, brain):
-    """data_prep.cases.preprocess's normalisation of raw (X, Y, Z, C) float32 integer values."""
+    """segguided_jax.data.preprocess's normalisation of raw (X, Y, Z, C) float32 integer values."""
     out = np.zeros(raw.shape, np.float32)
     norm = []
     for c in range(raw.shape[-1]):

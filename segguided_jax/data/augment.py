@@ -33,7 +33,7 @@ nnU-Net's values). Each `*_probability` without "per_channel" is drawn once per 
     gamma_invert_probability         an extra gamma pass on the negated channel (brightens dark
                                      values instead of bright ones); runs before the plain pass,
                                      each pass drawn independently, as nnU-Net's two transforms
-    gamma_range                      (lo, hi), drawn like nnU-Net's BGContrast (see _bg_contrast)
+    gamma_range                      (lo, hi), drawn like nnU-Net's BGContrast (see bg_contrast)
     gamma_retain_stats               restore each channel's mean and std after gamma (nnU-Net: yes)
     brightness_probability           multiply each channel by its own factor
     brightness_range                 (lo, hi), BGContrast-drawn
@@ -266,10 +266,10 @@ def augment_intensity(img: np.ndarray, rng: np.random.Generator, cfg) -> None:
                 ndimage.gaussian_filter(img[c], sigmas, output=img[c])
     if rng.random() < cfg.brightness_probability:
         for c in range(n_channels):
-            img[c] *= np.float32(_bg_contrast(cfg.brightness_range, rng))
+            img[c] *= np.float32(bg_contrast(cfg.brightness_range, rng))
     if rng.random() < cfg.contrast_probability:
         for c in range(n_channels):
-            contrast(img[c], _bg_contrast(cfg.contrast_range, rng))
+            contrast(img[c], bg_contrast(cfg.contrast_range, rng))
     if rng.random() < cfg.lowres_probability:
         for c in range(n_channels):
             if rng.random() < cfg.lowres_per_channel_probability:
@@ -277,7 +277,7 @@ def augment_intensity(img: np.ndarray, rng: np.random.Generator, cfg) -> None:
     for invert, probability in ((True, cfg.gamma_invert_probability), (False, cfg.gamma_probability)):
         if rng.random() < probability:
             for c in range(n_channels):
-                gamma(img[c], _bg_contrast(cfg.gamma_range, rng), invert=invert,
+                gamma(img[c], bg_contrast(cfg.gamma_range, rng), invert=invert,
                       retain_stats=cfg.gamma_retain_stats)
 
 
@@ -426,7 +426,7 @@ def _box(lo, hi) -> tuple:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def _bg_contrast(value_range, rng: np.random.Generator) -> float:
+def bg_contrast(value_range, rng: np.random.Generator) -> float:
     """nnU-Net's BGContrast draw: with probability 0.5 (when lo < 1) uniform in (lo, 1), otherwise
     uniform in (max(lo, 1), hi), so shrinking and growing are equally likely for ranges like
     (0.75, 1.25) and (0.7, 1.5)."""

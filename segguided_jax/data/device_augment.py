@@ -159,7 +159,7 @@ def mirror(key, img, label, cfg):
 
 
 def bg_contrast(key, value_range, shape):
-    """augment._bg_contrast for `shape` independent draws."""
+    """augment.bg_contrast for `shape` independent draws."""
     lo, hi = value_range
     k1, k2 = jax.random.split(key)
     low_half = (jax.random.uniform(k1, shape) < 0.5) & (lo < 1)

@@ -208,7 +208,7 @@ class Case:
 
 def normalise(raw: np.ndarray, norm: np.ndarray) -> np.ndarray:
     """raw (..., C) int16 and norm (C, 2) (mean, std) -> float32 (raw - mean) / max(std, 1e-8)
-    where any channel is non-zero (the brain), 0 elsewhere: data_prep.cases.preprocess's float32
+    where any channel is non-zero (the brain), 0 elsewhere: segguided_jax.data.preprocess's float32
     arithmetic (a float32 array minus, then divided by, a float32-rounded scalar)."""
     mean = norm[:, 0].astype(np.float32)
     std = np.maximum(norm[:, 1], 1e-8).astype(np.float32)
