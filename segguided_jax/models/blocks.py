@@ -1,6 +1,8 @@
 """Building blocks of SegGuidedNet. All tensors are channels-last: (N, D, H, W, C)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -9,9 +11,84 @@ from flax import nnx
 he_init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
+def _tiles(kernel_size, strides, spatial=None) -> bool:
+    """True when a convolution's windows tile its input exactly (kernel = stride: 1³, or 2³ with
+    stride 2, on spatial sizes divisible by the kernel), so that it is a matmul after a
+    space-to-depth reshape."""
+    k = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+    s = (strides,) * 3 if isinstance(strides, int) else tuple(strides)
+    return k == s and (spatial is None or all(n % kk == 0 for n, kk in zip(spatial, k)))
+
+
+class Conv(nnx.Conv):
+    """nnx.Conv (same parameters, same results) that runs non-overlapping kernels — 1³, and
+    stride-2 2³ downsampling — as a space-to-depth reshape and a matmul. XLA lowers those
+    convolutions, and above all their weight gradients (a convolution whose kernel is the whole
+    activation), to slow generic code on CPU; a dot and its transposes map onto the matmul
+    libraries on every backend. Inputs (N, D, H, W, C), channels-last."""
+
+    def __call__(self, x):
+        if (not _tiles(self.kernel_size, self.strides, x.shape[1:4]) or self.feature_group_count != 1
+                or self.padding not in ("SAME", "VALID")):
+            return super().__call__(x)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        n, d, h, w, c = x.shape
+        a, b, e = kernel.shape[:3]
+        if (a, b, e) != (1, 1, 1):
+            # Each output voxel's a·b·e input voxels become one row of a·b·e·C features, in the
+            # kernel's (a, b, e, C) order.
+            x = x.reshape(n, d // a, a, h // b, b, w // e, e, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+            x = x.reshape(n, d // a, h // b, w // e, a * b * e * c)
+        y = jnp.dot(x, kernel.reshape(-1, kernel.shape[-1]), precision=self.precision)
+        return y if bias is None else y + bias
+
+
+class ConvTranspose(nnx.ConvTranspose):
+    """nnx.ConvTranspose (same parameters, same results) that runs a kernel equal to its stride
+    (2³, stride 2, VALID) as a matmul to k³·C_out features and a depth-to-space reshape: each
+    input voxel writes its own k³ output block, with no overlap. XLA's transposed-conv gradients
+    are slow on GPU and CPU alike; the matmul form has none."""
+
+    def __call__(self, x):
+        if (not _tiles(self.kernel_size, self.strides) or self.padding != "VALID"
+                or self.transpose_kernel):
+            return super().__call__(x)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        n, d, h, w, c = x.shape
+        a, b, e, _, cout = kernel.shape
+        # lax.conv_transpose (no kernel transposition) gives output offset t within a block the
+        # kernel tap k - 1 - t, hence the flip.
+        k = kernel[::-1, ::-1, ::-1].transpose(3, 0, 1, 2, 4).reshape(c, a * b * e * cout)
+        y = jnp.dot(x, k, precision=self.precision).reshape(n, d, h, w, a, b, e, cout)
+        y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, d * a, h * b, w * e, cout)
+        return y if bias is None else y + bias
+
+
+def upsample_linear_x2(x):
+    """×2 trilinear upsampling of (N, D, H, W, C), equal to jax.image.resize(x, 2× shape,
+    "trilinear") (half-pixel centres; the edge voxel repeats): per axis, output 2i is
+    0.75·x[i] + 0.25·x[i-1] and 2i+1 is 0.75·x[i] + 0.25·x[i+1]. jax.image.resize contracts a
+    dense (2n × n) weight matrix per axis, O(n) multiply-adds per output value where this takes
+    two; computed in float32, returned in x's dtype."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    for axis in (1, 2, 3):
+        n = x.shape[axis]
+        edge = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
+        prev = jnp.concatenate([edge(0, 1), edge(0, n - 1)], axis)
+        nxt = jnp.concatenate([edge(1, n), edge(n - 1, n)], axis)
+        pair = jnp.stack([0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt], axis + 1)
+        x = pair.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+    return x.astype(dtype)
+
+
 def _conv(cin, cout, kernel, stride=1, *, dtype, rngs, use_bias=True):
-    return nnx.Conv(cin, cout, (kernel,) * 3, (stride,) * 3, padding="SAME", use_bias=use_bias,
-                    kernel_init=he_init, dtype=dtype, rngs=rngs)
+    return Conv(cin, cout, (kernel,) * 3, (stride,) * 3, padding="SAME", use_bias=use_bias,
+                kernel_init=he_init, dtype=dtype, rngs=rngs)
 
 
 class ConvNormAct(nnx.Module):
@@ -60,24 +137,25 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """×2 upsampling: a 2³ stride-2 transposed conv, or trilinear resize followed by a 1³ conv.
+    """×2 upsampling: a 2³ stride-2 transposed conv, or a 1³ conv and trilinear resize.
 
-    XLA's 3D transposed-conv gradients can be slow on GPU, hence the choice (config `upsample`)."""
+    The 1³ conv and the resize are both linear (the resize's weights sum to 1, so the bias passes
+    through), so they commute: the conv runs before the resize, on 8× fewer voxels, and the resize
+    moves C_out instead of C_in channels. Both modes are matmuls here (ConvTranspose, Conv)."""
 
     def __init__(self, cin, cout, mode, *, dtype, rngs):
         if mode not in ("transpose", "resize"):
             raise ValueError(f"model.upsample must be 'transpose' or 'resize', got {mode!r}")
         self.mode = mode
         if mode == "transpose":
-            self.conv = nnx.ConvTranspose(cin, cout, (2, 2, 2), (2, 2, 2), padding="VALID",
-                                          kernel_init=he_init, dtype=dtype, rngs=rngs)
+            self.conv = ConvTranspose(cin, cout, (2, 2, 2), (2, 2, 2), padding="VALID",
+                                      kernel_init=he_init, dtype=dtype, rngs=rngs)
         else:
             self.conv = _conv(cin, cout, 1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         if self.mode == "resize":
-            n, d, h, w, c = x.shape
-            x = jax.image.resize(x, (n, 2 * d, 2 * h, 2 * w, c), method="trilinear")
+            return upsample_linear_x2(self.conv(x))
         return self.conv(x)
 
 
