@@ -19,31 +19,29 @@ separate ops are what an accelerator step pays for too.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
-import sys
 
-# XLA's own CPU flags (e.g. launch/env.sh's oneDNN rewrite, which hides convolutions inside custom
-# calls that cost analysis does not count) would make the figures depend on this machine.
-os.environ.pop("XLA_FLAGS", None)
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import functools  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def program_flops(jaxpr) -> dict:
-    """2·MACs of the convolutions and dot_generals of a jaxpr, sub-jaxprs included.
+    """2·MACs of the convolutions and dot_generals of a jaxpr, sub-jaxprs included (a scan's body
+    times its length; of a cond's branches, the costliest).
     Returns {"conv": flops, "dot": flops, "n_conv": count, "n_dot": count}."""
     out = collections.Counter()
     for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            branches = [program_flops(b.jaxpr) for b in eqn.params["branches"]]
+            out.update(max(branches, key=lambda f: f.get("conv", 0) + f.get("dot", 0)))
+            continue
+        if eqn.primitive.name == "scan":
+            body = program_flops(eqn.params["jaxpr"].jaxpr)
+            out.update({k: v * eqn.params["length"] for k, v in body.items()})
+            continue
         if eqn.primitive.name == "conv_general_dilated":
             rhs, dn = eqn.invars[1].aval, eqn.params["dimension_numbers"]
             kernel = int(np.prod([rhs.shape[d] for d in dn.rhs_spec[2:]]))
@@ -74,11 +72,18 @@ def hlo_op_counts(text: str) -> collections.Counter:
 
 def main(argv):
     del argv
+    from absl import flags
+
     from segguided_jax.models.network import abstract_model, parameter_count
     from segguided_jax.optim import make_optimizer
     from segguided_jax.steps import init_state, train_step
 
-    config = _CONFIG.value
+    config = flags.FLAGS.config
+    from segguided_jax.models import blocks
+    if hasattr(blocks, "_SCAN_MIN_VOXELS"):
+        # The CPU-only weight-gradient scan (blocks.conv3_weight_grad_scan) off: the compiled
+        # program is then the one an accelerator gets.
+        blocks._SCAN_MIN_VOXELS = float("inf")
     b, patch = config.train.batch_size, tuple(config.data.patch)
     tx = make_optimizer(config.optim, config.train.steps)
     state = jax.eval_shape(functools.partial(init_state, config.seed, config.model, tx))
@@ -113,5 +118,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    # XLA's own CPU flags (e.g. launch/env.sh's oneDNN rewrite, which hides convolutions inside
+    # custom calls that cost analysis does not count) would make the figures depend on this
+    # machine; the backend reads them at first use, after this.
+    os.environ.pop("XLA_FLAGS", None)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -16,7 +16,7 @@ BCE, batch Dice) on region targets; optimiser: torch.optim.AdamW. dtype "bfloat1
 forward under CPU autocast (parameters and optimiser in float32).
 
 Protocol (one JSON object per line on stdout): first {"ready": ..., "params", "flops", versions};
-then for each line "N" read from stdin, N train steps and {"steps": [seconds, ...]}; "quit" ends.
+then for each line "N" read from stdin, N train steps and {"steps": [wall seconds], "cpu": [process CPU seconds]}; "quit" ends.
 """
 from __future__ import annotations
 
@@ -77,12 +77,13 @@ def main():
         cmd = line.strip()
         if cmd == "quit":
             break
-        times = []
+        times, cpu = [], []
         for _ in range(int(cmd)):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             loss = step().item()  # waits for the step
             times.append(time.perf_counter() - t)
-        print(json.dumps({"steps": times, "loss": loss}), flush=True)
+            cpu.append(time.process_time() - c)
+        print(json.dumps({"steps": times, "cpu": cpu, "loss": loss}), flush=True)
 
 
 if __name__ == "__main__":

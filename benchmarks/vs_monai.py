@@ -55,36 +55,6 @@ def _load_config(path):
     return module.get_config()
 
 
-def _conv_dot_flops(jaxpr) -> int:
-    """2·MACs of every convolution and dot_general in a (closed) jaxpr, sub-jaxprs included."""
-    import numpy as np
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
-            dn = eqn.params["dimension_numbers"]
-            kernel = np.prod([rhs.shape[d] for d in dn.rhs_spec[2:]])
-            cin = rhs.shape[dn.rhs_spec[1]]
-            total += 2 * int(np.prod(out.shape)) * int(kernel) * int(cin)
-        elif eqn.primitive.name == "dot_general":
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs.shape[d] for d in lc]))
-        for sub in _sub_jaxprs(eqn.params):
-            total += _conv_dot_flops(sub)
-    return total
-
-
-def _sub_jaxprs(params):
-    import jax.extend as jex
-    for v in params.values():
-        for item in (v if isinstance(v, (tuple, list)) else (v,)):
-            if isinstance(item, jex.core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jex.core.Jaxpr):
-                yield item
-
-
 def ours_worker(spec):
     import functools
 
@@ -94,6 +64,9 @@ def ours_worker(spec):
 
     from segguided_jax.optim import make_optimizer
     from segguided_jax.steps import init_state, train_step
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hlo_cost import program_flops
 
     config = _load_config(spec["config"])
     n = len(spec["widths"])
@@ -112,7 +85,7 @@ def ours_worker(spec):
     tx = make_optimizer(config.optim, config.train.steps)
     state = jax.jit(functools.partial(init_state, config.seed, config.model, tx))()
     fn = functools.partial(train_step, loss_cfg=config.loss, output=config.model.output)
-    flops = _conv_dot_flops(jax.make_jaxpr(fn)(state, batch).jaxpr)
+    flops = sum(v for k, v in program_flops(jax.make_jaxpr(fn)(state, batch).jaxpr).items() if not k.startswith("n_"))
     step = jax.jit(fn, donate_argnums=0)
     t = time.perf_counter()
     for _ in range(2):
@@ -127,13 +100,14 @@ def ours_worker(spec):
         cmd = line.strip()
         if cmd == "quit":
             break
-        times = []
+        times, cpu = [], []
         for _ in range(int(cmd)):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             state, m = step(state, batch)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t)
-        print(json.dumps({"steps": times, "loss": float(m["loss"])}), flush=True)
+            cpu.append(time.process_time() - c)
+        print(json.dumps({"steps": times, "cpu": cpu, "loss": float(m["loss"])}), flush=True)
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -142,7 +116,7 @@ class Worker:
     """A variant's worker process: started, asked for steps round by round, then closed."""
 
     def __init__(self, name, cmd, env):
-        self.name, self.times = name, []
+        self.name, self.times, self.cpu = name, [], []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=ROOT)
         self.info = self._read()
@@ -160,6 +134,7 @@ class Worker:
         self.proc.stdin.flush()
         reply = self._read()
         self.times += reply["steps"]
+        self.cpu += reply["cpu"]
         self.info["loss"] = reply["loss"]
 
     def close(self):
@@ -262,11 +237,13 @@ def main():
         print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; batch "
               f"{config.train.batch_size} x {patch}^3 x 4 channels, widths {widths}, {FLAGS.down_kernel}^3 stride-2 "
               f"downsampling; medians over {FLAGS.rounds} x {FLAGS.steps} steps")
-        print(f"{'variant':<84s} {'step ms':>8s} {'min ms':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'params':>9s}")
+        # CPU ms: the worker's CPU time per step (all its threads), less sensitive than wall time
+        # to other processes on a shared machine; spinning thread pools count in it too.
+        print(f"{'variant':<84s} {'step ms':>8s} {'min ms':>8s} {'CPU ms':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'params':>9s}")
         for w in workers:
             med = statistics.median(w.times)
-            print(f"{w.label:<84s} {1000 * med:8.0f} {1000 * min(w.times):8.0f} {w.info['flops'] / 1e9:7.1f} "
-                  f"{w.info['flops'] / 1e9 / med:8.1f} {w.info['params']:9d}")
+            print(f"{w.label:<84s} {1000 * med:8.0f} {1000 * min(w.times):8.0f} {1000 * statistics.median(w.cpu):8.0f} "
+                  f"{w.info['flops'] / 1e9:7.1f} {w.info['flops'] / 1e9 / med:8.1f} {w.info['params']:9d}")
         monai = {w.name.split()[1]: statistics.median(w.times) for w in workers if w.name.startswith("MONAI")}
         if "float32" in monai:
             for w in workers:

@@ -20,14 +20,95 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
     return k == s and (spatial is None or all(n % kk == 0 for n, kk in zip(spatial, k)))
 
 
+_DN = ("NDHWC", "DHWIO", "NDHWC")
+# A 3³ convolution's weight gradient is a convolution whose kernel is the whole activation. XLA's
+# CPU backend (oneDNN included) runs it ~2.7x slower than the scan below at 64³ x 16 channels,
+# and no faster at 32³ x 32 (benchmarks/conv_wgrad.py); so the scan is used on CPU for large,
+# narrow activations only, and never on accelerators.
+_SCAN_MIN_VOXELS = 2**17  # per sample (above ~50³)
+_SCAN_MAX_CHANNELS = 32 * 32  # C_in x C_out
+_SCAN_CHUNK = 2048  # output voxels per step: the step's 27·C_in x chunk patch matrix stays in cache
+
+
+def conv3_weight_grad_scan(x, g, chunk=_SCAN_CHUNK):
+    """Weight gradient of a 3³, stride-1, SAME convolution: dW[a,b,c,i,o] = Σ x[n, d+a-1, h+b-1,
+    w+c-1, i] · g[n, d, h, w, o], for x (N, D, H, W, C_in), g (N, D, H, W, C_out) channels-last;
+    returns (3, 3, 3, C_in, C_out) in float32.
+
+    x goes channels-first and zero-padded, flattened to (C_in, L); on that flat grid a kernel tap
+    is a fixed offset, so the patch matrix of `chunk` consecutive output positions is 27 row
+    slices of a window of x. A scan over chunks multiplies each (27·C_in, chunk) patch matrix by
+    the matching (chunk, C_out) rows of g, zero-padded alike (padding positions add nothing), as
+    a plain row-major matmul, and accumulates in float32."""
+    n, d, h, w, cin = x.shape
+    cout = g.shape[-1]
+    hp, wp = h + 2, w + 2
+    margin = hp * wp + wp + 1  # largest |offset| of a tap
+    offsets = [(a - 1) * hp * wp + (b - 1) * wp + (c - 1) for a in range(3) for b in range(3) for c in range(3)]
+    pad = ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))
+    xt = jnp.pad(x, pad).transpose(4, 0, 1, 2, 3).reshape(cin, -1)
+    gp = jnp.pad(g, pad).reshape(-1, cout)
+    steps = -(-(xt.shape[1] - 2 * margin) // chunk)
+    total = steps * chunk + 2 * margin
+    xt = jnp.pad(xt, ((0, 0), (0, total - xt.shape[1])))
+    gp = jnp.pad(gp, ((0, total - gp.shape[0]), (0, 0)))
+
+    def body(acc, i):
+        start = i * chunk
+        window = jax.lax.dynamic_slice_in_dim(xt, start, chunk + 2 * margin, axis=1)
+        patches = jnp.concatenate(
+            [jax.lax.slice_in_dim(window, margin + o, margin + o + chunk, axis=1) for o in offsets], axis=0)
+        rows = jax.lax.dynamic_slice_in_dim(gp, start + margin, chunk, axis=0)
+        return acc + jnp.dot(patches, rows, preferred_element_type=jnp.float32), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((27 * cin, cout), jnp.float32), jnp.arange(steps))
+    return acc.reshape(3, 3, 3, cin, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3(x, kernel, precision):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=_DN, precision=precision)
+
+
+def _conv3_fwd(x, kernel, precision):
+    return _conv3(x, kernel, precision), (x, kernel)
+
+
+def _conv3_bwd(precision, res, g):
+    x, kernel = res
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1, 1), padding="SAME",
+                             dimension_numbers=_DN, precision=precision)
+    dx = jax.vjp(lambda x: conv(x, kernel), x)[1](g)[0]
+
+    def generic(x, g):
+        return jax.vjp(lambda k: conv(x, k), kernel)[1](g)[0]
+
+    def scan(x, g):
+        return conv3_weight_grad_scan(x, g).astype(kernel.dtype)
+
+    return dx, jax.lax.platform_dependent(x, g, cpu=scan, default=generic)
+
+
+_conv3.defvjp(_conv3_fwd, _conv3_bwd)
+
+
 class Conv(nnx.Conv):
     """nnx.Conv (same parameters, same results) that runs non-overlapping kernels — 1³, and
     stride-2 2³ downsampling — as a space-to-depth reshape and a matmul. XLA lowers those
     convolutions, and above all their weight gradients (a convolution whose kernel is the whole
     activation), to slow generic code on CPU; a dot and its transposes map onto the matmul
-    libraries on every backend. Inputs (N, D, H, W, C), channels-last."""
+    libraries on every backend. Large, narrow 3³ stride-1 convolutions get their weight gradient
+    from conv3_weight_grad_scan on CPU. Inputs (N, D, H, W, C), channels-last."""
 
     def __call__(self, x):
+        if (tuple(self.kernel_size) == (3, 3, 3) and _tiles(1, self.strides) and self.padding == "SAME"
+                and self.feature_group_count == 1 and x.shape[1] * x.shape[2] * x.shape[3] >= _SCAN_MIN_VOXELS
+                and self.in_features * self.out_features <= _SCAN_MAX_CHANNELS):
+            kernel = self.kernel[...]
+            bias = self.bias[...] if self.bias is not None else None
+            x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+            y = _conv3(x, kernel, self.precision)
+            return y if bias is None else y + bias
         if (not _tiles(self.kernel_size, self.strides, x.shape[1:4]) or self.feature_group_count != 1
                 or self.padding not in ("SAME", "VALID")):
             return super().__call__(x)
