@@ -90,15 +90,16 @@ def _assert_same(a, b, atol):
         np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("kernel,stride,padding,use_bias", [(1, 1, "SAME", True), (2, 2, "SAME", False),
-                                                            (2, 2, "VALID", True), (3, 1, "SAME", False),
-                                                            (3, 2, "SAME", False)])
-def test_conv_matches_flax_conv_values_and_gradients(kernel, stride, padding, use_bias):
+@pytest.mark.parametrize("kernel,stride,padding,use_bias,shape", [
+    (1, 1, "SAME", True, (2, 8, 6, 4, 5)), (2, 2, "SAME", False, (2, 8, 6, 4, 5)),
+    (2, 2, "VALID", True, (2, 8, 6, 4, 5)), (3, 1, "SAME", False, (2, 8, 6, 4, 5)),
+    (3, 2, "SAME", True, (2, 8, 6, 4, 5)), (3, 2, "SAME", False, (1, 7, 5, 6, 5))])
+def test_conv_matches_flax_conv_values_and_gradients(kernel, stride, padding, use_bias, shape):
     # Same parameters and seed: blocks.Conv must compute nnx.Conv's function, whichever path it takes.
     kw = dict(kernel_size=(kernel,) * 3, strides=(stride,) * 3, padding=padding, use_bias=use_bias,
               bias_init=nnx.initializers.normal(1.0))
     ours, ref = blocks.Conv(5, 7, rngs=nnx.Rngs(1), **kw), nnx.Conv(5, 7, rngs=nnx.Rngs(1), **kw)
-    x = jax.random.normal(jax.random.key(0), (2, 8, 6, 4, 5))
+    x = jax.random.normal(jax.random.key(0), shape)  # odd sizes: SAME padding of a strided conv
     assert ours(x).shape == ref(x).shape
     _assert_same(ours(x), ref(x), 1e-5)
     _assert_same(_grads(ours, x), _grads(ref, x), 1e-4)

@@ -27,7 +27,7 @@ _DN = ("NDHWC", "DHWIO", "NDHWC")
 # narrow activations only, and never on accelerators.
 _SCAN_MIN_VOXELS = 2**17  # per sample (above ~50³)
 _SCAN_MAX_CHANNELS = 32 * 32  # C_in x C_out
-_SCAN_CHUNK = 2048  # output voxels per step: the step's 27·C_in x chunk patch matrix stays in cache
+_SCAN_CHUNK = 2048  # output voxels per step: the step's 27·C_in x chunk patch matrix stays in L3 cache
 
 
 def conv3_weight_grad_scan(x, g, chunk=_SCAN_CHUNK):
@@ -92,6 +92,25 @@ def _conv3_bwd(precision, res, g):
 _conv3.defvjp(_conv3_fwd, _conv3_bwd)
 
 
+def _strided_patches_conv(x, kernel, strides, precision):
+    """A SAME convolution with stride > 1 as patches and a matmul: the k³ strided slices of the
+    padded input side by side ((N, D/s, H/s, W/s, k³·C_in), the kernel's (a, b, c, C_in) order)
+    times the (k³·C_in, C_out) kernel. On CPU, XLA's gradients of a strided convolution (an
+    input-dilated convolution for the input, a kernel-dilated one for the weights) miss oneDNN
+    and run on a generic path; the patch form's gradients are a matmul and strided pads."""
+    n, *spatial, c = x.shape
+    k = kernel.shape[:3]
+    out = [-(-size // st) for size, st in zip(spatial, strides)]
+    total = [max((o - 1) * st + kk - size, 0) for o, st, kk, size in zip(out, strides, k, spatial)]
+    x = jnp.pad(x, [(0, 0)] + [(t // 2, t - t // 2) for t in total] + [(0, 0)])
+    patches = jnp.concatenate([
+        jax.lax.slice(x, (0, a, b, e, 0),
+                      (n, a + (out[0] - 1) * strides[0] + 1, b + (out[1] - 1) * strides[1] + 1,
+                       e + (out[2] - 1) * strides[2] + 1, c), (1, *strides, 1))
+        for a in range(k[0]) for b in range(k[1]) for e in range(k[2])], axis=-1)
+    return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]), precision=precision)
+
+
 class Conv(nnx.Conv):
     """nnx.Conv (same parameters, same results) that runs non-overlapping kernels — 1³, and
     stride-2 2³ downsampling — as a space-to-depth reshape and a matmul. XLA lowers those
@@ -108,6 +127,18 @@ class Conv(nnx.Conv):
             bias = self.bias[...] if self.bias is not None else None
             x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
             y = _conv3(x, kernel, self.precision)
+            return y if bias is None else y + bias
+        strides = (self.strides,) * 3 if isinstance(self.strides, int) else tuple(self.strides)
+        if (max(strides) > 1 and self.padding == "SAME" and self.feature_group_count == 1
+                and not _tiles(self.kernel_size, strides, x.shape[1:4])):
+            kernel = self.kernel[...]
+            bias = self.bias[...] if self.bias is not None else None
+            x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+            conv = functools.partial(jax.lax.conv_general_dilated, window_strides=strides, padding="SAME",
+                                     dimension_numbers=_DN, precision=self.precision)
+            y = jax.lax.platform_dependent(
+                x, kernel, cpu=functools.partial(_strided_patches_conv, strides=strides, precision=self.precision),
+                default=conv)
             return y if bias is None else y + bias
         if (not _tiles(self.kernel_size, self.strides, x.shape[1:4]) or self.feature_group_count != 1
                 or self.padding not in ("SAME", "VALID")):
