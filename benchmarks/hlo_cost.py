@@ -80,10 +80,9 @@ def main(argv):
 
     config = flags.FLAGS.config
     from segguided_jax.models import blocks
-    if hasattr(blocks, "_SCAN_MIN_VOXELS"):
-        # The CPU-only weight-gradient scan (blocks.conv3_weight_grad_scan) off: the compiled
-        # program is then the one an accelerator gets.
-        blocks._SCAN_MIN_VOXELS = float("inf")
+    if hasattr(blocks, "CPU_REWRITES"):
+        # The CPU-only formulations off: the compiled program is then the one an accelerator gets.
+        blocks.CPU_REWRITES = False
     b, patch = config.train.batch_size, tuple(config.data.patch)
     tx = make_optimizer(config.optim, config.train.steps)
     state = jax.eval_shape(functools.partial(init_state, config.seed, config.model, tx))

@@ -21,6 +21,10 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
 
 
 _DN = ("NDHWC", "DHWIO", "NDHWC")
+# The CPU-only formulations below (weight-gradient scan, strided convs as patches) are chosen at
+# lowering time with lax.platform_dependent, so accelerators never run them. False turns them off
+# on CPU too (benchmarks/hlo_cost.py: to compile the program an accelerator gets).
+CPU_REWRITES = True
 # A 3³ convolution's weight gradient is a convolution whose kernel is the whole activation. XLA's
 # CPU backend (oneDNN included) runs it ~2.7x slower than the scan below at 64³ x 16 channels,
 # and no faster at 32³ x 32 (benchmarks/conv_wgrad.py); so the scan is used on CPU for large,
@@ -120,7 +124,7 @@ class Conv(nnx.Conv):
     from conv3_weight_grad_scan on CPU. Inputs (N, D, H, W, C), channels-last."""
 
     def __call__(self, x):
-        if (tuple(self.kernel_size) == (3, 3, 3) and _tiles(1, self.strides) and self.padding == "SAME"
+        if (CPU_REWRITES and tuple(self.kernel_size) == (3, 3, 3) and _tiles(1, self.strides) and self.padding == "SAME"
                 and self.feature_group_count == 1 and x.shape[1] * x.shape[2] * x.shape[3] >= _SCAN_MIN_VOXELS
                 and self.in_features * self.out_features <= _SCAN_MAX_CHANNELS):
             kernel = self.kernel[...]
@@ -129,7 +133,7 @@ class Conv(nnx.Conv):
             y = _conv3(x, kernel, self.precision)
             return y if bias is None else y + bias
         strides = (self.strides,) * 3 if isinstance(self.strides, int) else tuple(self.strides)
-        if (max(strides) > 1 and self.padding == "SAME" and self.feature_group_count == 1
+        if (CPU_REWRITES and max(strides) > 1 and self.padding == "SAME" and self.feature_group_count == 1
                 and not _tiles(self.kernel_size, strides, x.shape[1:4])):
             kernel = self.kernel[...]
             bias = self.bias[...] if self.bias is not None else None
