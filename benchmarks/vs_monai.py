@@ -11,10 +11,11 @@ backward and AdamW on a batch of `train.batch_size` random patches (batch 2 in t
 
 Variants:
 - ours: `steps.train_step` of this checkout (jitted, state donated, as in training) for each dtype
-  in --dtypes (model.compute_dtype; parameters stay float32), under this interpreter and, with
-  --ours_python, another one (e.g. a Python 3.11 venv with jax 0.10.2), and for each XLA flag set
-  in --xla_flag_sets ("default": the XLA_FLAGS of this environment, as launch/env.sh sets them;
-  "none": no flags; anything else: that string).
+  in --dtypes (model.compute_dtype; parameters stay float32) under this interpreter and the first
+  XLA flag set; then, in the first dtype only, for each further flag set in --xla_flag_sets
+  ("default": the XLA_FLAGS of this environment, as launch/env.sh sets them; "none": no flags;
+  anything else: that string) and each interpreter in --ours_python (e.g. a Python 3.11 venv with
+  jax 0.10.2, which must have this package's dependencies).
 - MONAI: benchmarks/monai_peer.py (DynUNet with residual blocks, instance norm, LeakyReLU,
   stride-2 3³ downsampling, transposed-conv upsampling, DiceCE, AdamW, --threads threads), in
   float32 and, if bfloat16 is among --dtypes, CPU autocast bf16. It runs in its own venv, which
@@ -205,7 +206,9 @@ def main():
                     xla = os.environ.get("XLA_FLAGS", "") if flag_set == "default" else "" if flag_set == "none" else flag_set
                     if xla:
                         env["XLA_FLAGS"] = xla
-                    for dtype in FLAGS.dtypes:
+                    # Other interpreters and flag sets: the first dtype only, to keep the run short.
+                    first = python == sys.executable and flag_set == FLAGS.xla_flag_sets.split(";")[0]
+                    for dtype in FLAGS.dtypes if first else FLAGS.dtypes[:1]:
                         spec = {"config": FLAGS.config, "patch": patch, "widths": widths, "dtype": dtype,
                                 "down_kernel": FLAGS.down_kernel}
                         name = f"ours {dtype}"

@@ -7,8 +7,8 @@ VENV="$ROOT/.venv"
 
 # The interpreter: SEGGUIDED_PYTHON if given, else the first Python >= 3.12 that runs and can make
 # a venv, else python3. Python 3.12 gets jax 0.12, whose oneDNN convolutions make the CPU train
-# step ~2.7x faster than jax 0.10.2, the newest jax pip resolves on Python 3.11
-# (benchmarks/vs_monai.py measures both). A pyenv shim such as python3.12 exists even when that
+# step ~4.5x faster than jax 0.10.2, the newest jax pip resolves on Python 3.11 (synthetic config
+# at 32³, benchmarks/vs_monai.py --ours_python=...: 478 ms against 2335 ms). A pyenv shim such as python3.12 exists even when that
 # version is not selected and then fails, hence the check that each candidate really runs.
 _segguided_python() {
   if [ -n "${SEGGUIDED_PYTHON:-}" ]; then echo "$SEGGUIDED_PYTHON"; return; fi
@@ -47,9 +47,10 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
-# XLA's CPU flags, set only where measured to help (benchmarks/vs_monai.py, --flags): with jax
-# >= 0.12 on x86-64, convolutions as oneDNN calls cut the synthetic config's train step ~2.7x;
-# jax 0.10.2 accepts the flags and runs no faster. A user's own XLA_FLAGS that mention oneDNN win.
+# XLA's CPU flags, set only where measured to help (benchmarks/vs_monai.py --xla_flag_sets=
+# 'default;none'): with jax >= 0.12 on x86-64, convolutions as oneDNN calls cut the synthetic
+# config's train step 4.5x (478 against 2130 ms); on jax 0.10.2 they gain little (1890 against
+# 2335 ms) and are left off. A user's own XLA_FLAGS that mention oneDNN win.
 JAX_VERSION="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("jax"))')"
 if [ "$(uname -m)" = x86_64 ] && [[ "${XLA_FLAGS:-}" != *onednn* ]] \
    && "$VENV/bin/python" -c "import sys; sys.exit(tuple(map(int, '$JAX_VERSION'.split('.')[:2])) < (0, 12))"; then
