@@ -49,8 +49,9 @@ source "$VENV/bin/activate"
 
 # XLA's CPU flags, set only where measured to help (benchmarks/vs_monai.py --xla_flag_sets=
 # 'default;none'): with jax >= 0.12 on x86-64, convolutions as oneDNN calls cut the synthetic
-# config's train step 4.5x (478 against 2130 ms); on jax 0.10.2 they gain little (1890 against
-# 2335 ms) and are left off. A user's own XLA_FLAGS that mention oneDNN win.
+# config's train step 4.5x (478 against 2130 ms); on jax 0.10.2 the step's CPU time is within
+# noise of the flagless one (1397 against 1464 ms per step), so they are left off there. A
+# user's own XLA_FLAGS that mention oneDNN win.
 JAX_VERSION="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("jax"))')"
 if [ "$(uname -m)" = x86_64 ] && [[ "${XLA_FLAGS:-}" != *onednn* ]] \
    && "$VENV/bin/python" -c "import sys; sys.exit(tuple(map(int, '$JAX_VERSION'.split('.')[:2])) < (0, 12))"; then
