@@ -26,9 +26,9 @@ _DN = ("NDHWC", "DHWIO", "NDHWC")
 # on CPU too (benchmarks/hlo_cost.py: to compile the program an accelerator gets).
 CPU_REWRITES = True
 # A 3³ convolution's weight gradient is a convolution whose kernel is the whole activation. XLA's
-# CPU backend (oneDNN included) runs it ~2.7x slower than the scan below at 64³ x 16 channels,
-# and no faster at 32³ x 32 (benchmarks/conv_wgrad.py); so the scan is used on CPU for large,
-# narrow activations only, and never on accelerators.
+# CPU backend (oneDNN included) spends ~2.6x the scan's CPU time on it at 64³ x 16 channels, and
+# between 1x and 1.3x at 32³ x 32 over repeated runs (benchmarks/conv_wgrad.py); so the scan is
+# used on CPU for large, narrow activations only, and never on accelerators.
 _SCAN_MIN_VOXELS = 2**17  # per sample (above ~50³)
 _SCAN_MAX_CHANNELS = 32 * 32  # C_in x C_out
 _SCAN_CHUNK = 2048  # output voxels per step: the step's 27·C_in x chunk patch matrix stays in L3 cache
