@@ -1,15 +1,39 @@
 # Sourced by the demo and test commands: creates ./.venv on first use and (re)installs the
-# project whenever pyproject.toml changes, then activates it and sets the runtime environment.
+# project whenever pyproject.toml, the extras or the interpreter change, then activates it and
+# sets the runtime environment.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${SEGGUIDED_PYTHON:-python3}"
 VENV="$ROOT/.venv"
+
+# The interpreter: SEGGUIDED_PYTHON if given, else the first Python >= 3.12 that runs and can make
+# a venv, else python3. Python 3.12 gets jax 0.12, whose oneDNN convolutions make the CPU train
+# step ~4.5x faster than jax 0.10.2, the newest jax pip resolves on Python 3.11 (synthetic config
+# at 32³, benchmarks/vs_monai.py --ours_python=...: 478 ms against 2335 ms). A pyenv shim such as python3.12 exists even when that
+# version is not selected and then fails, hence the check that each candidate really runs.
+_segguided_python() {
+  if [ -n "${SEGGUIDED_PYTHON:-}" ]; then echo "$SEGGUIDED_PYTHON"; return; fi
+  local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}" cand
+  for cand in python3.12 python3.13 \
+      $(ls -d "$pyenv_root"/versions/3.12*/bin/python3 "$pyenv_root"/versions/3.13*/bin/python3 2>/dev/null) \
+      python3; do
+    if "$cand" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+      echo "$cand"; return
+    fi
+  done
+  echo python3
+}
+PYTHON="$(_segguided_python)"
+PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$PY_VERSION" ]; then
+  echo "setup: $VENV has another Python than $PYTHON ($PY_VERSION); recreating it"
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "setup: creating $VENV with $($PYTHON --version)"
+  echo "setup: creating $VENV with $("$PYTHON" --version) ($PYTHON)"
   "$PYTHON" -m venv "$VENV"
 fi
 EXTRAS="${SEGGUIDED_EXTRAS:-test}"  # test,cuda on NVIDIA GPUs; test,tpu on Cloud TPU VMs
-STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml"; echo "$EXTRAS") | sha1sum | cut -c1-12)"
+STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml"; echo "$EXTRAS $PY_VERSION") | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   echo "setup: installing segguided_jax and its dependencies into $VENV (first run only)"
   if ! { "$VENV/bin/python" -m pip install --upgrade pip \
@@ -22,6 +46,22 @@ if [ ! -f "$STAMP" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
+
+# XLA's CPU flags, set only where measured to help (benchmarks/vs_monai.py --xla_flag_sets=
+# 'default;none'): with jax >= 0.12 on x86-64, convolutions as oneDNN calls cut the synthetic
+# config's train step 4.5x (478 against 2130 ms); on jax 0.10.2 the step's CPU time is within
+# noise of the flagless one (1397 against 1464 ms per step), so they are left off there. A
+# user's own XLA_FLAGS that mention oneDNN win.
+JAX_VERSION="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("jax"))')"
+if [ "$(uname -m)" = x86_64 ] && [[ "${XLA_FLAGS:-}" != *onednn* ]] \
+   && "$VENV/bin/python" -c "import sys; sys.exit(tuple(map(int, '$JAX_VERSION'.split('.')[:2])) < (0, 12))"; then
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
+fi
+# Non-partitionable threefry (other random bits than jax's default, the same on every run and
+# device count): jax 0.12's CPU compiler takes ~140 s to compile the synthetic config's parameter
+# init with the partitionable default and ~8 s without. jax 0.10.2 compiles either fast; it is
+# set there too so that both set-ups draw the same numbers.
+export JAX_THREEFRY_PARTITIONABLE="${JAX_THREEFRY_PARTITIONABLE:-0}"
 # Compiled XLA programs are reused across runs (start-up from ~45 s to ~10 s on this CPU).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$ROOT/.cache/jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"
