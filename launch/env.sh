@@ -8,8 +8,9 @@ VENV="$ROOT/.venv"
 # The interpreter: SEGGUIDED_PYTHON if given, else the first Python >= 3.12 that runs and can make
 # a venv, else python3. Python 3.12 gets jax 0.12, whose oneDNN convolutions make the CPU train
 # step ~4.5x faster than jax 0.10.2, the newest jax pip resolves on Python 3.11 (synthetic config
-# at 32³, benchmarks/vs_monai.py --ours_python=...: 478 ms against 2335 ms). A pyenv shim such as python3.12 exists even when that
-# version is not selected and then fails, hence the check that each candidate really runs.
+# at 32³, benchmarks/vs_monai.py --ours_python=...: 478 ms against 2335 ms). A pyenv shim such as
+# python3.12 exists even when that version is not selected and then fails, hence the check that
+# each candidate really runs.
 _segguided_python() {
   if [ -n "${SEGGUIDED_PYTHON:-}" ]; then echo "$SEGGUIDED_PYTHON"; return; fi
   local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}" cand
@@ -57,11 +58,6 @@ if [ "$(uname -m)" = x86_64 ] && [[ "${XLA_FLAGS:-}" != *onednn* ]] \
    && "$VENV/bin/python" -c "import sys; sys.exit(tuple(map(int, '$JAX_VERSION'.split('.')[:2])) < (0, 12))"; then
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
 fi
-# Non-partitionable threefry (other random bits than jax's default, the same on every run and
-# device count): jax 0.12's CPU compiler takes ~140 s to compile the synthetic config's parameter
-# init with the partitionable default and ~8 s without. jax 0.10.2 compiles either fast; it is
-# set there too so that both set-ups draw the same numbers.
-export JAX_THREEFRY_PARTITIONABLE="${JAX_THREEFRY_PARTITIONABLE:-0}"
 # Compiled XLA programs are reused across runs (start-up from ~45 s to ~10 s on this CPU).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$ROOT/.cache/jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"
