@@ -2,7 +2,9 @@
 
     python -m segguided_jax.train --config=configs/synthetic.py --workdir=runs/demo [--config.key=value ...]
 
-A run resumes by itself from the newest checkpoint in the workdir. Written there (by process 0):
+A run resumes by itself from the newest checkpoint in the workdir, a local folder or a gs:// URI
+(every path goes through segguided_jax.storage; a multi-process run first checks that all its
+processes see the same workdir and stops if they do not). Written there (by process 0):
 metrics.jsonl (training rows: step, loss, loss_seg, loss_aux, grad_norm; validation rows: step,
 split="val", dice_et, dice_tc, dice_wt, dice_mean and, with gates, attn_dice_ncr, attn_dice_ed,
 attn_dice_et), TensorBoard events under tb/, config.json, postprocessing.json (fitted on the
@@ -12,7 +14,9 @@ validation dice_mean).
 Order at a step that both validates and saves: validate, log the row, update best/, then save the
 checkpoint. So a checkpoint implies its step's validation is logged, except after a preemption,
 which saves at once; the resumed run then validates that step first. A kill at any moment therefore
-gives, after the same command, the metrics.jsonl of an uninterrupted run.
+gives, after the same command, the metrics.jsonl of an uninterrupted run. In a bucket, where
+metrics.jsonl is uploaded whole rather than appended to, it is uploaded after every validation row
+and before every checkpoint, so the rows a kill loses are only rows the resumed run drops anyway.
 """
 from __future__ import annotations
 
