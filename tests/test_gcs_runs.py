@@ -79,11 +79,13 @@ def test_kill9_then_the_same_command_resumes_from_the_bucket(whole, data_dir, gc
     run, bucket_data = gcs_emulator.new_prefix("run"), gcs_emulator.new_prefix("data")
     for name in os.listdir(data_dir):
         storage.copy_file(os.path.join(data_dir, name), storage.join(bucket_data, name))
-    cwd, staged = tmp_path / "cwd", str(tmp_path / "staged")
+    cwd, staged, tmp = tmp_path / "cwd", str(tmp_path / "staged"), tmp_path / "tmp"
     cwd.mkdir()
+    tmp.mkdir()
+    env = dict(_env(), TMPDIR=str(tmp))  # the killed run's TensorBoard staging folder stays in there
     cmd = _train_cmd(bucket_data, run, f"--stage_data_dir={staged}")
     with open(tmp_path / "killed.err", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     # Orbax marks a checkpoint in a bucket complete with commit_success.txt (no rename there).
     done = storage.join(run, "checkpoints", "4", "commit_success.txt")
     deadline = time.time() + 300  # a hang guard, not a timing
@@ -97,7 +99,7 @@ def test_kill9_then_the_same_command_resumes_from_the_bucket(whole, data_dir, gc
     # Every row the checkpoint keeps was uploaded before the checkpoint was written.
     assert [r for r in _rows(run) if r["step"] <= 4] == [r for r in expected if r["step"] <= 4]
 
-    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(rf"resumed from {re.escape(run)}/checkpoints at step (4|8)\b", out.stdout), out.stdout
     assert "staged" not in out.stdout  # the first run's copy has the same fingerprint
