@@ -11,9 +11,11 @@
                cases, then writes the report (ROOT/report/report.md, CSV, PNG).
 --mode=print   prints one shell command per run, then the command that writes the report.
 --mode=slurm   writes ROOT/sweep.sbatch, a SLURM job array with one task per run; after it has
-               finished, --mode=report writes the report.
+               finished, --mode=report writes the report. ROOT must be a folder the SLURM nodes
+               share (sbatch reads the script from it), not a gs:// URI.
 --mode=report  writes the report from finished runs.
 Arguments after -- go to every run's trainer (e.g. --config.train.steps=200).
+--root may be a gs:// URI (runs and report in a bucket) in every mode but slurm.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from segguided_jax import storage  # noqa: E402
 from segguided_jax import sweep as sweep_lib  # noqa: E402
 
 
@@ -63,19 +66,23 @@ def main(argv=None):
         return
     sweep = load_sweep(args.config, args.sweep)
     runs = sweep_lib.expand(sweep)
-    report = os.path.join(args.root, "report")
+    report = storage.join(args.root, "report")
     me = [sys.executable, os.path.abspath(__file__), f"--config={args.config}", f"--root={args.root}",
           f"--sweep={args.sweep}"]
     if args.mode in ("print", "slurm"):
         lines = []
         for run in runs:
-            workdir = os.path.join(args.root, run.name)
+            workdir = storage.join(args.root, run.name)
             lines.append(shlex.join(train_command(args.config, workdir, run, extra)) + " && "
                          + shlex.join(me + [f"--evaluate-run={workdir}"]))
         if args.mode == "print":
             print("\n".join(lines))
             print(shlex.join(me + ["--mode=report"]))
             return
+        if storage.is_remote(args.root):
+            sys.exit(f"--mode=slurm: --root {args.root} is a bucket, but sbatch and the job array read "
+                     "ROOT/sweep.sbatch and ROOT/sweep_commands.sh from a file system: give a --root on a "
+                     f"file system the SLURM nodes share, or print the commands with --mode=print")
         os.makedirs(args.root, exist_ok=True)
         commands = os.path.join(args.root, "sweep_commands.sh")
         with open(commands, "w") as f:
@@ -96,7 +103,7 @@ eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(comm
         return
     if args.mode == "local":
         for i, run in enumerate(runs):
-            workdir = os.path.join(args.root, run.name)
+            workdir = storage.join(args.root, run.name)
             if sweep_lib.is_finished(args.root, run):
                 print(f"sweep [{i + 1}/{len(runs)}] {run.name}: finished, skipped", flush=True)
                 continue
@@ -105,8 +112,8 @@ eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(comm
             print(f"sweep [{i + 1}/{len(runs)}] {run.name}: evaluating on the test cases", flush=True)
             sweep_lib.evaluate_run(workdir)
     result = sweep_lib.aggregate(args.root, runs, report, sweep.get("compare", ()), sweep.get("sensitivity"))
-    print(open(os.path.join(report, "report.md")).read().split("## Bootstrap")[0])
-    print(f"report: {os.path.join(report, 'report.md')}")
+    print(storage.read_text(storage.join(report, "report.md")).split("## Bootstrap")[0])
+    print(f"report: {storage.join(report, 'report.md')}")
     return result
 
 

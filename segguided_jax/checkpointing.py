@@ -6,18 +6,21 @@ process leaves the previous checkpoints intact; `latest_step` only ever sees fin
 temporary folders left by a kill are removed when the next run opens the workdir. A finished
 checkpoint that is damaged afterwards (a truncated or garbled file) is set aside by
 `restore_newest` and the next older one is used.
+
+Paths go through segguided_jax.storage: the workdir may be local or a gs:// URI (Orbax writes
+there itself, each process its own shards).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from segguided_jax import storage
 
 CORRUPT_DIR = "corrupt_checkpoints"
 
@@ -32,11 +35,11 @@ class Checkpointer:
     train state with the highest validation dice_mean. Every process calls every method."""
 
     def __init__(self, workdir: str, ckpt_cfg):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.abspath(workdir)
         self.every_steps = ckpt_cfg.every_steps
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.directory = storage.join(self.workdir, "checkpoints")
         self.manager = _manager(self.directory, ckpt_cfg, max_to_keep=ckpt_cfg.keep)
-        self.best = _manager(os.path.join(self.workdir, "best"), ckpt_cfg, max_to_keep=1,
+        self.best = _manager(storage.join(self.workdir, "best"), ckpt_cfg, max_to_keep=1,
                              best_fn=lambda m: m["dice_mean"], best_mode="max")
 
     def should_save(self, step: int) -> bool:
@@ -84,14 +87,14 @@ class Checkpointer:
         return None
 
     def _set_aside(self, step: int, error: str, warn) -> None:
-        target = os.path.join(self.workdir, CORRUPT_DIR, str(step))
-        warn(f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored ({error}); moved to "
+        target = storage.join(self.workdir, CORRUPT_DIR, str(step))
+        warn(f"checkpoint {storage.join(self.directory, str(step))} cannot be restored ({error}); moved to "
              f"{target}, trying the one before it")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            storage.makedirs(storage.dirname(target))
+            if storage.exists(target):
+                storage.rmtree(target)
+            storage.move(storage.join(self.directory, str(step)), target)
         _barrier(f"set_aside_{step}")
         self.manager.reload()
 
@@ -118,17 +121,17 @@ def _all_processes_agree(ok: bool) -> bool:
 
 def _checkpoint_folder(path: str) -> tuple[str, int | None]:
     """(checkpoints directory, step or None for the newest) for a workdir or one checkpoint folder."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    if os.path.basename(path).isdigit():
-        return os.path.dirname(path), int(os.path.basename(path))
+    path = storage.abspath(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return storage.join(path, "checkpoints"), None
+    if storage.basename(path).isdigit():
+        return storage.dirname(path), int(storage.basename(path))
     raise FileNotFoundError(f"{path}: neither a training workdir (with checkpoints/) nor a checkpoint folder")
 
 
 def load_for_inference(path: str):
     """(config, graphdef, params) from a training workdir (its newest checkpoint) or from one
-    checkpoint folder (WORKDIR/checkpoints/STEP): only the parameters are read (no optimiser state),
+    checkpoint folder (WORKDIR/checkpoints/STEP), local or gs://: only the parameters are read (no optimiser state),
     placed on the default device. The config is the one stored in the checkpoint."""
     import ml_collections
 
@@ -142,7 +145,7 @@ def load_for_inference(path: str):
         config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))["config"])
     graphdef, abstract = nnx.split(abstract_model(config.model), nnx.Param)
-    item = os.path.join(directory, str(step), "state")
+    item = storage.join(directory, str(step), "state")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     # The saved state is {step, params, opt_state}; read the params subtree alone, its leaves in the
     # layout nnx.State writes (each variable a {"value": array} node).

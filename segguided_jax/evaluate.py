@@ -12,6 +12,7 @@ Inputs
           ``<ref>/<case_id>/<case_id>-seg.nii.gz`` (2023), or flat ``<ref>/<case_id>.nii.gz``.
   The edition (file names and label values) is told from the case id (BraTS2021_XXXXX,
   BraTS-GLI-XXXXX-YYY) unless --edition names it. HD95 uses the reference header's voxel spacing.
+  Either folder may be a gs:// URI (each file is then read whole into memory).
 
 Metrics (definitions and sources in segguided_jax/metrics.py): per region ET, TC, WT the classic
 Dice, HD95 (mm), sensitivity and specificity; the BraTS 2023 lesion-wise Dice and HD95 (GLI
@@ -31,7 +32,7 @@ the other cases are scored. Exit status: 0 every paired case scored, 1 some case
 scored, 2 a usage error (a folder missing or holding nothing to evaluate). Cases found in only one
 folder are warned about and listed, but do not change the exit status.
 
-Outputs in --out (each written whole or not at all)
+Outputs in --out, a local folder or gs:// URI (each written whole or not at all)
   per_case.csv   one row per case found in either folder (schema: ``write_per_case``); ``status``
                  is ok, error, missing_prediction or missing_reference (only ok rows have metrics
                  and enter the summary).
@@ -47,15 +48,16 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gzip
+import io
 import json
 import math
-import os
 import sys
 
 import nibabel as nib
 import numpy as np
 
-from segguided_jax import metrics
+from segguided_jax import metrics, storage
 from segguided_jax.data.brats import EDITIONS, REGIONS, SUBREGIONS, Edition, detect_edition
 from segguided_jax.data.cases import NII, parse_prediction_file
 from segguided_jax.stats import mean_std
@@ -107,16 +109,16 @@ def _edition_for(case_id: str, forced: str) -> Edition:
 def find_references(ref_dir: str, edition: str = "auto") -> dict:
     """{case_id: (seg file path, Edition)} for the case folders and flat files in ref_dir."""
     refs = {}
-    for name in sorted(os.listdir(ref_dir)):
-        path = os.path.join(ref_dir, name)
+    for name in storage.listdir(ref_dir):
+        path = storage.join(ref_dir, name)
         if name.startswith("."):
             continue
-        if os.path.isdir(path):
+        if storage.isdir(path):
             case_id = name
             ed = _edition_for(case_id, edition)
             seg = ed.seg_file(path)
-            if not os.path.isfile(seg):
-                raise FileNotFoundError(f"reference case folder {path} has no segmentation {os.path.basename(seg)}")
+            if not storage.isfile(seg):
+                raise FileNotFoundError(f"reference case folder {path} has no segmentation {storage.basename(seg)}")
         elif name.endswith(NII):
             case_id, seg = _case_id_of(name), path
             ed = _edition_for(case_id, edition)
@@ -132,10 +134,10 @@ def find_predictions(pred_dir: str) -> dict:
     """{case_id: {"seg": path or None, "attention": {sub-region: path}}} for the flat files in
     pred_dir, named as predict names them (attention maps without a label map give seg None)."""
     preds = {}
-    for name in sorted(os.listdir(pred_dir)):
-        path = os.path.join(pred_dir, name)
+    for name in storage.listdir(pred_dir):
+        path = storage.join(pred_dir, name)
         parsed = parse_prediction_file(name)
-        if parsed is None or parsed[1] == "probabilities" or not os.path.isfile(path):
+        if parsed is None or parsed[1] == "probabilities" or not storage.isfile(path):
             continue
         case_id, kind = parsed
         entry = preds.setdefault(case_id, {"seg": None, "attention": {}})
@@ -150,11 +152,22 @@ class CaseFileError(Exception):
     """A file of a case that cannot be read as a NIfTI volume; the message names the file."""
 
 
+def _load_nifti(path: str) -> nib.Nifti1Image:
+    """nib.load for a local path; a gs:// object is read whole into memory (gunzipped if it is
+    .nii.gz) and parsed from there."""
+    if not storage.is_remote(path):
+        return nib.load(path)
+    data = storage.read_bytes(path)
+    if data[:2] == b"\x1f\x8b":  # the gzip magic number
+        data = gzip.decompress(data)
+    return nib.Nifti1Image.from_bytes(data)
+
+
 def _read_volume(path: str, what: str) -> tuple:
     """(3-D array as stored, NIfTI image) of `path`. Whatever goes wrong while reading (a missing,
     truncated or garbled file) is raised as CaseFileError naming the file and what it is."""
     try:
-        img = nib.load(path)
+        img = _load_nifti(path)
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file's name
         raise CaseFileError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from e
@@ -269,7 +282,7 @@ def discover(pred_dir: str, ref_dir: str, edition: str = "auto", warn=None) -> D
     nothing to evaluate; warns (via `warn`) about every case found on one side only."""
     warn = warn or _stderr_warning
     for name, d in (("--pred", pred_dir), ("--ref", ref_dir)):
-        if not os.path.isdir(d):
+        if not storage.isdir(d):
             raise FileNotFoundError(f"{name} {d} is not a folder")
     refs = find_references(ref_dir, edition)
     preds = find_predictions(pred_dir)
@@ -285,7 +298,7 @@ def discover(pred_dir: str, ref_dir: str, edition: str = "auto", warn=None) -> D
     found = Discovery(refs, preds, sorted(set(refs) & pred_ids), sorted(set(refs) - pred_ids),
                       sorted(pred_ids - set(refs)))
     for c in found.missing_prediction:
-        warn(f"case {c}: reference {refs[c][0]} has no prediction {os.path.join(pred_dir, c + NII)}")
+        warn(f"case {c}: reference {refs[c][0]} has no prediction {storage.join(pred_dir, c + NII)}")
     for c in found.missing_reference:
         warn(f"case {c}: prediction {preds[c]['seg']} has no reference in {ref_dir}")
     return found
@@ -339,25 +352,13 @@ def _cell(v):
     return v
 
 
-def _replace_atomically(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_csv(path: str, header: list, rows: list) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for row in rows:
-                writer.writerow([_cell(row.get(h)) for h in header])
-
-    _replace_atomically(path, write)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_cell(row.get(h)) for h in header])
+    storage.write_text(path, text.getvalue())
 
 
 def per_case_header(rows: list) -> list:
@@ -369,7 +370,7 @@ def per_case_header(rows: list) -> list:
 
 
 def write_per_case(path: str, rows: list) -> list:
-    """Writes the per-case CSV at `path` (atomically) and returns its header.
+    """Writes the per-case CSV at `path` (a local path or gs:// URI; atomically) and returns its header.
 
     The one per-case schema of the project (evaluate's per_case.csv, and anything else that scores
     cases): one row per case, columns
@@ -412,11 +413,7 @@ def _json_safe(obj):
 
 def write_json(path: str, result: dict) -> None:
     """metrics.json: `result` with NaN written as null."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(_json_safe(result), f, indent=1, allow_nan=False)
-
-    _replace_atomically(path, write)
+    storage.write_text(path, json.dumps(_json_safe(result), indent=1, allow_nan=False))
 
 
 def _box_plot(path: str, family: str, description: str, unit: str, labels: list, data: list) -> None:
@@ -433,7 +430,9 @@ def _box_plot(path: str, family: str, description: str, unit: str, labels: list,
     ax.set_title(description, fontsize=8, wrap=True)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_bytes(path, png.getvalue())
 
 
 def write_box_plots(out_dir: str, ok_rows: list, definitions: dict) -> None:
@@ -444,7 +443,7 @@ def write_box_plots(out_dir: str, ok_rows: list, definitions: dict) -> None:
         if fam not in PLOTTED or not cols:
             continue
         data = [[v for r in ok_rows if (v := r.get(c)) is not None and not math.isnan(v)] for c in cols]
-        _box_plot(os.path.join(out_dir, f"boxplot_{fam}.png"), fam, definitions[fam].removesuffix(f" [{unit}]"),
+        _box_plot(storage.join(out_dir, f"boxplot_{fam}.png"), fam, definitions[fam].removesuffix(f" [{unit}]"),
                   unit, [c.rpartition("_")[2].upper() for c in cols], data)
 
 
@@ -478,7 +477,7 @@ def evaluate(pred_dir: str, ref_dir: str, out_dir: str, edition: str = "auto", e
     definitions = definitions_for(hd95_method)
     errors = {r["case_id"]: r["error"] for r in rows if r["status"] == "error"}
     result = {
-        "settings": {"pred": os.path.abspath(pred_dir), "ref": os.path.abspath(ref_dir), "edition": edition,
+        "settings": {"pred": storage.abspath(pred_dir), "ref": storage.abspath(ref_dir), "edition": edition,
                      "hd95_method": hd95_method, "empty_hd95": empty_hd95,
                      "lesion_dilation": lesion_dilation, "lesion_min_volume_mm3": lesion_min_volume},
         "definitions": definitions,
@@ -490,10 +489,10 @@ def evaluate(pred_dir: str, ref_dir: str, out_dir: str, edition: str = "auto", e
         "summary": summary,
         "cases": rows,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    write_per_case(os.path.join(out_dir, "per_case.csv"), rows)
-    write_summary(os.path.join(out_dir, "summary.csv"), summary)
-    write_json(os.path.join(out_dir, "metrics.json"), result)
+    storage.makedirs(out_dir)
+    write_per_case(storage.join(out_dir, "per_case.csv"), rows)
+    write_summary(storage.join(out_dir, "summary.csv"), summary)
+    write_json(storage.join(out_dir, "metrics.json"), result)
     write_box_plots(out_dir, ok_rows, definitions)
 
     log(f"\nevaluated {len(ok_rows)} cases; {len(errors)} could not be scored; {len(found.missing_prediction)} "
@@ -510,9 +509,10 @@ def main(argv=None) -> int:
     """Runs the CLI; returns the exit status: 0 every paired case scored, 1 a case could not be
     scored (listed on stderr and in per_case.csv), 2 a usage error (no such folder, nothing to pair)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz predictions")
-    parser.add_argument("--ref", required=True, help="folder of BraTS case folders or <case_id>.nii.gz references")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz predictions (local or gs://)")
+    parser.add_argument("--ref", required=True,
+                        help="folder of BraTS case folders or <case_id>.nii.gz references (local or gs://)")
+    parser.add_argument("--out", required=True, help="output folder (local or gs://)")
     parser.add_argument("--edition", choices=["auto"] + sorted(EDITIONS), default="auto",
                         help="BraTS edition of file names and label values; auto: from each case id")
     parser.add_argument("--hd95-method", choices=metrics.HD95_METHODS, default="brats",

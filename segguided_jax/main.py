@@ -2,7 +2,9 @@
 
     python -m segguided_jax.main --config=configs/synthetic.py --workdir=runs/demo [--config.key=value ...]
 
-(`python -m segguided_jax.train ...` is the same command.) Several processes (hosts): on a Cloud TPU
+(`python -m segguided_jax.train ...` is the same command.) The workdir may be a local folder or a
+gs:// URI; --stage_data_dir=LOCAL copies a data.dir in a bucket to local disk first (once per data
+fingerprint) and trains from the copy. Several processes (hosts): on a Cloud TPU
 slice or under SLURM, jax.distributed finds its peers by itself; elsewhere pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I. A process that dies is noticed by
 the others within --heartbeat_timeout seconds, after which they stop with an error; the same command
@@ -18,7 +20,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, logs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, logs.")
+_STAGE = flags.DEFINE_string("stage_data_dir", None, "Copy config.data.dir (e.g. gs://BUCKET/prepared) to this local "
+                             "folder first, unless it already holds a copy with the same manifest fingerprint, and "
+                             "train from the copy: every sample reads a whole case, so local reads keep the input "
+                             "pipeline fed. Each host makes its own copy.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run, for jax.distributed.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
@@ -56,7 +62,12 @@ def main(argv):
                            _HEARTBEAT.value)
     from segguided_jax.train import train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if _STAGE.value:
+        from segguided_jax import storage
+
+        config.data.dir = storage.stage_data_dir(config.data.dir, _STAGE.value)
+    train_and_evaluate(config, _WORKDIR.value)
 
 
 def run():

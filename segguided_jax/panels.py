@@ -15,6 +15,8 @@ process.
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from scipy import ndimage
 
@@ -133,7 +135,8 @@ def _footer(fig, footer, heat, with_attention: bool) -> None:
 
 def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarray,
                attention: np.ndarray | None, spacing, title: str, affine=None) -> None:
-    """Writes the case's panel PNG to `path` (atomically: a temporary name, then renamed).
+    """Writes the case's panel PNG to `path`, a local path or gs:// URI, whole or not at all
+    (storage.write_bytes).
 
     flair, t1ce: (X, Y, Z) raw intensities; labels: (X, Y, Z) internal labels 0..3 (1 NCR, 2 ED,
     3 ET); attention: (X, Y, Z, 3) NCR/ED/ET maps in [0, 1], or None for no attention columns;
@@ -146,7 +149,7 @@ def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarra
     from matplotlib.figure import Figure
     from nibabel.orientations import apply_orientation
 
-    from segguided_jax.data.cases import atomic_file
+    from segguided_jax import storage
 
     ornt = orientation(affine)
     ras_spacing = np.empty(3)
@@ -187,5 +190,6 @@ def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarra
                               fontsize=FONT_SIZE)
             _letters(ax, letters)
     _footer(fig, footer, heat, attention is not None)
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png", facecolor="white")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", facecolor="white")
+    storage.write_bytes(path, png.getvalue())

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 from scipy import ndimage
 
+from segguided_jax import storage
 from segguided_jax.data.brats import REGIONS, labels_to_regions, regions_to_labels
 from segguided_jax.metrics import lesion_wise
 
@@ -125,13 +125,21 @@ def choose(total_scores: np.ndarray, num_cases: int, candidates=CANDIDATES_MM3) 
             "lesion_dice_without": {r: float(mean[i, 0]) for i, r in enumerate(REGIONS)}}
 
 
+def save_learned(workdir: str, record: dict) -> str:
+    """Writes `record` (from `choose`) as WORKDIR/postprocessing.json (a local path or gs:// URI),
+    whole or not at all; returns its path."""
+    path = storage.join(workdir, FILE)
+    storage.write_text(path, json.dumps(record, indent=1))
+    return path
+
+
 def load_learned(workdir_or_checkpoint: str) -> dict | None:
     """postprocessing.json of a training workdir (for a checkpoint folder WORKDIR/checkpoints/STEP,
-    its workdir's), or None."""
-    path = os.path.abspath(workdir_or_checkpoint)
-    for candidate in (path, os.path.dirname(os.path.dirname(path))):
-        f = os.path.join(candidate, FILE)
-        if os.path.exists(f):
-            with open(f) as fh:
-                return json.load(fh)
+    its workdir's), or None. Either may be a local path or a gs:// URI."""
+    path = storage.abspath(workdir_or_checkpoint)
+    for candidate in (path, storage.dirname(storage.dirname(path))):
+        try:
+            return json.loads(storage.read_text(storage.join(candidate, FILE)))
+        except FileNotFoundError:
+            continue
     return None

@@ -18,8 +18,9 @@ Inputs
             label values (default: the edition the case id is named like, else 2021).
   A segmentation file in a case folder is ignored: prediction needs only the four images.
 
-Outputs in --out, per case, each on the input's exact grid (shape, affine and header of the case's
-T1 image), each written under a temporary name and renamed when whole; the label map comes last,
+Outputs in --out (a local folder or gs:// URI), per case, each on the input's exact grid (shape,
+affine and header of the case's T1 image), each written whole or not at all (a temporary name
+renamed when whole; on object storage one upload); the label map comes last,
 so a case that has one has all its outputs, and a case that fails leaves none:
   <case_id>.nii.gz                       uint8 label map in the edition's values (2021: 0, 1 NCR,
                                          2 ED, 4 ET; 2023: ET = 3)
@@ -58,7 +59,7 @@ import time
 
 import numpy as np
 
-from segguided_jax import postprocess
+from segguided_jax import postprocess, storage
 from segguided_jax.data.brats import ALL_EDITIONS, EDITIONS, MODALITIES, SUBREGIONS
 from segguided_jax.data.cases import (BadInput, CaseError, CaseFiles, discover, explicit_case, load_case,
                                       prediction_files, write_like)
@@ -120,7 +121,7 @@ def _write_outputs(cf: CaseFiles, case, outputs: np.ndarray, meta: dict, setting
     except BaseException:
         for path in written:
             with contextlib.suppress(OSError):
-                os.remove(path)
+                storage.remove(path)
         raise
 
 
@@ -143,7 +144,7 @@ def predict_all(cases: list, predictor, settings: Settings, out_dir: str, log=pr
     """Predicts every case, going on past failures. Returns {"ok": [ids], "failed": {id: message},
     "seconds": {id: s}}."""
     err = err or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     result = {"ok": [], "failed": {}, "seconds": {}}
     for i, cf in enumerate(cases):
         progress = f"predict [{i + 1}/{len(cases)}]"
@@ -174,11 +175,11 @@ def predict_all(cases: list, predictor, settings: Settings, out_dir: str, log=pr
 def _training_spacing(config):
     """(manifest path or None, its target_spacing or None, the median voxel size of its cases or
     None): what the checkpoint's training data looked like, if its data.dir is reachable."""
-    path = os.path.join(str(config.data.get("dir", "")), MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(str(config.data.get("dir", "")), MANIFEST)
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except (FileNotFoundError, NotADirectoryError):
         return None, None, None
-    with open(path) as f:
-        manifest = json.load(f)
     target = manifest.get("target_spacing")
     sizes = [c["spacing"] for c in manifest.get("cases", []) if c.get("spacing")]
     median = [float(v) for v in np.median(sizes, axis=0)] if sizes else None
@@ -202,7 +203,7 @@ def _target_spacing(config, flag):
             raise ValueError(f"--spacing takes three numbers (mm), 'train' or 'none', got {flag}")
         return [float(v) for v in flag], "--spacing", trained
     if path is None:
-        where = os.path.join(str(config.data.get("dir", "")), MANIFEST)
+        where = storage.join(str(config.data.get("dir", "")), MANIFEST)
         return None, f"the training manifest {where} is not reachable; inputs keep their own spacing", None
     # As nnU-Net does: inputs are brought to the voxel size the model was trained at.
     return trained, path, trained
@@ -255,8 +256,7 @@ def _postprocessing(args, config, source: str) -> tuple[postprocess.PostProcessi
         learned = postprocess.load_learned(source)
         where = "learned on the val cases" if learned else "none learned (no postprocessing.json in the workdir)"
     else:
-        with open(args.postprocessing) as f:
-            learned, where = json.load(f), args.postprocessing
+        learned, where = json.loads(storage.read_text(args.postprocessing)), args.postprocessing
     return postprocess.PostProcessing.from_config(eval_cfg, learned and learned["min_volume_mm3"]), where
 
 
@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m segguided_jax.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--workdir", help="training workdir: its newest checkpoint")
-    model.add_argument("--checkpoint", help="one checkpoint folder, WORKDIR/checkpoints/STEP")
+    model.add_argument("--workdir", help="training workdir (local or gs://): its newest checkpoint")
+    model.add_argument("--checkpoint", help="one checkpoint folder, WORKDIR/checkpoints/STEP (local or gs://)")
     p.add_argument("--input", nargs="+", metavar="PATH", help="case folders or folders of case folders")
     for m in MODALITIES:
         p.add_argument(f"--{m}", metavar="FILE", help=f"the {m} image of one case given file by file")
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edition", choices=sorted(EDITIONS),
                    help="with --t1 ...: the output label values (default: from the case id, else 2021); "
                         "with --input: the file naming of case folders not named like BraTS cases")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (local or gs://)")
     p.add_argument("--no-tta", action="store_true", help="one pass, no mirroring (default: the 8 mirrorings)")
     p.add_argument("--tta", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
     p.add_argument("--mirror-axes", type=int, nargs="+", metavar="A", help="mirror over these axes only (0 1 2)")

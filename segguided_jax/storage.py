@@ -76,9 +76,13 @@ def join(path, *parts) -> str:
 
 
 def abspath(path) -> str:
-    """os.path.abspath for local paths; a URI is already absolute and comes back unchanged."""
+    """os.path.abspath for local paths; a URI is already absolute and comes back without a
+    trailing slash (gs://b/run/ -> gs://b/run), as os.path.abspath drops a local one."""
     path = os.fspath(path)
-    return path if is_remote(path) else os.path.abspath(path)
+    if not is_remote(path):
+        return os.path.abspath(path)
+    stripped = path.rstrip("/")
+    return path if stripped.endswith(":") else stripped  # gs:// alone stays as it is
 
 
 def basename(path) -> str:
@@ -98,6 +102,11 @@ def exists(path) -> bool:
 def isdir(path) -> bool:
     """True for a local folder; for a URI, True once at least one object lies under it."""
     return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def isfile(path) -> bool:
+    """os.path.isfile for local paths; for a URI, True where an object has exactly that name."""
+    return _epath(path).is_file() if is_remote(path) else os.path.isfile(path)
 
 
 def makedirs(path) -> None:
@@ -170,6 +179,30 @@ def rmtree(path) -> None:
         shutil.rmtree(path)
 
 
+def _copy_tree(src, dst) -> None:
+    for name in listdir(src):
+        if isdir(join(src, name)):
+            _copy_tree(join(src, name), join(dst, name))
+        else:
+            copy_file(join(src, name), join(dst, name))
+
+
+def move(src, dst) -> None:
+    """Moves the file or folder src to dst, which must not exist yet (as shutil.move, locally).
+    Object storage has no rename: each object is copied, then src is removed, so a move cut
+    short leaves src whole (and part of dst)."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not (is_remote(src) or is_remote(dst)):
+        shutil.move(src, dst)
+        return
+    if is_remote(src) and isdir(src):
+        _copy_tree(src, dst)
+        rmtree(src)
+    else:
+        copy_file(src, dst)
+        remove(src)
+
+
 @contextlib.contextmanager
 def _open_read(path):
     if is_remote(path):
@@ -214,13 +247,15 @@ class MetricsFile:
     (~150 bytes a row: 3,000 rows of a 150k-step run at log_every 50 are under 0.5 MB), so one
     upload a minute costs little.
 
-    A last line torn by a kill (a local append cut short) is dropped with a warning when the
-    file is read; an unreadable line elsewhere is an error naming the file and line.
+    A last line torn by a kill (a local append cut short) is dropped with a warning (to `warn`,
+    a callable taking the message; default: this module's logger) when the file is read; an
+    unreadable line elsewhere is an error naming the file and line.
     """
 
-    def __init__(self, path, flush_secs: float = 60.0):
+    def __init__(self, path, flush_secs: float = 60.0, warn=None):
         self.path = os.fspath(path)
         self.flush_secs = flush_secs
+        self._warn = warn or log.warning
         self._remote = is_remote(self.path)
         self._lines: list[str] | None = None  # object storage: the file's lines, once read
         self._dirty = False
@@ -247,8 +282,8 @@ class MetricsFile:
                     raise ValueError("no newline at the end")
             except ValueError as e:
                 if last:
-                    log.warning("%s: dropping its last line, cut short (the run was killed while "
-                                "writing it?): %r", self.path, line[:200])
+                    self._warn(f"{self.path}: dropping its last line, cut short (the run was killed "
+                               f"while writing it?): {line[:200]!r}")
                     lines.pop()
                     break
                 raise ValueError(f"{self.path}, line {i + 1}: {e}: {line[:200]!r}") from None

@@ -6,17 +6,19 @@ A config file defines a sweep with `get_sweep()`:
      "settings": {"gate_aux": {}, "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
      "compare": ["gate_aux", "no_gate"], "repeats": 1}
 Each (setting, seed) is one run in ROOT/<setting>-seed<seed>; every run sees the same data and
-test cases. The launcher is launch/sweep.py.
+test cases. ROOT may be a local folder or a gs:// URI (segguided_jax.storage). The launcher is
+launch/sweep.py.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import os
 
 import numpy as np
 
+from segguided_jax import storage
 from segguided_jax.data import brats
 from segguided_jax.stats import bootstrap_ci, mean_std, paired_wilcoxon
 
@@ -48,7 +50,7 @@ def expand(sweep: dict) -> list[Run]:
 
 
 def is_finished(root: str, run: Run) -> bool:
-    return os.path.exists(os.path.join(root, run.name, EVAL_DIR, "per_case.csv"))
+    return storage.exists(storage.join(root, run.name, EVAL_DIR, "per_case.csv"))
 
 
 def evaluate_run(workdir: str, out_dir: str | None = None) -> str:
@@ -77,9 +79,9 @@ def evaluate_run(workdir: str, out_dir: str | None = None) -> str:
         attention = ({s: out[..., 3 + k] for k, s in enumerate(brats.SUBREGIONS)} if out.shape[-1] > 3 else None)
         rows.append({"case_id": meta["id"], "status": "ok", "spacing": "x".join(f"{v:g}" for v in spacing),
                      **case_metrics(post.labels(out, spacing), case["label"], spacing, attention)})
-    out_dir = out_dir or os.path.join(workdir, EVAL_DIR)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "per_case.csv")
+    out_dir = out_dir or storage.join(workdir, EVAL_DIR)
+    storage.makedirs(out_dir)
+    path = storage.join(out_dir, "per_case.csv")
     write_per_case(path, rows)
     return path
 
@@ -89,14 +91,14 @@ def _read_per_case(path: str) -> dict:
     from segguided_jax.evaluate import INFO_COLUMNS
 
     skip = {"case_id", "status", "error", *INFO_COLUMNS}
-    with open(path) as f:
-        return {r["case_id"]: {k: float(v) for k, v in r.items() if k not in skip and v not in ("", "nan")}
-                for r in csv.DictReader(f) if r["status"] == "ok"}
+    rows = csv.DictReader(io.StringIO(storage.read_text(path), newline=""))
+    return {r["case_id"]: {k: float(v) for k, v in r.items() if k not in skip and v not in ("", "nan")}
+            for r in rows if r["status"] == "ok"}
 
 
 def _val_curve(workdir: str) -> list[tuple[int, float]]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [(r["step"], r["dice_mean"]) for r in map(json.loads, f) if r.get("split") == "val"]
+    rows = storage.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
+    return [(r["step"], r["dice_mean"]) for r in rows if r.get("split") == "val"]
 
 
 def _pairs(compare) -> list[tuple[str, str]]:
@@ -130,8 +132,8 @@ def aggregate(root: str, runs: list[Run], out_dir: str, compare=(), sensitivity:
     region pairing each case's seed-averaged values; with `sensitivity` (a config key the settings
     vary, e.g. "loss.aux_weight"), Dice and fidelity against its value; and which runs repeat a
     (setting, seed) and whether they agree."""
-    os.makedirs(out_dir, exist_ok=True)
-    per_run = {r.name: _read_per_case(os.path.join(root, r.name, EVAL_DIR, "per_case.csv")) for r in runs}
+    storage.makedirs(out_dir)
+    per_run = {r.name: _read_per_case(storage.join(root, r.name, EVAL_DIR, "per_case.csv")) for r in runs}
     settings = list(dict.fromkeys(r.setting for r in runs))
     run_rows = [_run_row(r, per_run[r.name]) for r in runs]
 
@@ -167,7 +169,7 @@ def aggregate(root: str, runs: list[Run], out_dir: str, compare=(), sensitivity:
         groups.setdefault((r.setting, r.seed), []).append(r.name)
     repro = []
     for (s, seed), names in groups.items():
-        curves = [_val_curve(os.path.join(root, n)) for n in names]
+        curves = [_val_curve(storage.join(root, n)) for n in names]
         repro.append({"setting": s, "seed": seed, "runs": names,
                       "identical": all(c == curves[0] for c in curves) if len(names) > 1 else None})
     values = {}
@@ -185,12 +187,12 @@ def _fmt(ms, digits=3):
 
 def _write_report(out_dir, root, runs, run_rows, result, settings):
     summary, tests, repro = result["summary"], result["tests"], result["reproducibility"]
-    with open(os.path.join(out_dir, "runs.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, list(run_rows[0]))
-        w.writeheader()
-        w.writerows(run_rows)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, list(run_rows[0]))
+    w.writeheader()
+    w.writerows(run_rows)
+    storage.write_text(storage.join(out_dir, "runs.csv"), table.getvalue())
+    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(result, indent=1))
     lines = ["# Sweep report", "", f"Runs under `{root}`: {len(runs)} "
              f"({', '.join(settings)} × seeds {sorted({r.seed for r in runs})}); metrics on the test cases, "
              "never seen in training or validation (classic BraTS 2021 Dice, BraTS 2023 lesion-wise Dice, HD95 "
@@ -243,9 +245,8 @@ def _write_report(out_dir, root, runs, run_rows, result, settings):
         same = "only one run" if r["identical"] is None else ("yes" if r["identical"] else "NO")
         lines.append(f"| {r['setting']} | {r['seed']} | {', '.join(r['runs'])} | {same} |")
     lines += ["", "![validation Dice against step](curves.png)", ""]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-    _plot_curves(os.path.join(out_dir, "curves.png"), root, runs, settings)
+    storage.write_text(storage.join(out_dir, "report.md"), "\n".join(lines))
+    _plot_curves(storage.join(out_dir, "curves.png"), root, runs, settings)
 
 
 def _plot_curves(path, root, runs, settings):
@@ -257,7 +258,7 @@ def _plot_curves(path, root, runs, settings):
     ax = fig.add_subplot(1, 1, 1)
     colours = {s: f"C{i}" for i, s in enumerate(settings)}
     for r in runs:
-        curve = _val_curve(os.path.join(root, r.name))
+        curve = _val_curve(storage.join(root, r.name))
         if curve:
             steps, dice = zip(*curve)
             ax.plot(steps, dice, "o-", color=colours[r.setting], alpha=0.8, label=r.setting)
@@ -268,4 +269,6 @@ def _plot_curves(path, root, runs, settings):
     ax.set_ylabel("validation mean Dice (ET, TC, WT)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_bytes(path, png.getvalue())

@@ -2,7 +2,9 @@
 
     python -m segguided_jax.train --config=configs/synthetic.py --workdir=runs/demo [--config.key=value ...]
 
-A run resumes by itself from the newest checkpoint in the workdir. Written there (by process 0):
+A run resumes by itself from the newest checkpoint in the workdir, a local folder or a gs:// URI
+(every path goes through segguided_jax.storage; a multi-process run first checks that all its
+processes see the same workdir and stops if they do not). Written there (by process 0):
 metrics.jsonl (training rows: step, loss, loss_seg, loss_aux, grad_norm; validation rows: step,
 split="val", dice_et, dice_tc, dice_wt, dice_mean and, with gates, attn_dice_ncr, attn_dice_ed,
 attn_dice_et), TensorBoard events under tb/, config.json, postprocessing.json (fitted on the
@@ -12,13 +14,13 @@ validation dice_mean).
 Order at a step that both validates and saves: validate, log the row, update best/, then save the
 checkpoint. So a checkpoint implies its step's validation is logged, except after a preemption,
 which saves at once; the resumed run then validates that step first. A kill at any moment therefore
-gives, after the same command, the metrics.jsonl of an uninterrupted run.
+gives, after the same command, the metrics.jsonl of an uninterrupted run. In a bucket, where
+metrics.jsonl is uploaded whole rather than appended to, it is uploaded after every validation row
+and before every checkpoint, so the rows a kill loses are only rows the resumed run drops anyway.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import signal
 import sys
 import time
@@ -26,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from segguided_jax import postprocess, sharding
+from segguided_jax import postprocess, sharding, storage
 from segguided_jax.checkpointing import Checkpointer, all_process_states
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
@@ -42,42 +44,21 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl. A torn last line (a kill in the middle of writing it) is dropped
-    with a warning; damage anywhere else is an error naming the file and line."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if any(rest.strip() for rest in lines[i + 1:]):
-                raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); the file is damaged") from e
-            _warn(f"{path}: dropped a torn last line (a run killed while writing it): {line[:80]!r}")
-    return rows
-
-
 class MetricsLog:
-    """metrics.jsonl, TensorBoard and the progress line; written by process 0 only."""
+    """metrics.jsonl (storage.MetricsFile), TensorBoard and the progress line; written by process 0
+    only. flush() puts every row logged so far into the workdir (on object storage rows are
+    uploaded at most once a minute otherwise)."""
 
     def __init__(self, workdir: str, resume_step: int):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS)
+        self.file = storage.MetricsFile(storage.join(workdir, METRICS), warn=_warn)
         # Rows past the checkpoint we resume from were logged by the killed run and will be
         # produced again: drop them so the file reads as one uninterrupted run.
-        self.rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        if not self.active:
-            return
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        os.replace(self.path + ".tmp", self.path)
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        if self.active:
+            self.file.truncate_after(resume_step)
+        self.rows = [r for r in self.file.rows() if r["step"] <= resume_step]
+        if self.active:
+            self.tb = storage.summary_writer(storage.join(workdir, "tb"))
 
     def validated(self, step: int) -> dict | None:
         """The validation row of `step`, if logged."""
@@ -92,13 +73,16 @@ class MetricsLog:
         self.rows.append(row)
         if not self.active:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.file.append(row)
         prefix = "val/" if row.get("split") == "val" else "train/"
         for k, v in {**row, **tb_only}.items():
             if k not in ("step", "split") and isinstance(v, (int, float)):
                 self.tb.add_scalar(prefix + k, v, row["step"])
         self.tb.flush()
+
+    def flush(self):
+        if self.active:
+            self.file.flush()
 
     def progress(self, text: str):
         if self.active:
@@ -106,6 +90,7 @@ class MetricsLog:
 
     def close(self):
         if self.active:
+            self.file.flush()
             self.tb.close()
 
 
@@ -231,8 +216,11 @@ def _is_eval_step(step: int, config) -> bool:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (resuming from workdir if it holds a checkpoint) and returns the last validation row."""
-    os.makedirs(workdir, exist_ok=True)
+    """Trains (resuming from workdir if it holds a checkpoint) and returns the last validation row.
+    workdir: a local path or a gs:// URI (see segguided_jax.storage)."""
+    storage.makedirs(workdir)
+    # First, before anything is written: every process must see one workdir (multi-process runs).
+    storage.check_shared_workdir(workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
     fns = sharded_steps(config, mesh)
@@ -242,8 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     fingerprint = load_manifest(config.data.dir)["fingerprint"]
     state, start = _restore_or_init(config, ckpt, fns, data_iter, fingerprint)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=1))
+        storage.write_text(storage.join(workdir, "config.json"), config.to_json(indent=1))
     log = MetricsLog(workdir, start)
     validator = Validator(config, state.graphdef, state.params, mesh)
     guard = NonFiniteGuard()
@@ -254,22 +241,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
         metrics, fitted = validator(state.params, fit_postprocessing=final)
         row = {"step": step, "split": "val", **metrics}
         log.write(row)
+        log.flush()  # the row is in the workdir before best/ and the checkpoint of its step
         ckpt.save_best(step, state, row)
         log.progress(f"validation at step {step} on {len(validator.source)} val cases ({time.time() - t0:.0f}s): "
                      + ", ".join(f"{k.removeprefix('dice_').removeprefix('attn_dice_').upper()}"
                                  f"{' attn' if k.startswith('attn') else ''} {v:.3f}"
                                  for k, v in row.items() if k.startswith(("dice_", "attn_dice_"))))
         if fitted is not None and jax.process_index() == 0:
-            with open(os.path.join(workdir, postprocess.FILE), "w") as f:
-                json.dump(fitted, f, indent=1)
+            path = postprocess.save_learned(workdir, fitted)
             log.progress(f"post-processing fitted on the val cases: minimum component volumes (mm³) "
-                         f"{fitted['min_volume_mm3']}; see {os.path.join(workdir, postprocess.FILE)}")
+                         f"{fitted['min_volume_mm3']}; see {path}")
         return row
 
     def save(step):
         guard.check(config.data.dir)  # nothing non-finite is ever saved
         # Gathering the iterator states is a collective (all processes call it): only on save steps.
         data_state = {"iterators": all_process_states(data_iter.get_state()), "fingerprint": fingerprint}
+        # Every row up to this step is in the workdir before the checkpoint is: a resume from it
+        # keeps those rows, and only rows it drops can be lost by a kill.
+        log.flush()
         ckpt.save(step, state, data_state, config.to_dict())
 
     if start and _is_eval_step(start, config) and not log.validated(start):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from segguided_jax.data.records import decode_case, encode_case, load_manifest
-from segguided_jax.train import read_metrics, train_and_evaluate
+from segguided_jax.storage import MetricsFile
+from segguided_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.train.steps=8", "--config.train.log_every=2", "--config.train.eval_every=4",
@@ -35,11 +36,11 @@ def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("whole")
     out = subprocess.run(_cmd(data_dir, workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return read_metrics(str(workdir / "metrics.jsonl"))
+    return MetricsFile(str(workdir / "metrics.jsonl")).rows()
 
 
 def _rows_at(workdir):
-    return read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return MetricsFile(os.path.join(workdir, "metrics.jsonl")).rows()
 
 
 # Moments to kill at, as (what to wait for in metrics.jsonl): the training row of an eval step is
@@ -206,13 +207,13 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tiny_config, tmp_path,
         f.write('{"step": 5, "loss": 0.7')  # a kill while writing the next row
     cfg.train.steps = 6
     train_and_evaluate(cfg, str(workdir))
-    assert "dropped a torn last line" in capsys.readouterr().err
+    assert "metrics.jsonl: dropping its last line, cut short" in capsys.readouterr().err
     assert [r["step"] for r in _rows_at(workdir) if "split" not in r] == [2, 4, 6]
     lines = len(open(workdir / "metrics.jsonl").readlines())
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('garbage\n{"step": 7}\n')  # damage before the end is an error naming the file
     with pytest.raises(ValueError, match=f"metrics.jsonl, line {lines + 1}"):
-        read_metrics(str(workdir / "metrics.jsonl"))
+        MetricsFile(str(workdir / "metrics.jsonl")).rows()
 
 
 def test_stale_temporary_checkpoint_folders_are_removed(tiny_config, tmp_path):

@@ -44,6 +44,7 @@ def test_uris_stay_uris():
     assert storage.is_remote(run)
     assert storage.join(run, "checkpoints", "600") == "gs://bucket/runs/brats21/checkpoints/600"
     assert storage.abspath(run) == run
+    assert storage.abspath(run + "/") == run and storage.abspath("gs://") == "gs://"
     assert storage.dirname("gs://bucket/runs/brats21/checkpoints/600") == "gs://bucket/runs/brats21/checkpoints"
     assert storage.basename("gs://bucket/runs/brats21/checkpoints/600") == "600"
 
@@ -74,6 +75,25 @@ def test_file_operations(base):
         storage.listdir(storage.join(base, "no-such-folder"))
     storage.rmtree(base)
     assert not storage.exists(storage.join(base, "config.json"))
+
+
+def test_move_a_folder(base):
+    """A checkpoint folder set aside: every file arrives, nothing stays behind."""
+    src, dst = storage.join(base, "checkpoints", "8"), storage.join(base, "corrupt", "8")
+    files = {"_CHECKPOINT_METADATA": b"{}", "state/manifest.ocdbt": b"\x01" * 10, "state/d/abc": b"\x02" * 300}
+    for rel, data in files.items():
+        storage.makedirs(storage.dirname(storage.join(src, *rel.split("/"))))
+        storage.write_bytes(storage.join(src, *rel.split("/")), data)
+    storage.write_text(storage.join(base, "checkpoints", "4"), "kept")
+    storage.makedirs(storage.join(base, "corrupt"))
+    storage.move(src, dst)
+    for rel, data in files.items():
+        assert storage.read_bytes(storage.join(dst, *rel.split("/"))) == data
+    assert storage.isfile(storage.join(dst, "state", "d", "abc")) and not storage.isfile(storage.join(dst, "state"))
+    assert not storage.exists(src) and storage.listdir(storage.join(base, "checkpoints")) == ["4"]
+    storage.move(storage.join(base, "checkpoints", "4"), storage.join(base, "four"))  # one file
+    assert storage.read_text(storage.join(base, "four")) == "kept"
+    assert not storage.exists(storage.join(base, "checkpoints", "4"))
 
 
 def test_failed_local_write_keeps_the_old_file(tmp_path):

@@ -22,6 +22,7 @@ import re
 import nibabel as nib
 import numpy as np
 
+from segguided_jax import storage
 from segguided_jax.data.brats import ALL_EDITIONS, EDITIONS, MODALITIES, MSD_CHANNELS, SUBREGIONS, detect_edition
 
 # Voxel-to-world matrices of a case's files must agree to this (mm); BraTS files agree exactly.
@@ -286,11 +287,10 @@ def atomic_file(path: str, mode: str = "wb"):
 
 
 def write_nifti_gz(img: nib.Nifti1Image, path: str) -> None:
-    """Writes img as .nii.gz. The gzip header's time stamp is fixed so that equal images give
-    equal files, and the file appears under its name only once complete."""
-    data = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-    with atomic_file(path) as f:
-        f.write(data)
+    """Writes img as .nii.gz to a local path or gs:// URI. The gzip header's time stamp is fixed
+    so that equal images give equal files, and the file appears under its name only once complete
+    (storage.write_bytes)."""
+    storage.write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
 def write_like(data: np.ndarray, reference: nib.Nifti1Image, path: str) -> None:
