@@ -274,3 +274,19 @@ def test_trainer_stops_when_its_processes_do_not_share_the_workdir(data_dir, tmp
         assert "process(es) 1 of 2 cannot see" in err and "gs://BUCKET" in err
     assert "step " not in out.stdout  # stopped before training
     assert os.listdir(workdir) == []  # each process wrote, if anything, to its own tmpfs
+
+
+def test_prepared_data_read_straight_from_a_bucket(data_dir, gcs_emulator):
+    """data.dir = gs://...: the manifest, the splits and the shards are read from the bucket."""
+    from segguided_jax.data.records import CaseSource
+
+    bucket_data = gcs_emulator.new_prefix("direct")
+    for name in os.listdir(data_dir):
+        storage.copy_file(os.path.join(data_dir, name), storage.join(bucket_data, name))
+    local, remote = CaseSource(data_dir, "val"), CaseSource(bucket_data, "val")
+    assert [c["id"] for c in remote.cases] == [c["id"] for c in local.cases]
+    for i in range(len(local)):
+        a, b = local[i], remote[i]
+        assert a["case_id"] == b["case_id"]
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])

@@ -29,11 +29,11 @@ import dataclasses
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from segguided_jax import storage
 from segguided_jax.data.brats import MODALITIES
 from segguided_jax.data.splits import split_ids
 
@@ -288,18 +288,21 @@ def _as_dict(case: Case) -> dict:
 
 
 def load_manifest(data_dir: str) -> dict:
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `python -m data_prep.convert --src ... --out {data_dir}` first")
-    with open(path) as f:
-        manifest = json.load(f)
+    """manifest.json of a prepared folder (local or gs://)."""
+    path = storage.join(data_dir, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run `python -m data_prep.convert --src ... --out {data_dir}` "
+                                "first") from None
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: manifest version {manifest.get('version')}, expected {MANIFEST_VERSION}")
     return manifest
 
 
 def shard_paths(data_dir: str, manifest: dict) -> list[str]:
-    return [os.path.join(data_dir, s) for s in manifest["shards"]]
+    """The shards' paths; array_record reads gs:// shards itself."""
+    return [storage.join(data_dir, s) for s in manifest["shards"]]
 
 
 class CaseSource(Sequence):

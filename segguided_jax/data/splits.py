@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from segguided_jax import storage
+
 SPLITS = "splits.json"
 SPLITS_VERSION = 2
 PARTS = ("train", "val", "test")
@@ -67,11 +69,11 @@ def write_or_check(out: str, labelled: list[str], unlabelled: list[str], **setti
 def load_splits(data_dir: str) -> dict:
     """splits.json of a prepared folder; a folder split by an older version (whose `val` part was
     the held-out test set) is refused with the way to re-split it."""
-    path = os.path.join(data_dir, SPLITS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `python -m data_prep.convert --src ... --out {data_dir}`")
-    with open(path) as f:
-        splits = json.load(f)
+    path = storage.join(data_dir, SPLITS)
+    try:
+        splits = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run `python -m data_prep.convert --src ... --out {data_dir}`") from None
     if splits.get("version") != SPLITS_VERSION:
         raise ValueError(
             f"{path} was written by an older version, whose `val` part was the held-out test set (so training "
