@@ -7,7 +7,6 @@ exchanges for convolutions and the reductions for instance norm). The train stat
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

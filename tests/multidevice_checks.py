@@ -13,7 +13,6 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from segguided_jax import sharding  # noqa: E402

@@ -172,7 +172,7 @@ def test_bad_input_names_case_and_file(raw_dir, tmp_path, kind, suffix, damage, 
     assert bad_case in text and bad_file in text and message in text
     assert not (out / "manifest.json").exists()
     _whole_shards_only(out)
-    assert not (out / f"cases-00001-of-00002.array_record").exists()  # the bad case's shard
+    assert not (out / "cases-00001-of-00002.array_record").exists()  # the bad case's shard
 
 
 def test_duplicate_case_ids_across_sources(raw_dir, tmp_path):

@@ -198,32 +198,25 @@ def test_diverging_run_never_saves_a_non_finite_checkpoint(tiny_config, tmp_path
         assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params)), step
 
 
-def test_torn_last_metrics_line_is_dropped_with_a_warning(tiny_config, tmp_path, capsys):
+def test_what_a_kill_leaves_behind_is_cleaned_on_resume(tiny_config, tmp_path, capsys):
+    """A torn last metrics.jsonl line is dropped with a warning (damage before the end is an error
+    naming the file and line); temporary checkpoint folders of a killed save are removed."""
     cfg = tiny_config
     cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every_steps = 4, 100, 4
     workdir = tmp_path / "run"
     train_and_evaluate(cfg, str(workdir))
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.7')  # a kill while writing the next row
-    cfg.train.steps = 6
-    train_and_evaluate(cfg, str(workdir))
-    assert "metrics.jsonl: dropping its last line, cut short" in capsys.readouterr().err
-    assert [r["step"] for r in _rows_at(workdir) if "split" not in r] == [2, 4, 6]
-    lines = len(open(workdir / "metrics.jsonl").readlines())
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write('garbage\n{"step": 7}\n')  # damage before the end is an error naming the file
-    with pytest.raises(ValueError, match=f"metrics.jsonl, line {lines + 1}"):
-        MetricsFile(str(workdir / "metrics.jsonl")).rows()
-
-
-def test_stale_temporary_checkpoint_folders_are_removed(tiny_config, tmp_path):
-    cfg = tiny_config
-    cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every_steps = 4, 4, 4
-    workdir = tmp_path / "run"
-    train_and_evaluate(cfg, str(workdir))
     stale = [workdir / "best" / "8.orbax-checkpoint-tmp-1234", workdir / "checkpoints" / "8.orbax-checkpoint-tmp-99"]
     for d in stale:
         d.mkdir()
     cfg.train.steps = 6
     train_and_evaluate(cfg, str(workdir))
+    assert "metrics.jsonl: dropping its last line, cut short" in capsys.readouterr().err
+    assert [r["step"] for r in _rows_at(workdir) if "split" not in r] == [2, 4, 6]
     assert not any(d.exists() for d in stale)
+    lines = len(open(workdir / "metrics.jsonl").readlines())
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('garbage\n{"step": 7}\n')  # damage before the end is an error naming the file
+    with pytest.raises(ValueError, match=f"metrics.jsonl, line {lines + 1}"):
+        MetricsFile(str(workdir / "metrics.jsonl")).rows()

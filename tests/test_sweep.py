@@ -2,7 +2,6 @@ import copy
 import json
 import os
 
-import pytest
 
 from segguided_jax.sweep import Run, aggregate, evaluate_run, expand, is_finished
 from segguided_jax.train import train_and_evaluate
