@@ -40,6 +40,10 @@ def get_config():
     c.model.upsample = "transpose"  # or "resize"
     c.model.gates = True  # False removes the SegAttentionGates (the ablation)
     c.model.num_maps = 3  # NCR, ED, ET
+    # The maps learn from the auxiliary loss only (docs/gates.md): without this, the segmentation
+    # loss turns the ET map into a tumour-core map that helps the gate.
+    c.model.gate_stop_gradient = True
+    c.model.gate_logit_scale = 10.0  # the map conv's learning-rate multiplier (docs/gates.md)
     c.model.output = "regions"  # sigmoid ET/TC/WT, or "labels" for softmax over 0..3
     c.model.leaky_slope = 0.01
     c.model.compute_dtype = "float32"
@@ -47,6 +51,7 @@ def get_config():
     c.loss = ml_collections.ConfigDict()
     c.loss.aux_weight = 0.1  # λ of the auxiliary attention loss; 0 turns it off
     c.loss.aux_stage_weights = ml_collections.config_dict.placeholder(tuple)  # None: halving per stage
+    c.loss.aux_dice = "batch"  # "batch", "sample" or "present" (losses._aux_dice_loss)
     c.loss.batch_dice = True
     c.loss.dice_smooth = 1e-5
 
