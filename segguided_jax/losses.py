@@ -56,7 +56,7 @@ def stage_weights(num_stages: int, weights=None):
 AUX_DICE_MODES = ("batch", "sample", "present")
 
 
-def _aux_dice_loss(probs, targets, *, mode: str, smooth: float):
+def aux_dice_loss(probs, targets, *, mode: str, smooth: float):
     """1 - soft Dice of (N, d, h, w, K) maps against their targets, per map. mode "batch": sums over
     the whole batch; "sample": per sample, then averaged; "present": per sample, averaged only over
     the (sample, map) pairs whose target is not empty (0 when none is), so that a sub-region absent
@@ -89,7 +89,7 @@ def attention_loss(attention, labels, weights, *, dice_mode: str = "batch", smoo
         z = z.astype(jnp.float32)
         t = downsample_masks(masks, z.shape[1:4])
         bce = jnp.mean(optax.sigmoid_binary_cross_entropy(z, t))
-        total = total + w * (_aux_dice_loss(jax.nn.sigmoid(z), t, mode=dice_mode, smooth=smooth) + bce)
+        total = total + w * (aux_dice_loss(jax.nn.sigmoid(z), t, mode=dice_mode, smooth=smooth) + bce)
     return total
 
 

@@ -56,7 +56,7 @@ def test_bf16_network_map_bias_gets_the_right_gradient():
         logits, attention = nnx.merge(graphdef, p)(image)
         return total_loss(logits, attention, labels, cfg.loss, cfg.model.output)[0]
 
-    g = jax.grad(loss)(params)
+    g = jax.jit(jax.grad(loss))(params)
     bias_grad = np.asarray(g["gates"][len(model.gates) - 1]["to_maps"]["bias"][...])
     assert bias_grad[0] < 0 and bias_grad[1] > 0 and bias_grad[2] > 0
 
@@ -74,7 +74,7 @@ def test_gate_stop_gradient_keeps_the_segmentation_loss_off_the_maps(stop_gradie
         logits, attention = nnx.merge(graphdef, p)(image)
         return total_loss(logits, attention, labels, cfg.loss, cfg.model.output)[0]
 
-    g = jax.grad(loss)(params)
+    g = jax.jit(jax.grad(loss))(params)
     for i in range(len(cfg.model.widths) - 1):
         to_maps = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g["gates"][i]["to_maps"])])
         to_gate = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g["gates"][i]["to_gate"])])
@@ -122,7 +122,7 @@ def test_each_map_follows_its_own_sub_region_on_a_fixed_batch():
     from segguided_jax.steps import init_state, train_step
 
     cfg = tiny.get_config()  # the default gate and loss settings of every config
-    steps = 150
+    steps = 300
     batch = _fixed_batch()
     tx = make_optimizer(cfg.optim, steps)
     state = jax.jit(functools.partial(init_state, 0, cfg.model, tx))()

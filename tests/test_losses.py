@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segguided_jax.losses import _aux_dice_loss, attention_loss, downsample_masks, soft_dice_loss, stage_weights
+from segguided_jax.losses import aux_dice_loss, attention_loss, downsample_masks, soft_dice_loss, stage_weights
 
 
 def test_soft_dice_loss_known_values():
@@ -72,10 +72,10 @@ def test_aux_dice_modes_on_a_sub_region_absent_from_one_sample():
     p = t.copy()
     p[1, 0, 0] = 0.5
     t, p = jnp.asarray(t), jnp.asarray(p)
-    batch = float(_aux_dice_loss(p, t, mode="batch", smooth=0.0))
+    batch = float(aux_dice_loss(p, t, mode="batch", smooth=0.0))
     assert batch == pytest.approx(1 - 2 * 4 / (5 + 4))  # sums over both samples
-    assert float(_aux_dice_loss(p, t, mode="sample", smooth=0.0)) == pytest.approx(0.5)  # (0 + 1) / 2
-    assert float(_aux_dice_loss(p, t, mode="present", smooth=0.0)) == pytest.approx(0.0)  # sample 1 left out
-    assert float(_aux_dice_loss(p, jnp.zeros_like(t), mode="present", smooth=0.0)) == 0.0
+    assert float(aux_dice_loss(p, t, mode="sample", smooth=0.0)) == pytest.approx(0.5)  # (0 + 1) / 2
+    assert float(aux_dice_loss(p, t, mode="present", smooth=0.0)) == pytest.approx(0.0)  # sample 1 left out
+    assert float(aux_dice_loss(p, jnp.zeros_like(t), mode="present", smooth=0.0)) == 0.0
     with pytest.raises(ValueError, match="aux_dice"):
-        _aux_dice_loss(p, t, mode="global", smooth=0.0)
+        aux_dice_loss(p, t, mode="global", smooth=0.0)
