@@ -77,8 +77,9 @@ def window_outputs(graphdef, params, x, *, output: str, mirror_axes=(), attentio
         logits, attention = model(xi)
         parts = [_to_regions(logits, output)]
         if attention_stages:
-            maps = [jax.image.resize(attention[s], logits.shape[:4] + (attention[s].shape[-1],), "trilinear")
-                    for s in attention_stages]
+            # The network returns map logits; the maps are their sigmoid, resized as probabilities.
+            maps = [jax.image.resize(jax.nn.sigmoid(attention[s]), logits.shape[:4] + (attention[s].shape[-1],),
+                                     "trilinear") for s in attention_stages]
             parts.append(sum(maps) / len(maps))
         out = jnp.concatenate(parts, axis=-1)
         total = total + (jnp.flip(out, spatial) if axes else out)

@@ -10,9 +10,6 @@ import optax
 
 from segguided_jax.data.brats import labels_to_regions, labels_to_subregions
 
-_EPS = 1e-6
-
-
 def soft_dice_loss(probs, targets, *, batch_dice: bool, smooth: float):
     """1 - mean soft Dice over channels. With batch_dice the sums run over the whole batch
     (stable when a patch lacks a region); otherwise per sample, then averaged."""
@@ -23,7 +20,8 @@ def soft_dice_loss(probs, targets, *, batch_dice: bool, smooth: float):
 
 
 def output_loss(logits, labels, *, output: str, batch_dice: bool, smooth: float):
-    """Dice + BCE on sigmoid ET/TC/WT regions, or Dice (foreground labels) + CE on softmax labels."""
+    """Dice + BCE on sigmoid ET/TC/WT regions, or Dice (foreground labels) + CE on softmax labels.
+    logits: float32; the cross-entropies are optax's, computed from logits (stable)."""
     if output == "regions":
         targets = labels_to_regions(labels).astype(jnp.float32)
         bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
@@ -55,25 +53,55 @@ def stage_weights(num_stages: int, weights=None):
     return [float(w) / total for w in weights]
 
 
-def attention_loss(attention, labels, weights, *, batch_dice: bool, smooth: float):
-    """Σ_stage w_s · (Dice + BCE)(A_s, sub-region masks pooled to stage s). attention: tuple of
-    (N, d, h, w, 3) maps in [0, 1], NCR/ED/ET."""
+AUX_DICE_MODES = ("batch", "sample", "present")
+
+
+def aux_dice_loss(probs, targets, *, mode: str, smooth: float):
+    """1 - soft Dice of (N, d, h, w, K) maps against their targets, per map. mode "batch": sums over
+    the whole batch; "sample": per sample, then averaged; "present": per sample, averaged only over
+    the (sample, map) pairs whose target is not empty (0 when none is), so that a sub-region absent
+    from a patch adds neither a constant nor a push; false positives there are left to the BCE."""
+    if mode == "batch":
+        return soft_dice_loss(probs, targets, batch_dice=True, smooth=smooth)
+    axes = tuple(range(1, probs.ndim - 1))
+    inter = jnp.sum(probs * targets, axis=axes)
+    denom = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
+    dice = (2 * inter + smooth) / (denom + smooth)  # (N, K)
+    if mode == "sample":
+        return 1.0 - jnp.mean(dice)
+    if mode != "present":
+        raise ValueError(f"loss.aux_dice must be one of {AUX_DICE_MODES}, got {mode!r}")
+    present = (jnp.sum(targets, axis=axes) > 0).astype(dice.dtype)
+    return jnp.sum(present * (1.0 - dice)) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def attention_loss(attention, labels, weights, *, dice_mode: str = "batch", smooth: float):
+    """Σ_stage w_s · (Dice + BCE)(sigmoid(Z_s), sub-region masks pooled to stage s).
+
+    attention: tuple of (N, d, h, w, 3) map logits Z_s (NCR/ED/ET), any float dtype; the loss is
+    computed in float32 from the logits (optax's stable sigmoid cross-entropy), so a confidently
+    wrong voxel keeps its gradient even when the network runs in bfloat16. labels: (N, D, H, W)
+    internal 0..3. Returns a float32 scalar.
+    """
     masks = labels_to_subregions(labels).astype(jnp.float32)
-    total = 0.0
-    for a, w in zip(attention, weights):
-        t = downsample_masks(masks, a.shape[1:4])
-        a_clip = jnp.clip(a, _EPS, 1 - _EPS)
-        bce = -jnp.mean(t * jnp.log(a_clip) + (1 - t) * jnp.log(1 - a_clip))
-        total = total + w * (soft_dice_loss(a, t, batch_dice=batch_dice, smooth=smooth) + bce)
+    total = jnp.zeros((), jnp.float32)
+    for z, w in zip(attention, weights):
+        z = z.astype(jnp.float32)
+        t = downsample_masks(masks, z.shape[1:4])
+        bce = jnp.mean(optax.sigmoid_binary_cross_entropy(z, t))
+        total = total + w * (aux_dice_loss(jax.nn.sigmoid(z), t, mode=dice_mode, smooth=smooth) + bce)
     return total
 
 
 def total_loss(logits, attention, labels, loss_cfg, output: str):
-    """Returns (loss, {"loss_seg", "loss_aux"}). The auxiliary term is λ · attention_loss; with
-    λ = 0 or no gates it is 0 and adds nothing to the graph."""
-    seg = output_loss(logits, labels, output=output, batch_dice=loss_cfg.batch_dice, smooth=loss_cfg.dice_smooth)
+    """logits (N, D, H, W, 3 or 4), attention the network's tuple of map logits, labels (N, D, H, W)
+    internal 0..3. Returns (loss, {"loss_seg", "loss_aux"}), float32 whatever the compute dtype.
+    The auxiliary term is λ · attention_loss; with λ = 0 or no gates it is 0 and adds nothing to
+    the graph."""
+    seg = output_loss(logits.astype(jnp.float32), labels, output=output, batch_dice=loss_cfg.batch_dice,
+                      smooth=loss_cfg.dice_smooth)
     aux = jnp.zeros((), jnp.float32)
     if attention and loss_cfg.aux_weight > 0:
         weights = stage_weights(len(attention), loss_cfg.aux_stage_weights)
-        aux = attention_loss(attention, labels, weights, batch_dice=loss_cfg.batch_dice, smooth=loss_cfg.dice_smooth)
+        aux = attention_loss(attention, labels, weights, dice_mode=loss_cfg.aux_dice, smooth=loss_cfg.dice_smooth)
     return seg + loss_cfg.aux_weight * aux, {"loss_seg": seg, "loss_aux": aux}

@@ -1,8 +1,9 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segguided_jax.losses import attention_loss, downsample_masks, soft_dice_loss, stage_weights
+from segguided_jax.losses import aux_dice_loss, attention_loss, downsample_masks, soft_dice_loss, stage_weights
 
 
 def test_soft_dice_loss_known_values():
@@ -30,6 +31,11 @@ def test_stage_weights_default_halves_towards_coarse():
         stage_weights(3, (1.0, 1.0))
 
 
+def _logit(p):
+    p = jnp.clip(p, 1e-3, 1 - 1e-3)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
 def test_attention_loss_lower_for_maps_matching_the_subregions():
     labels = np.zeros((1, 8, 8, 8), np.int32)
     labels[0, 2:6, 2:6, 2:6] = 2
@@ -38,6 +44,38 @@ def test_attention_loss_lower_for_maps_matching_the_subregions():
     perfect = (jnp.asarray(downsample_masks(jnp.asarray(onehot), (4, 4, 4))), jnp.asarray(onehot))
     wrong = tuple(1 - a for a in perfect)
     w = stage_weights(2)
-    good = float(attention_loss(perfect, jnp.asarray(labels), w, batch_dice=True, smooth=1e-5))
-    bad = float(attention_loss(wrong, jnp.asarray(labels), w, batch_dice=True, smooth=1e-5))
+    good = float(attention_loss(tuple(_logit(a) for a in perfect), jnp.asarray(labels), w, smooth=1e-5))
+    bad = float(attention_loss(tuple(_logit(a) for a in wrong), jnp.asarray(labels), w, smooth=1e-5))
     assert good < 0.5 < bad
+
+
+def test_attention_loss_is_bce_plus_dice_from_logits():
+    # One stage, one voxel per sub-region: the BCE is optax's on the logits, the Dice the soft one.
+    labels = jnp.asarray([[[[1, 2, 3, 0]]]])  # (1, 1, 1, 4)
+    z = jnp.full((1, 1, 1, 4, 3), -2.0).at[0, 0, 0, 0, 0].set(3.0)
+    t = jax.nn.one_hot(labels - 1, 3)
+    p = jax.nn.sigmoid(z)
+    dice = 1 - jnp.mean((2 * jnp.sum(p * t, (0, 1, 2, 3))) / (jnp.sum(p + t, (0, 1, 2, 3))))
+    bce = jnp.mean(-(t * jnp.log(p) + (1 - t) * jnp.log(1 - p)))
+    got = attention_loss((z,), labels, [1.0], dice_mode="batch", smooth=0.0)
+    assert float(got) == pytest.approx(float(dice + bce), rel=1e-5)
+    assert got.dtype == jnp.float32
+    assert float(attention_loss((z.astype(jnp.bfloat16),), labels, [1.0], smooth=0.0)) == pytest.approx(
+        float(got), rel=1e-2)
+
+
+def test_aux_dice_modes_on_a_sub_region_absent_from_one_sample():
+    # Sample 0 has the map's sub-region and predicts it exactly; sample 1 lacks it and predicts
+    # a little of it (2 of 8 voxels at 0.5).
+    t = np.zeros((2, 2, 2, 2, 1), np.float32)
+    t[0, 0] = 1
+    p = t.copy()
+    p[1, 0, 0] = 0.5
+    t, p = jnp.asarray(t), jnp.asarray(p)
+    batch = float(aux_dice_loss(p, t, mode="batch", smooth=0.0))
+    assert batch == pytest.approx(1 - 2 * 4 / (5 + 4))  # sums over both samples
+    assert float(aux_dice_loss(p, t, mode="sample", smooth=0.0)) == pytest.approx(0.5)  # (0 + 1) / 2
+    assert float(aux_dice_loss(p, t, mode="present", smooth=0.0)) == pytest.approx(0.0)  # sample 1 left out
+    assert float(aux_dice_loss(p, jnp.zeros_like(t), mode="present", smooth=0.0)) == 0.0
+    with pytest.raises(ValueError, match="aux_dice"):
+        aux_dice_loss(p, t, mode="global", smooth=0.0)

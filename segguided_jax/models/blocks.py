@@ -278,16 +278,39 @@ class Upsample(nnx.Module):
 class SegAttentionGate(nnx.Module):
     """The paper's gate on a decoder feature map F with C channels.
 
-    A = sigmoid(conv1³(F)) gives K maps (NCR, ED, ET), each in [0, 1];
+    Z = s·conv1³(F) gives K map logits (NCR, ED, ET) and A = sigmoid(Z) the maps in [0, 1];
     G = sigmoid(conv1³(A)) gives C channel gates; the output is F·G + F.
     Parameters: (C·K + K) + (K·C + C) = 2·K·C + K + C.
+
+    logit_scale s multiplies the map conv's output (its initial weights are divided by s, so the
+    initial maps do not change). Under Adam a weight moves by about the learning rate per step
+    whatever its gradient's size, so s is the map conv's learning-rate multiplier: clean maps of
+    sub-regions that cover < 1 % of a volume need logits of -5 to -10 away from them, which an
+    unscaled 1³ conv does not reach in a short run.
+
+    With stop_gradient the gate reads A through jax.lax.stop_gradient: the segmentation loss then
+    trains F (and so what the maps see) and the gate conv, but cannot bend the maps themselves
+    towards whatever helps the gate; the maps learn from the auxiliary loss alone.
+
+    f: (N, D, H, W, C) in the compute dtype. Returns (F·G + F, Z): Z (N, D, H, W, K) logits in the
+    compute dtype (a loss should take them, not A: sigmoid(Z) rounds to 1 in bfloat16 for Z ≳ 5.6).
     """
 
-    def __init__(self, channels, num_maps, *, dtype, rngs):
-        self.to_maps = _conv(channels, num_maps, 1, dtype=dtype, rngs=rngs)
+    def __init__(self, channels, num_maps, *, stop_gradient: bool = False, logit_scale: float = 1.0, dtype, rngs):
+        # He init divided by logit_scale: at initialisation Z is what an unscaled conv would give.
+        self.to_maps = nnx.Conv(channels, num_maps, (1, 1, 1), padding="SAME", dtype=dtype, rngs=rngs,
+                                kernel_init=nnx.initializers.variance_scaling(2.0 / logit_scale ** 2, "fan_in",
+                                                                              "truncated_normal"))
         self.to_gate = _conv(num_maps, channels, 1, dtype=dtype, rngs=rngs)
+        self.stop_gradient = stop_gradient
+        self.logit_scale = logit_scale
 
     def __call__(self, f):
-        a = jax.nn.sigmoid(self.to_maps(f))
+        z = self.to_maps(f)
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        a = jax.nn.sigmoid(z)
+        if self.stop_gradient:
+            a = jax.lax.stop_gradient(a)
         g = jax.nn.sigmoid(self.to_gate(a))
-        return f * g + f, a
+        return f * g + f, z

@@ -15,12 +15,15 @@ class SegGuidedNet(nnx.Module):
     """x: (N, D, H, W, in_channels), D, H, W divisible by 2**(len(widths) - 1).
 
     Returns (logits, attention): logits (N, D, H, W, 3 or 4) float32; attention a tuple with one
-    (N, d, h, w, num_maps) float32 map per decoder stage, coarsest first, values in [0, 1]
-    (empty when gates are off).
+    (N, d, h, w, num_maps) float32 array of attention-map *logits* per decoder stage, coarsest
+    first (empty when gates are off). The maps themselves are jax.nn.sigmoid(attention[s]), in
+    [0, 1]; losses take the logits (stable cross-entropy in float32 whatever the compute dtype),
+    inference applies the sigmoid.
     """
 
     def __init__(self, *, in_channels, widths, encoder_blocks, decoder_blocks, down_kernel,
-                 upsample, gates, num_maps, output, leaky_slope, dtype, rngs):
+                 upsample, gates, num_maps, output, leaky_slope, dtype, rngs, gate_stop_gradient=False,
+                 gate_logit_scale=1.0):
         if len(encoder_blocks) != len(widths) or len(decoder_blocks) != len(widths) - 1:
             raise ValueError("model.encoder_blocks needs one entry per width and model.decoder_blocks "
                              f"one per decoder stage; got widths={widths}, encoder_blocks={encoder_blocks}, "
@@ -41,7 +44,9 @@ class SegGuidedNet(nnx.Module):
             blocks = [ResidualBlock(2 * w, w, **kw)]
             blocks += [ResidualBlock(w, w, **kw) for _ in range(decoder_blocks[j] - 1)]
             dec.append(nnx.List(blocks))
-            gate.append(SegAttentionGate(w, num_maps, dtype=dtype, rngs=rngs) if gates else None)
+            gate.append(SegAttentionGate(w, num_maps, stop_gradient=gate_stop_gradient, logit_scale=gate_logit_scale,
+                                         dtype=dtype, rngs=rngs)
+                        if gates else None)
         self.up = nnx.List(up)
         self.decoder = nnx.List(dec)
         self.gates = nnx.List(gate)
@@ -60,8 +65,8 @@ class SegGuidedNet(nnx.Module):
             for block in blocks:
                 x = block(x)
             if gate is not None:
-                x, a = gate(x)
-                attention.append(a.astype(jnp.float32))
+                x, z = gate(x)
+                attention.append(z.astype(jnp.float32))
         return self.head(x).astype(jnp.float32), tuple(attention)
 
 
@@ -72,6 +77,7 @@ def build_model(model_cfg, rngs: nnx.Rngs) -> SegGuidedNet:
         encoder_blocks=tuple(model_cfg.encoder_blocks), decoder_blocks=tuple(model_cfg.decoder_blocks),
         down_kernel=model_cfg.down_kernel, upsample=model_cfg.upsample, gates=model_cfg.gates,
         num_maps=model_cfg.num_maps, output=model_cfg.output, leaky_slope=model_cfg.leaky_slope,
+        gate_stop_gradient=model_cfg.gate_stop_gradient, gate_logit_scale=model_cfg.gate_logit_scale,
         dtype=jnp.dtype(model_cfg.compute_dtype), rngs=rngs)
 
 
