@@ -125,7 +125,10 @@ def get_sweep(name: str = "ablation"):
     seeds = [0, 1, 2]
     sweeps = {
         "ablation": {"seeds": seeds,
-                     "settings": {"gate_aux": {}, "gate_no_aux": {"loss.aux_weight": 0.0},
+                     # Without the auxiliary loss the maps are free features, so the segmentation
+                     # gradient reaches them (no stop-gradient): the paper's gate with λ = 0.
+                     "settings": {"gate_aux": {},
+                                  "gate_no_aux": {"loss.aux_weight": 0.0, "model.gate_stop_gradient": False},
                                   "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
                      "compare": [["gate_aux", "no_gate"], ["gate_aux", "gate_no_aux"]]},
         "lambda": {"seeds": seeds,

@@ -122,6 +122,10 @@ def test_each_map_follows_its_own_sub_region_on_a_fixed_batch():
     from segguided_jax.steps import init_state, train_step
 
     cfg = tiny.get_config()  # the default gate and loss settings of every config
+    # The demo's finest width (8 channels): the maps are a 1³ readout of that stage, and from the
+    # tiny config's 4 channels NCR apart from ET was learnt from some initialisations only (2 of 4
+    # seeds); at 8 channels, 7 of 7 seeds gave own-region soft Dice >= 0.9 and off-diagonal <= 0.03.
+    cfg.model.widths = (8, 16, 32)
     steps = 300
     batch = _fixed_batch()
     tx = make_optimizer(cfg.optim, steps)
