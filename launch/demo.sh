@@ -39,6 +39,16 @@ print("Attention maps (finest stage) against their own sub-region:")
 print("              NCR     ED      ET")
 for name, key in (("soft Dice", "attention_soft_dice"), ("mass inside", "attention_mass_inside")):
     print(f"  {name:<11}" + "".join(f"{mean(f'{key}_{s}'):6.3f}  " for s in ("ncr", "ed", "et")))
+# Diagonal dominance: in each case, each present sub-region's map has at least twice the soft Dice
+# with its own sub-region that it has with any other one.
+import csv, math
+pairs = [(row["case_id"], s, float(row[f"attention_soft_dice_{s}"]), float(row[f"attention_soft_dice_other_{s}"] or "nan"))
+         for row in csv.DictReader(open(f"{sys.argv[1]}/test_scores/per_case.csv")) for s in ("ncr", "ed", "et")
+         if row.get(f"attention_soft_dice_{s}") not in (None, "", "nan")]
+held = [p for p in pairs if math.isnan(p[3]) or p[2] >= 2 * p[3]]
+print(f"  each map's own soft Dice >= 2x its soft Dice with another sub-region: {len(held)} of {len(pairs)} "
+      "(case, sub-region) pairs" + "".join(f"; not {c} {s.upper()} ({own:.3f} vs {other:.3f})"
+                                           for c, s, own, other in pairs if (c, s, own, other) not in held))
 PY
 echo "predictions, panels and per-case scores: $WORKDIR/test_predictions, $WORKDIR/test_scores"
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -77,6 +77,7 @@ REGION_FAMILIES = (
 ATTENTION_FAMILIES = (
     ("attention_soft_dice", "soft Dice of the attention map vs the reference sub-region mask", ""),
     ("attention_mass_inside", "fraction of the attention map's mass inside the reference sub-region", ""),
+    ("attention_soft_dice_other", "largest soft Dice of the attention map with another reference sub-region", ""),
 )
 HD95_DEFINITIONS = {
     "brats": "the larger of the two directed area-weighted 95th percentiles of surface-element distances "

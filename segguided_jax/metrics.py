@@ -71,8 +71,12 @@ Attention maps (per sub-region NCR, ED, ET, a map m in [0, 1] against the sub-re
     soft_dice           2 sum(m g) / (sum(m) + sum(g)); both zero: 1.
     attention_mass_inside   sum(m g) / sum(m): the fraction of the map's mass inside the mask;
                         NaN when the map has no mass (undefined).
-    In case_metrics both are NaN (left out of summaries) for a case without the sub-region: a map's
-    fidelity to a sub-region is measured where the sub-region exists.
+    attention_soft_dice_other   the map's largest soft Dice with another sub-region of the case
+                        (NaN when no other is present): a map that explains its own sub-region
+                        has a soft Dice with it well above this (the diagonal of the map x mask
+                        matrix dominates).
+    In case_metrics all three are NaN (left out of summaries) for a case without the sub-region: a
+    map's fidelity to a sub-region is measured where the sub-region exists.
 """
 from __future__ import annotations
 
@@ -390,7 +394,7 @@ def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Seque
     Defaults reproduce the official BraTS 2023 code.
     Keys, for r in et/tc/wt: dice_r, hd95_r, sensitivity_r, specificity_r, lesion_dice_r,
     lesion_hd95_r, lesion_tp_r, lesion_fn_r, lesion_fp_r; for s in ncr/ed/et with a map:
-    attention_soft_dice_s, attention_mass_inside_s.
+    attention_soft_dice_s, attention_mass_inside_s, attention_soft_dice_other_s.
     """
     pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
     if pred_labels.shape != ref_labels.shape:
@@ -416,4 +420,7 @@ def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Seque
             out[f"attention_soft_dice_{sub.lower()}"] = soft_dice(attention[sub], mask) if present else float("nan")
             out[f"attention_mass_inside_{sub.lower()}"] = (attention_mass_inside(attention[sub], mask) if present
                                                           else float("nan"))
+            others = [soft_dice(attention[sub], ref_labels == other) for other in range(1, len(SUBREGIONS) + 1)
+                      if other != label and (ref_labels == other).any()]
+            out[f"attention_soft_dice_other_{sub.lower()}"] = max(others) if present and others else float("nan")
     return out

@@ -175,10 +175,18 @@ def test_case_metrics_regions_and_keys():
     assert out["attention_soft_dice_et"] == pytest.approx(2 / 3)
     assert out["attention_mass_inside_et"] == 1.0
     assert "attention_soft_dice_ncr" not in out
+    assert out["attention_soft_dice_other_et"] == 0.0  # no mass on NCR or ED
+    # An ET map over the whole core (189 ET + 27 NCR voxels): soft Dice 2·189/(216 + 189) with ET,
+    # 2·27/(216 + 27) with NCR (the largest other), 0 with ED.
+    core = np.isin(labels, (1, 3)).astype(float)
+    out = metrics.case_metrics(labels, labels, (1, 1, 1), attention={"ET": core})
+    assert out["attention_soft_dice_et"] == pytest.approx(378 / 405)
+    assert out["attention_soft_dice_other_et"] == pytest.approx(54 / 243)
     # A map for a sub-region the case lacks has no fidelity to score: NaN, left out of summaries.
     no_et = np.where(labels == 3, 1, labels)
     out = metrics.case_metrics(no_et, no_et, (1, 1, 1), attention={"ET": np.full(labels.shape, 0.1)})
     assert math.isnan(out["attention_soft_dice_et"]) and math.isnan(out["attention_mass_inside_et"])
+    assert math.isnan(out["attention_soft_dice_other_et"])
     # Predicting ET as NCR: ET empty in the prediction (Dice 0, HD95 374); TC and WT unchanged.
     out = metrics.case_metrics(np.where(labels == 3, 1, labels), labels)
     assert (out["dice_et"], out["hd95_et"], out["dice_tc"], out["dice_wt"]) == (0.0, 374.0, 1.0, 1.0)
