@@ -20,6 +20,20 @@ def _labels_with_ncr():
     return jnp.asarray(labels)
 
 
+def _total_loss_grad(model, cfg):
+    """Gradient of the total loss w.r.t. the model's parameters on a random image whose labels
+    hold one NCR block (_labels_with_ncr)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    labels = _labels_with_ncr()
+    image = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 4))
+
+    def loss(p):
+        logits, attention = nnx.merge(graphdef, p)(image)
+        return total_loss(logits, attention, labels, cfg.loss, cfg.model.output)[0]
+
+    return jax.jit(jax.grad(loss))(params)
+
+
 def test_aux_loss_gradient_on_confidently_wrong_bf16_logits():
     # NCR map: logit -8 everywhere, so its NCR voxels are confidently wrong negatives. ED map:
     # logit +8 everywhere, and there is no ED, so every voxel is a confidently wrong positive.
@@ -48,15 +62,7 @@ def test_bf16_network_map_bias_gets_the_right_gradient():
     to_maps = model.gates[-1].to_maps
     to_maps.kernel[...] = jnp.zeros_like(to_maps.kernel[...])
     to_maps.bias[...] = jnp.asarray([-8.0, 8.0, 8.0])
-    graphdef, params = nnx.split(model, nnx.Param)
-    labels = _labels_with_ncr()
-    image = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 4))
-
-    def loss(p):
-        logits, attention = nnx.merge(graphdef, p)(image)
-        return total_loss(logits, attention, labels, cfg.loss, cfg.model.output)[0]
-
-    g = jax.jit(jax.grad(loss))(params)
+    g = _total_loss_grad(model, cfg)
     bias_grad = np.asarray(g["gates"][len(model.gates) - 1]["to_maps"]["bias"][...])
     assert bias_grad[0] < 0 and bias_grad[1] > 0 and bias_grad[2] > 0
 
@@ -66,15 +72,7 @@ def test_gate_stop_gradient_keeps_the_segmentation_loss_off_the_maps(stop_gradie
     cfg = tiny.get_config()
     cfg.model.gate_stop_gradient = stop_gradient
     cfg.loss.aux_weight = 0.0  # the segmentation loss alone
-    graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(0)), nnx.Param)
-    labels = _labels_with_ncr()
-    image = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 4))
-
-    def loss(p):
-        logits, attention = nnx.merge(graphdef, p)(image)
-        return total_loss(logits, attention, labels, cfg.loss, cfg.model.output)[0]
-
-    g = jax.jit(jax.grad(loss))(params)
+    g = _total_loss_grad(build_model(cfg.model, nnx.Rngs(0)), cfg)
     for i in range(len(cfg.model.widths) - 1):
         to_maps = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g["gates"][i]["to_maps"])])
         to_gate = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g["gates"][i]["to_gate"])])
