@@ -413,14 +413,17 @@ def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Seque
         out[f"lesion_hd95_{name}"] = lw["hd95"]
         for count in ("tp", "fn", "fp"):
             out[f"lesion_{count}_{name}"] = lw[f"num_{count}"]
+    if attention is not None:
+        # Each sub-region's mask once: a map is scored against its own and every other present one.
+        masks = {label: ref_labels == label for label in range(1, len(SUBREGIONS) + 1)}
+        present = {label: bool(mask.any()) for label, mask in masks.items()}
     for label, sub in enumerate(SUBREGIONS, start=1):
         if attention is not None and sub in attention:
-            mask = ref_labels == label
-            present = bool(mask.any())
-            out[f"attention_soft_dice_{sub.lower()}"] = soft_dice(attention[sub], mask) if present else float("nan")
-            out[f"attention_mass_inside_{sub.lower()}"] = (attention_mass_inside(attention[sub], mask) if present
-                                                          else float("nan"))
-            others = [soft_dice(attention[sub], ref_labels == other) for other in range(1, len(SUBREGIONS) + 1)
-                      if other != label and (ref_labels == other).any()]
-            out[f"attention_soft_dice_other_{sub.lower()}"] = max(others) if present and others else float("nan")
+            mask, name = masks[label], sub.lower()
+            out[f"attention_soft_dice_{name}"] = soft_dice(attention[sub], mask) if present[label] else float("nan")
+            out[f"attention_mass_inside_{name}"] = (attention_mass_inside(attention[sub], mask) if present[label]
+                                                    else float("nan"))
+            others = [soft_dice(attention[sub], masks[other]) for other in masks if other != label and present[other]]
+            out[f"attention_soft_dice_other_{name}"] = (max(others) if present[label] and others
+                                                        else float("nan"))
     return out
