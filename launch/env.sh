@@ -45,6 +45,29 @@ if [ ! -f "$STAMP" ]; then
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
+# libtpu for deviceless TPU compilation (segguided_jax.compile_check --topology, the TPU compile
+# test) on x86-64 Linux: installed next to the venv, not into it, so that JAX on a CPU machine
+# never finds a TPU plugin at start-up; only code that asks for a TPU topology points
+# TPU_LIBRARY_PATH at it. The version is the one the installed jax's `tpu` extra pins. On a TPU VM
+# (the `tpu` extra) libtpu is a normal dependency and this copy is not used.
+LIBTPU_DIR="$VENV/libtpu"
+if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && [[ ",$EXTRAS," == *,test,* ]] \
+   && [ ! -f "$LIBTPU_DIR/.installed-$(basename "$STAMP")" ]; then
+  LIBTPU_REQ="$("$VENV/bin/python" - <<'PY'
+from importlib.metadata import requires
+print(next((r.split(";")[0].replace(" ", "") for r in requires("jax") or [] if r.startswith("libtpu") and 'extra == "tpu"' in r), ""))
+PY
+)"
+  if [ -n "$LIBTPU_REQ" ]; then
+    echo "setup: installing $LIBTPU_REQ into $LIBTPU_DIR (TPU compiler for deviceless compiles)"
+    rm -rf "$LIBTPU_DIR"
+    if "$VENV/bin/python" -m pip install --no-deps --target "$LIBTPU_DIR" "$LIBTPU_REQ" >>"$VENV/install.log" 2>&1; then
+      touch "$LIBTPU_DIR/.installed-$(basename "$STAMP")"
+    else
+      echo "setup: could not install $LIBTPU_REQ (see $VENV/install.log); TPU compile checks will skip" >&2
+    fi
+  fi
+fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
