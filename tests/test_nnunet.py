@@ -292,6 +292,11 @@ def test_predict_and_evaluate_on_nnunet_folders_match_the_brats_path(workdir, ex
                                                 ("", "_attention_NCR", "_attention_ED", "_attention_ET"))
     name = test[0] + ".nii.gz"
     assert open(os.path.join(single, name), "rb").read() == open(os.path.join(brats, name), "rb").read()
+    # A BraTS folder written in nnU-Net's values: the nnU-Net path's file, byte for byte.
+    assert predict.main(common + ["--out", single, "--output-format", "nnunet", "--no-attention",
+                                  "--input", os.path.join(raw_dir, test[1])]) == 0
+    name = test[1] + ".nii.gz"
+    assert open(os.path.join(single, name), "rb").read() == open(os.path.join(nn, name), "rb").read()
 
     # Scored against the BraTS folders and against the nnU-Net labelsTs/: the same numbers.
     assert evaluate.main(["--pred", brats, "--ref", raw_dir, "--out", str(tmp_path / "s_brats")]) == 0
