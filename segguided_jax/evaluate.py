@@ -13,7 +13,8 @@ Inputs
           nnU-Net v2 dataset (its labelsTr/ and labelsTs/) or one of those folders.
   The edition (file names and label values) is told from the case id (BraTS2021_XXXXX,
   BraTS-GLI-XXXXX-YYY) unless --edition names it; an nnU-Net dataset's label values come from its
-  dataset.json (predictions in the same values: predict --output-format nnunet, or nnU-Net's own). HD95 uses the reference header's voxel spacing.
+  dataset.json (predictions in the same values: predict --output-format nnunet, or nnU-Net's
+  own). HD95 uses the reference header's voxel spacing.
   Either folder may be a gs:// URI (each file is then read whole into memory).
 
 Metrics (definitions and sources in segguided_jax/metrics.py): per region ET, TC, WT the classic
@@ -30,10 +31,11 @@ HD95 the BraTS 2021 penalty, 373.13 mm (lesion-wise stays 374, as only the 2023 
 Bad input: a case whose files cannot be read (missing, truncated, not NIfTI), whose prediction has
 another shape than its reference, label values outside the edition's, or non-integer labels, and
 a reference case without its segmentation (a case folder without the seg file, an nnU-Net case
-with images but no label file) is reported on stderr and in per_case.csv (status ``error`` and the message, which names the file);
-the other cases are scored. Exit status: 0 every paired case scored, 1 some case could not be
-scored, 2 a usage error (a folder missing or holding nothing to evaluate). Cases found in only one
-folder are warned about and listed, but do not change the exit status.
+with images but no label file) is reported on stderr and in per_case.csv (status ``error`` and
+the message, which names the file); the other cases are scored. Exit status: 0 every paired case
+scored, 1 some case could not be scored, 2 a usage error (a folder missing or holding nothing to
+evaluate). Cases found in only one folder are warned about and listed, but do not change the exit
+status.
 
 Outputs in --out, a local folder or gs:// URI (each written whole or not at all)
   per_case.csv   one row per case found in either folder (schema: ``write_per_case``); ``status``

@@ -2,7 +2,8 @@
 
     python -m segguided_jax.predict (--workdir W | --checkpoint W/checkpoints/STEP)
         (--input PATH [PATH ...] | --t1 F --t1ce F --t2 F --flair F [--case-id ID])
-        --out DIR [--edition 2021|2023] [--output-format nnunet|brats] [--channels M M M M] [--no-tta | --mirror-axes A [A ...]]
+        --out DIR [--edition 2021|2023] [--output-format nnunet|brats] [--channels M M M M]
+        [--no-tta | --mirror-axes A [A ...]]
         [--attention-stages S [S ...] | --no-attention] [--probabilities] [--threshold T]
         [--postprocessing learned|none|FILE] [--et-rule component|case] [--min-et-voxels N]
         [--window X Y Z] [--overlap F] [--batch-size B]
@@ -122,7 +123,8 @@ def _write_outputs(cf: CaseFiles, case, outputs: np.ndarray, meta: dict, setting
             save_panel(files["panel"], case.images[..., MODALITIES.index("flair")],
                        case.images[..., MODALITIES.index("t1ce")], convention.to_internal(labels),
                        attention, case.spacing,
-                       f"{cf.case_id} (BraTS{cf.edition})" if cf.edition in EDITIONS else cf.case_id, affine=case.affine)
+                       f"{cf.case_id} (BraTS{cf.edition})" if cf.edition in EDITIONS else cf.case_id,
+                       affine=case.affine)
         write_like(labels, case.reference, files["labels"])  # last: a case with a label map has all its outputs
     except BaseException:
         for path in written:

@@ -26,7 +26,8 @@ import numpy as np
 
 from segguided_jax import storage
 from segguided_jax.data import nnunet
-from segguided_jax.data.brats import ALL_EDITIONS, EDITIONS, MODALITIES, MSD_CHANNELS, SUBREGIONS, Edition, detect_edition
+from segguided_jax.data.brats import (ALL_EDITIONS, EDITIONS, MODALITIES, MSD_CHANNELS, SUBREGIONS, Edition,
+                                      detect_edition)
 
 # Voxel-to-world matrices of a case's files must agree to this (mm); BraTS files agree exactly.
 AFFINE_TOLERANCE = 1e-3
@@ -123,6 +124,47 @@ def _msd_cases(src: str) -> list[CaseFiles]:
     return cases
 
 
+def _visible_files(folder: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if not n.startswith((".", "_"))) if os.path.isdir(folder) else []
+
+
+def _nnunet_folder_cases(ds: nnunet.Dataset, folder: str, only: str | None) -> list:
+    """CaseFiles (or BadInput) of one images folder of a dataset (of the case `only` if given);
+    labels from the matching labels folder (imagesTr: labelsTr, imagesTs: labelsTs)."""
+    labels_dir = "labels" + folder[len("images"):]
+    image_dir, found, by_case = os.path.join(ds.root, folder), [], {}
+    for name in _visible_files(image_dir):
+        parsed = nnunet.split_channel_file(name, ds.file_ending)
+        if parsed is not None and parsed[1] < ds.num_channels:
+            by_case.setdefault(parsed[0], set()).add(parsed[1])
+        elif only is None or name.startswith(only):
+            found.append(BadInput(os.path.join(image_dir, name), (
+                f"unexpected file {os.path.join(image_dir, name)} (expected CASE_0000{ds.file_ending} to "
+                f"CASE_{ds.num_channels - 1:04d}{ds.file_ending}: the file_ending and {ds.num_channels} channels "
+                f"of {ds.json_path})")))
+    if only is None:
+        for name in _visible_files(os.path.join(ds.root, labels_dir)):
+            path = os.path.join(ds.root, labels_dir, name)
+            case_id = name[: -len(ds.file_ending)] if name.endswith(ds.file_ending) else None
+            if case_id is None:
+                found.append(BadInput(name, f"unexpected file {path} (the file_ending of {ds.json_path} is "
+                                            f"{ds.file_ending})"))
+            elif case_id not in by_case:
+                found.append(BadInput(case_id, f"case {case_id}: label file {path} has no images "
+                                               f"{ds.channel_file(folder, case_id, 0)} ... in {image_dir}"))
+    for case_id in sorted(by_case) if only is None else [only]:
+        missing = [ch for ch in range(ds.num_channels) if ch not in by_case.get(case_id, ())]
+        if missing:
+            absent = ds.channel_file(folder, case_id, missing[0])
+            found.append(BadInput(case_id, f"case {case_id}: missing file {absent} (channel {missing[0]} of "
+                                           f"{ds.json_path})"))
+            continue
+        seg = ds.label_file(labels_dir, case_id)
+        found.append(CaseFiles(case_id, "nnunet", ds.images(folder, case_id), seg if os.path.exists(seg) else None,
+                               ds.edition))
+    return found
+
+
 def _nnunet_cases(path: str, channels=None) -> list:
     """CaseFiles (or BadInput) of an nnU-Net dataset: of its imagesTr/ and imagesTs/ if `path` is
     the dataset, of one of those folders, or of the one case whose channel file `path` is.
@@ -138,54 +180,16 @@ def _nnunet_cases(path: str, channels=None) -> list:
         parsed = nnunet.split_channel_file(os.path.basename(path), ds.file_ending)
         if parsed is None:
             return [BadInput(path, f"{path}: not an nnU-Net channel file CASE_XXXX{ds.file_ending} "
-                                   f"(file_ending of {ds.json_path})")]
+                                   f"(the file_ending of {ds.json_path})")]
         only, folders = parsed[0], [os.path.basename(os.path.dirname(os.path.abspath(path)))]
     elif os.path.abspath(path) == root:
         folders = ["imagesTr", "imagesTs"]
     else:
         folders = [os.path.basename(os.path.normpath(path))]
-    found = []
-    for folder in folders:
-        labels_dir = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}.get(folder)
-        if labels_dir is None:
-            return [BadInput(path, f"{path}: give the nnU-Net dataset {root}, its imagesTr/ or imagesTs/, "
-                                   "or channel files of one case")]
-        image_dir = os.path.join(root, folder)
-        names = sorted(n for n in os.listdir(image_dir) if not n.startswith((".", "_"))) \
-            if os.path.isdir(image_dir) else []
-        by_case = {}
-        for name in names:
-            parsed = nnunet.split_channel_file(name, ds.file_ending)
-            if parsed is None or parsed[1] >= ds.num_channels:
-                if only is None or name.startswith(only):
-                    found.append(BadInput(os.path.join(image_dir, name), (
-                        f"unexpected file {os.path.join(image_dir, name)} (expected CASE_0000{ds.file_ending} to "
-                        f"CASE_{ds.num_channels - 1:04d}{ds.file_ending}, the file_ending and {ds.num_channels} "
-                        f"channels of {ds.json_path})")))
-                continue
-            by_case.setdefault(parsed[0], set()).add(parsed[1])
-        label_names = sorted(n for n in os.listdir(os.path.join(root, labels_dir))
-                             if not n.startswith((".", "_"))) if os.path.isdir(os.path.join(root, labels_dir)) else []
-        if only is None:
-            for name in label_names:
-                case_id = name[: -len(ds.file_ending)] if name.endswith(ds.file_ending) else None
-                if case_id is None or case_id not in by_case:
-                    found.append(BadInput(case_id or name, (
-                        f"case {case_id}: label file {os.path.join(root, labels_dir, name)} has no images "
-                        f"{ds.channel_file(folder, case_id, 0)} ... in {image_dir}" if case_id else
-                        f"unexpected file {os.path.join(root, labels_dir, name)} (file_ending of {ds.json_path} "
-                        f"is {ds.file_ending})")))
-        for case_id in sorted(by_case) if only is None else [only]:
-            missing = [ch for ch in range(ds.num_channels) if ch not in by_case.get(case_id, ())]
-            if missing:
-                found.append(BadInput(case_id, f"case {case_id}: missing file "
-                                               f"{ds.channel_file(folder, case_id, missing[0])} (channel "
-                                               f"{missing[0]} of {ds.json_path})"))
-                continue
-            seg = ds.label_file(labels_dir, case_id)
-            found.append(CaseFiles(case_id, "nnunet", ds.images(folder, case_id),
-                                   seg if os.path.exists(seg) else None, ds.edition))
-    return found
+    if not set(folders) <= {"imagesTr", "imagesTs"}:
+        return [BadInput(path, f"{path}: give the nnU-Net dataset {root}, its imagesTr/ or imagesTs/, "
+                               "or channel files of one case")]
+    return [cf for folder in folders for cf in _nnunet_folder_cases(ds, folder, only)]
 
 
 def _is_msd(path: str) -> bool:
