@@ -201,7 +201,8 @@ def read_labels(path: str, edition: Edition) -> tuple:
     values = np.unique(data).astype(np.int64)
     bad = sorted(set(values.tolist()) - set(edition.labels))
     if bad:
-        raise ValueError(f"{path}: label values {bad} are not BraTS{edition.name} labels {list(edition.labels)} "
+        name = f"BraTS{edition.name}" if edition.name in EDITIONS else edition.name
+        raise ValueError(f"{path}: label values {bad} are not {name} labels {list(edition.labels)} "
                          f"(predictions must use the references' edition; see --edition)")
     return edition.to_internal(data.astype(np.int64)), img
 

@@ -351,3 +351,15 @@ def test_reference_without_segmentation_is_reported_and_the_rest_scored(tmp_path
     assert all(float(rows[c]["dice_wt"]) == 1.0 for c in ids[:3])
     assert bad_file in rows[ids[3]]["error"] and f"case {ids[3]}" in rows[ids[3]]["error"]
     assert bad_file in capsys.readouterr().err
+
+
+def test_predictions_in_other_values_than_the_dataset_json_are_named(tmp_path, capsys):
+    ref, pred = tmp_path / "Dataset500_X", tmp_path / "pred"
+    _save(str(ref / "labelsTr" / "a.nii.gz"), _tumour((2, 1, 3)))
+    json.dump({"channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}, "labels": MSD_REGIONS,
+               "regions_class_order": [1, 2, 3], "numTraining": 1, "file_ending": ".nii.gz"},
+              open(ref / "dataset.json", "w"))
+    _save(str(pred / "a.nii.gz"), _tumour((1, 2, 4)))  # BraTS 2021 values: ET = 4
+    assert evaluate.main(["--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "s")]) == 1
+    error = _rows(tmp_path / "s" / "per_case.csv")["a"]["error"]
+    assert "label values [4] are not nnU-Net Dataset500_X labels [0, 2, 1, 3]" in error and str(pred) in error
