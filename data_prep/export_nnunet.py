@@ -13,8 +13,8 @@ Writes the convention of nnU-Net's own BraTS 2021 conversion (segguided_jax.data
                                                    regions_class_order, numTraining, file_ending
   splits_final.json                                with --splits: our fold0..fold{k-1} as nnU-Net's
                                                    folds 0..k-1 and our holdout split as fold k
-nnU-Net reads splits_final.json from nnUNet_preprocessed/DatasetXXX_Name/: copy it there after
-`nnUNetv2_plan_and_preprocess` and before training.
+nnU-Net's trainer reads splits_final.json from nnUNet_preprocessed/DatasetXXX_Name/; its planner
+(nnU-Net 2.8) copies it there from the raw dataset, older versions need it copied by hand.
 
 Every case is read and checked as data_prep.convert checks it (a failure names the case and the
 file). The dataset is written under a temporary name beside --out and renamed when whole, so an
