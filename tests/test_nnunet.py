@@ -257,6 +257,7 @@ def test_unrecognised_channel_names_convert_with_channels_flag(tmp_path):
     _edit_json(channel_names={"0": "a", "1": "b", "2": "c", "3": "d"})(root)
     convert.main(["--src", root, "--out", str(tmp_path / "flag"), "--channels", "FLAIR", "t1", "t1ce", "t2"] + args)
     named, flag = load_manifest(str(tmp_path / "named")), load_manifest(str(tmp_path / "flag"))
+    assert flag["shards"] == named["shards"]
     for shard in named["shards"]:
         assert (tmp_path / "flag" / shard).read_bytes() == (tmp_path / "named" / shard).read_bytes()
 
