@@ -5,7 +5,8 @@
         [--lesion-min-volume 50]
 
 Inputs
-  --pred  flat files: ``<pred>/<case_id>.nii.gz`` (a label map in the edition's label values:
+  --pred  flat files: ``<pred>/<case_id>.nii.gz`` (or ``.nii``, as nnU-Net writes for a dataset
+          whose file_ending is .nii; a label map in the edition's label values:
           2021 ET = 4, 2023 ET = 3), and optionally attention maps
           ``<pred>/<case_id>_attention_{NCR,ED,ET}.nii.gz`` (float in [0, 1]).
   --ref   BraTS case folders ``<ref>/<case_id>/<case_id>_seg.nii.gz`` (2021) or

@@ -364,3 +364,17 @@ def test_predictions_in_other_values_than_the_dataset_json_are_named(tmp_path, c
     assert evaluate.main(["--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "s")]) == 1
     error = _rows(tmp_path / "s" / "per_case.csv")["a"]["error"]
     assert "label values [4] are not nnU-Net Dataset500_X labels [0, 2, 1, 3]" in error and str(pred) in error
+
+
+def test_nnunet_predictions_of_a_nii_dataset_are_scored(tmp_path):
+    """nnU-Net writes predictions with the dataset's file_ending: CASE.nii for a .nii dataset."""
+    ref, pred = tmp_path / "Dataset501_Y", tmp_path / "pred"
+    os.makedirs(ref / "labelsTr")
+    os.makedirs(pred)
+    nib.save(nib.Nifti1Image(_tumour((2, 1, 3)), np.eye(4)), str(ref / "labelsTr" / "a.nii"))
+    json.dump({"channel_names": MSD_CHANNEL_NAMES, "labels": MSD_PLAIN, "numTraining": 1, "file_ending": ".nii"},
+              open(ref / "dataset.json", "w"))
+    nib.save(nib.Nifti1Image(_tumour((2, 1, 2)), np.eye(4)), str(pred / "a.nii"))  # ET taken for NCR
+    assert evaluate.main(["--pred", str(pred), "--ref", str(ref / "labelsTr"), "--out", str(tmp_path / "s")]) == 0
+    row = _rows(tmp_path / "s" / "per_case.csv")["a"]
+    assert [row["status"]] + [float(row[f"dice_{r}"]) for r in ("wt", "tc", "et")] == ["ok", 1.0, 1.0, 0.0]

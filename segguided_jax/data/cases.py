@@ -418,10 +418,11 @@ def prediction_files(out_dir: str, case_id: str) -> dict:
 
 def parse_prediction_file(name: str) -> tuple[str, str] | None:
     """A file name in a prediction folder -> (case_id, kind), kind "labels", "probabilities" or a
-    sub-region name (an attention map); None for other files."""
-    if not name.endswith(NII) or name.startswith("."):
+    sub-region name (an attention map); None for other files. Names end in .nii.gz, or in .nii as
+    nnU-Net writes the predictions of a dataset whose file_ending is .nii."""
+    if not name.endswith((NII, ".nii")) or name.startswith("."):
         return None
-    stem = name[: -len(NII)]
+    stem = name[: -len(NII)] if name.endswith(NII) else name[: -len(".nii")]
     if stem.endswith(PROBABILITIES_SUFFIX):
         return stem[: -len(PROBABILITIES_SUFFIX)], "probabilities"
     head, sep, sub = stem.rpartition(ATTENTION_INFIX)
