@@ -75,13 +75,8 @@ class Dataset:
     root: str  # the DatasetXXX_Name folder
     file_ending: str
     num_channels: int
-    channels: tuple  # the channel index of each of MODALITIES
+    channels: tuple | None  # the channel index of each of MODALITIES (None: read for its labels only)
     edition: Edition  # labels = the dataset's values for (bg, NCR, ED, ET)
-    region_based: bool
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(os.path.normpath(self.root))
 
     @property
     def json_path(self) -> str:
@@ -213,6 +208,7 @@ def read_dataset(root: str, channels=None, labels_only: bool = False) -> Dataset
     if len(background) != 1:
         raise DatasetError(f"{path}: labels need exactly one background label with value 0, got {spec['labels']}")
     del labels[background[0]]
+    # nnU-Net's own rule (LabelManager): a label listing several values makes the labels regions.
     region_based = any(len(v) > 1 for v in labels.values())
     found = (_region_labels(labels, spec.get("regions_class_order"), path) if region_based
              else _plain_labels(labels, path))
@@ -221,7 +217,7 @@ def read_dataset(root: str, channels=None, labels_only: bool = False) -> Dataset
     values = (0, found["NCR"], found["ED"], found["ET"])
     edition = Edition(f"nnU-Net {os.path.basename(os.path.normpath(root))}", "", {}, "", "", values)
     return Dataset(root, file_ending, len(spec["channel_names"]),
-                   None if labels_only else _channels(spec["channel_names"], path, channels), edition, region_based)
+                   None if labels_only else _channels(spec["channel_names"], path, channels), edition)
 
 
 def references(path: str) -> tuple[dict, dict]:
