@@ -1,6 +1,8 @@
-"""BraTS-layout case folders (or MSD Task01) -> compressed ArrayRecord shards + manifest.json.
+"""BraTS-layout case folders (or MSD Task01, or an nnU-Net v2 raw dataset) -> compressed ArrayRecord
+shards + manifest.json.
 
-    python -m data_prep.convert --src DIR [DIR ...] --out DIR [--edition 2021|2023|msd]
+    python -m data_prep.convert --src DIR [DIR ...] --out DIR [--edition 2021|2023|msd|nnunet]
+        [--channels M M M M]
         [--test-cases N | --test-fraction F] [--val-cases N | --val-fraction F] [--folds K]
         [--split-seed S] [--spacing X Y Z] [--workers W] [--cases-per-shard N] [--skip-bad]
 
@@ -14,8 +16,9 @@ settings, and the skipped cases; splits.json holds the train / val / test protoc
 Restartable: each shard is written under a temporary name (unique to the writing process) and
 renamed when whole, so a killed conversion leaves only whole shards, and running the same command
 again converts just the rest. Worker processes die with the conversion that started them.
-Bad input stops the conversion at the first bad case (the message names the case and the file);
-with --skip-bad the rest converts and skipped.json lists every skipped case and why.
+Bad input stops the conversion at the first bad case (the message names the case and the file) and
+removes the --out folder if this run created it, so nothing is left behind; with --skip-bad the rest
+converts and skipped.json lists every skipped case and why.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -175,12 +179,29 @@ def _count(n_given: int | None, fraction: float, of: int) -> int:
 def convert(srcs, out: str, *, edition: str | None = None, target_spacing=None, test_cases: int | None = None,
             test_fraction: float = 0.2, val_cases: int | None = None, val_fraction: float = 0.2, folds: int = 5,
             split_seed: int = 0, cases_per_shard: int = 8, workers: int = 1, skip_bad: bool = False,
-            log=print) -> dict:
+            channels=None, log=print) -> dict:
     """Converts the cases under `srcs` into `out` (see the module docstring); returns the manifest.
     test_cases (else test_fraction of the labelled cases) are held out; val_cases (else
-    val_fraction of the rest) validate."""
+    val_fraction of the rest) validate. `channels`: the modality of each channel of an nnU-Net
+    dataset whose channel_names are not recognisable."""
     srcs = [srcs] if isinstance(srcs, str) else list(srcs)
-    edition, cases = find_cases(srcs, edition)
+    edition, cases = find_cases(srcs, edition, channels)
+    fresh = not os.path.exists(out)
+    try:
+        return _convert(srcs, out, edition, cases, target_spacing=target_spacing, test_cases=test_cases,
+                        test_fraction=test_fraction, val_cases=val_cases, val_fraction=val_fraction, folds=folds,
+                        split_seed=split_seed, cases_per_shard=cases_per_shard, workers=workers, skip_bad=skip_bad,
+                        log=log)
+    except CaseError:
+        # Bad input leaves nothing behind in a folder this run created; a kill (no exception here)
+        # keeps the whole shards, so that a rerun converts just the rest.
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _convert(srcs, out, edition, cases, *, target_spacing, test_cases, test_fraction, val_cases, val_fraction,
+             folds, split_seed, cases_per_shard, workers, skip_bad, log) -> dict:
     settings = {"version": MANIFEST_VERSION, "edition": edition,
                 "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
                 "cases_per_shard": cases_per_shard, "record_options": RECORD_OPTIONS,
@@ -220,7 +241,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, nargs="+")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--edition", choices=["2021", "2023", "msd"], help="default: detected from the names")
+    parser.add_argument("--edition", choices=["2021", "2023", "msd", "nnunet"],
+                        help="default: detected from the names (nnunet: from an nnU-Net v2 dataset.json)")
+    parser.add_argument("--channels", nargs=4, metavar="M", type=str.lower,
+                        help="nnU-Net datasets: the modality (t1, t1ce, t2, flair) of channels 0000..0003 in order, "
+                             "when dataset.json's channel_names are not recognisable")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="resample to this spacing in mm (default: keep the input's)")
     parser.add_argument("--test-cases", type=int, help="held-out test cases (the paper: 251 of 1,251)")
@@ -239,7 +264,7 @@ def main(argv=None):
         convert(args.src, args.out, edition=args.edition, target_spacing=args.spacing, test_cases=args.test_cases,
                 test_fraction=args.test_fraction, val_cases=args.val_cases, val_fraction=args.val_fraction,
                 folds=args.folds, split_seed=args.split_seed, cases_per_shard=args.cases_per_shard,
-                workers=args.workers, skip_bad=args.skip_bad)
+                workers=args.workers, skip_bad=args.skip_bad, channels=args.channels)
     except CaseError as e:
         sys.exit(f"convert: error: {e}")
 

@@ -5,13 +5,17 @@
         [--lesion-min-volume 50]
 
 Inputs
-  --pred  flat files: ``<pred>/<case_id>.nii.gz`` (a label map in the edition's label values:
+  --pred  flat files: ``<pred>/<case_id>.nii.gz`` (or ``.nii``, as nnU-Net writes for a dataset
+          whose file_ending is .nii; a label map in the edition's label values:
           2021 ET = 4, 2023 ET = 3), and optionally attention maps
           ``<pred>/<case_id>_attention_{NCR,ED,ET}.nii.gz`` (float in [0, 1]).
   --ref   BraTS case folders ``<ref>/<case_id>/<case_id>_seg.nii.gz`` (2021) or
-          ``<ref>/<case_id>/<case_id>-seg.nii.gz`` (2023), or flat ``<ref>/<case_id>.nii.gz``.
+          ``<ref>/<case_id>/<case_id>-seg.nii.gz`` (2023), or flat ``<ref>/<case_id>.nii.gz``, or an
+          nnU-Net v2 dataset (its labelsTr/ and labelsTs/) or one of those folders.
   The edition (file names and label values) is told from the case id (BraTS2021_XXXXX,
-  BraTS-GLI-XXXXX-YYY) unless --edition names it. HD95 uses the reference header's voxel spacing.
+  BraTS-GLI-XXXXX-YYY) unless --edition names it; an nnU-Net dataset's label values come from its
+  dataset.json (predictions in the same values: predict --output-format nnunet, or nnU-Net's
+  own). HD95 uses the reference header's voxel spacing.
   Either folder may be a gs:// URI (each file is then read whole into memory).
 
 Metrics (definitions and sources in segguided_jax/metrics.py): per region ET, TC, WT the classic
@@ -26,11 +30,13 @@ HD95 the BraTS 2021 penalty, 373.13 mm (lesion-wise stays 374, as only the 2023 
 --empty-hd95 diagonal uses the case volume's diagonal in mm for both.
 
 Bad input: a case whose files cannot be read (missing, truncated, not NIfTI), whose prediction has
-another shape than its reference, label values outside the edition's, or non-integer labels is
-reported on stderr and in per_case.csv (status ``error`` and the message, which names the file);
-the other cases are scored. Exit status: 0 every paired case scored, 1 some case could not be
-scored, 2 a usage error (a folder missing or holding nothing to evaluate). Cases found in only one
-folder are warned about and listed, but do not change the exit status.
+another shape than its reference, label values outside the edition's, or non-integer labels, and
+a reference case without its segmentation (a case folder without the seg file, an nnU-Net case
+with images but no label file) is reported on stderr and in per_case.csv (status ``error`` and
+the message, which names the file); the other cases are scored. Exit status: 0 every paired case
+scored, 1 some case could not be scored, 2 a usage error (a folder missing or holding nothing to
+evaluate). Cases found in only one folder are warned about and listed, but do not change the exit
+status.
 
 Outputs in --out, a local folder or gs:// URI (each written whole or not at all)
   per_case.csv   one row per case found in either folder (schema: ``write_per_case``); ``status``
@@ -58,6 +64,7 @@ import nibabel as nib
 import numpy as np
 
 from segguided_jax import metrics, storage
+from segguided_jax.data import nnunet
 from segguided_jax.data.brats import EDITIONS, REGIONS, SUBREGIONS, Edition, detect_edition
 from segguided_jax.data.cases import NII, parse_prediction_file
 from segguided_jax.stats import mean_std
@@ -107,9 +114,15 @@ def _edition_for(case_id: str, forced: str) -> Edition:
     return edition
 
 
-def find_references(ref_dir: str, edition: str = "auto") -> dict:
-    """{case_id: (seg file path, Edition)} for the case folders and flat files in ref_dir."""
-    refs = {}
+def find_references(ref_dir: str, edition: str = "auto") -> tuple[dict, dict]:
+    """({case_id: (seg file path, Edition)} for the case folders and flat files in ref_dir, or the
+    label files of an nnU-Net dataset; {case_id: message} for the cases without a segmentation)."""
+    if not storage.is_remote(ref_dir) and nnunet.dataset_root_of(ref_dir) is not None:
+        try:
+            return nnunet.references(ref_dir)
+        except nnunet.DatasetError as e:
+            raise ValueError(str(e)) from e
+    refs, unlabelled = {}, {}
     for name in storage.listdir(ref_dir):
         path = storage.join(ref_dir, name)
         if name.startswith("."):
@@ -119,7 +132,8 @@ def find_references(ref_dir: str, edition: str = "auto") -> dict:
             ed = _edition_for(case_id, edition)
             seg = ed.seg_file(path)
             if not storage.isfile(seg):
-                raise FileNotFoundError(f"reference case folder {path} has no segmentation {storage.basename(seg)}")
+                unlabelled[case_id] = f"case {case_id}: reference case folder {path} has no segmentation {seg}"
+                continue
         elif name.endswith(NII):
             case_id, seg = _case_id_of(name), path
             ed = _edition_for(case_id, edition)
@@ -128,7 +142,7 @@ def find_references(ref_dir: str, edition: str = "auto") -> dict:
         if case_id in refs:
             raise ValueError(f"case {case_id} has two references: {refs[case_id][0]} and {seg}")
         refs[case_id] = (seg, ed)
-    return refs
+    return refs, unlabelled
 
 
 def find_predictions(pred_dir: str) -> dict:
@@ -188,7 +202,8 @@ def read_labels(path: str, edition: Edition) -> tuple:
     values = np.unique(data).astype(np.int64)
     bad = sorted(set(values.tolist()) - set(edition.labels))
     if bad:
-        raise ValueError(f"{path}: label values {bad} are not BraTS{edition.name} labels {list(edition.labels)} "
+        name = f"BraTS{edition.name}" if edition.name in EDITIONS else edition.name
+        raise ValueError(f"{path}: label values {bad} are not {name} labels {list(edition.labels)} "
                          f"(predictions must use the references' edition; see --edition)")
     return edition.to_internal(data.astype(np.int64)), img
 
@@ -276,6 +291,7 @@ class Discovery:
     paired: list  # case ids with both, sorted
     missing_prediction: list  # case ids with a reference only, sorted
     missing_reference: list  # case ids with a prediction only, sorted
+    unlabelled: dict = dataclasses.field(default_factory=dict)  # {case_id: message}: a reference without its seg
 
 
 def discover(pred_dir: str, ref_dir: str, edition: str = "auto", warn=None) -> Discovery:
@@ -285,9 +301,9 @@ def discover(pred_dir: str, ref_dir: str, edition: str = "auto", warn=None) -> D
     for name, d in (("--pred", pred_dir), ("--ref", ref_dir)):
         if not storage.isdir(d):
             raise FileNotFoundError(f"{name} {d} is not a folder")
-    refs = find_references(ref_dir, edition)
+    refs, unlabelled = find_references(ref_dir, edition)
     preds = find_predictions(pred_dir)
-    if not refs:
+    if not refs and not unlabelled:
         raise FileNotFoundError(f"no references in {ref_dir} (expected <case_id>/<case_id>_seg.nii.gz, "
                                 f"<case_id>/<case_id>-seg.nii.gz or <case_id>.nii.gz)")
     if not any(p["seg"] for p in preds.values()):
@@ -297,7 +313,7 @@ def discover(pred_dir: str, ref_dir: str, edition: str = "auto", warn=None) -> D
             warn(f"case {case_id}: attention maps without a label map {case_id}{NII} in {pred_dir}; ignored")
     pred_ids = {c for c, p in preds.items() if p["seg"]}
     found = Discovery(refs, preds, sorted(set(refs) & pred_ids), sorted(set(refs) - pred_ids),
-                      sorted(pred_ids - set(refs)))
+                      sorted(pred_ids - set(refs) - set(unlabelled)), unlabelled)
     for c in found.missing_prediction:
         warn(f"case {c}: reference {refs[c][0]} has no prediction {storage.join(pred_dir, c + NII)}")
     for c in found.missing_reference:
@@ -331,6 +347,10 @@ def score_cases(found: Discovery, empty_hd95: str = "brats", lesion_dilation: in
             err(("\n" if sys.stdout.isatty() else "") + f"error: {named}")
         rows.append(row)
         log(f"\revaluate: {i + 1}/{len(found.paired)} cases", end="" if sys.stdout.isatty() else "\n", flush=True)
+    for c, message in found.unlabelled.items():  # reported like a damaged prediction: it cannot be scored
+        rows.append({"case_id": c, "status": "error", "pred_file": (found.preds.get(c) or {}).get("seg"),
+                     "ref_file": None, "error": message})
+        err(f"error: {message}")
     for c in found.missing_prediction:
         rows.append({"case_id": c, "status": "missing_prediction", "edition": found.refs[c][1].name,
                      "pred_file": None, "ref_file": found.refs[c][0]})

@@ -2,7 +2,8 @@
 
     python -m segguided_jax.predict (--workdir W | --checkpoint W/checkpoints/STEP)
         (--input PATH [PATH ...] | --t1 F --t1ce F --t2 F --flair F [--case-id ID])
-        --out DIR [--edition 2021|2023] [--no-tta | --mirror-axes A [A ...]]
+        --out DIR [--edition 2021|2023] [--output-format nnunet|brats] [--channels M M M M]
+        [--no-tta | --mirror-axes A [A ...]]
         [--attention-stages S [S ...] | --no-attention] [--probabilities] [--threshold T]
         [--postprocessing learned|none|FILE] [--et-rule component|case] [--min-et-voxels N]
         [--window X Y Z] [--overlap F] [--batch-size B]
@@ -11,8 +12,10 @@
 Inputs
   --input   a BraTS case folder (BraTS2021_XXXXX with *_t1/_t1ce/_t2/_flair, or
             BraTS-GLI-XXXXX-YYY with -t1n/-t1c/-t2w/-t2f; the edition comes from the folder name,
-            or from --edition), a folder of such case folders, or an MSD Task01 folder
-            (imagesTr/, imagesTs/). Several paths may be given.
+            or from --edition), a folder of such case folders, an MSD Task01 folder
+            (imagesTr/, imagesTs/), or an nnU-Net v2 dataset: its folder, its imagesTs/ or imagesTr/,
+            or the channel files CASE_0000.nii.gz ... of one case (channels mapped through its
+            dataset.json, or --channels). Several paths may be given.
   --t1 --t1ce --t2 --flair   one case as four explicit files; --case-id names it (default: the
             T1 file name without its extension and modality suffix) and --edition sets the output
             label values (default: the edition the case id is named like, else 2021).
@@ -28,7 +31,9 @@ so a case that has one has all its outputs, and a case that fails leaves none:
                                          crop box), unless --no-attention or the model has no gates
   <case_id>_probabilities.nii.gz         with --probabilities: float32 (X, Y, Z, 3) ET/TC/WT
   <case_id>_panel.png                    unless --no-panels: see segguided_jax.panels
-These names are the ones segguided_jax.evaluate reads (segguided_jax.data.cases).
+These names are the ones segguided_jax.evaluate reads (segguided_jax.data.cases). Label values are
+the input's own (an nnU-Net dataset's: its dataset.json's) unless --output-format says otherwise:
+nnunet (an nnU-Net dataset's values, or nnU-Net's BraTS convention 1 ED, 2 NCR, 3 ET) or brats.
 
 Inference: Gaussian-weighted sliding windows; by default, as nnU-Net, the mean over the 8 mirrorings
 (--no-tta: one pass). Labels: segguided_jax.postprocess, with the component sizes learned on the
@@ -60,9 +65,9 @@ import time
 import numpy as np
 
 from segguided_jax import postprocess, storage
-from segguided_jax.data.brats import ALL_EDITIONS, EDITIONS, MODALITIES, SUBREGIONS
-from segguided_jax.data.cases import (BadInput, CaseError, CaseFiles, discover, explicit_case, load_case,
-                                      prediction_files, write_like)
+from segguided_jax.data.brats import EDITIONS, MODALITIES, SUBREGIONS
+from segguided_jax.data.cases import (OUTPUT_FORMATS, BadInput, CaseError, CaseFiles, discover, explicit_case,
+                                      load_case, output_convention, prediction_files, write_like)
 from segguided_jax.data.preprocess import labels_to_original, preprocess, to_original_grid
 from segguided_jax.data.records import MANIFEST
 
@@ -75,6 +80,7 @@ class Settings:
     target_spacing: list | None
     spacing_source: str = ""  # where target_spacing came from, for the log
     training_spacing: list | None = None  # voxel size the model was trained at, if known
+    output_format: str | None = None  # label values: the input's own, or one of OUTPUT_FORMATS
 
 
 def spacing_warning(case_id: str, spacing, settings: Settings) -> str | None:
@@ -97,7 +103,8 @@ def _write_outputs(cf: CaseFiles, case, outputs: np.ndarray, meta: dict, setting
     outputs or none."""
     files = prediction_files(out_dir, cf.case_id)
     internal = settings.post.labels(outputs, settings.target_spacing or case.spacing)
-    labels = labels_to_original(internal, meta, cf.edition)
+    convention = output_convention(cf, settings.output_format)
+    labels = labels_to_original(internal, meta, convention)
     written = []
     try:
         attention = None
@@ -114,9 +121,10 @@ def _write_outputs(cf: CaseFiles, case, outputs: np.ndarray, meta: dict, setting
 
             written.append(files["panel"])
             save_panel(files["panel"], case.images[..., MODALITIES.index("flair")],
-                       case.images[..., MODALITIES.index("t1ce")], ALL_EDITIONS[cf.edition].to_internal(labels),
+                       case.images[..., MODALITIES.index("t1ce")], convention.to_internal(labels),
                        attention, case.spacing,
-                       f"{cf.case_id} (BraTS{cf.edition})" if cf.edition != "msd" else cf.case_id, affine=case.affine)
+                       f"{cf.case_id} (BraTS{cf.edition})" if cf.edition in EDITIONS else cf.case_id,
+                       affine=case.affine)
         write_like(labels, case.reference, files["labels"])  # last: a case with a label map has all its outputs
     except BaseException:
         for path in written:
@@ -273,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edition", choices=sorted(EDITIONS),
                    help="with --t1 ...: the output label values (default: from the case id, else 2021); "
                         "with --input: the file naming of case folders not named like BraTS cases")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS,
+                   help="label values of the outputs (default: the input's own): nnunet = an nnU-Net dataset's "
+                        "(BraTS inputs: nnU-Net's BraTS convention 1 ED, 2 NCR, 3 ET); brats = the BraTS edition's")
+    p.add_argument("--channels", nargs=4, metavar="M", type=str.lower,
+                   help="nnU-Net inputs: the modality (t1, t1ce, t2, flair) of channels 0000..0003, when "
+                        "dataset.json's channel_names are not recognisable")
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
     p.add_argument("--no-tta", action="store_true", help="one pass, no mirroring (default: the 8 mirrorings)")
     p.add_argument("--tta", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
@@ -334,10 +348,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     settings = Settings(probabilities=args.probabilities, panels=args.panels, post=post, target_spacing=spacing,
-                        spacing_source=spacing_source, training_spacing=trained)
+                        spacing_source=spacing_source, training_spacing=trained, output_format=args.output_format)
     if args.input:
         cases = [cf if isinstance(cf, BadInput) else dataclasses.replace(cf, seg=None)
-                 for cf in discover(args.input, args.edition)]
+                 for cf in discover(args.input, args.edition, args.channels)]
     else:
         cases = [explicit_case(dict(zip(MODALITIES, explicit)), args.case_id, args.edition)]
     predictor = VolumePredictor.from_config(config, graphdef, params, **overrides)

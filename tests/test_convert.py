@@ -254,6 +254,7 @@ def test_rerun_skips_done_and_settings_change_is_refused(raw_dir, tmp_path):
     assert os.path.getmtime(out / first["shards"][0]) == mtimes[first["shards"][0]]
     with pytest.raises(CaseError, match="other settings"):
         convert.convert(str(src), str(out), cases_per_shard=2, **QUIET)
+    assert (out / "manifest.json").exists()  # an error removes only a folder its own run created
 
 
 def test_fingerprint_follows_inputs_and_settings(raw_dir, tmp_path):

@@ -1,8 +1,10 @@
 """Cases on disk: finding them, reading and validating their NIfTI files, writing outputs.
 
-Inputs: BraTS2021 or BraTS2023-GLI case folders, folders of such case folders, or an MSD
-Task01_BrainTumour folder (imagesTr/ + labelsTr/, 4D images; imagesTs/ cases have no labels). Every
-check failure raises CaseError with the case id and the file it concerns.
+Inputs: BraTS2021 or BraTS2023-GLI case folders, folders of such case folders, an MSD
+Task01_BrainTumour folder (imagesTr/ + labelsTr/, 4D images; imagesTs/ cases have no labels), or an
+nnU-Net v2 raw dataset (its root, its imagesTr/ or imagesTs/ folder, or channel files of one case;
+conventions in data.nnunet). Every check failure raises CaseError with the case id and the file it
+concerns.
 
 Outputs of prediction, per case, in one flat folder (the names evaluate reads back):
     <case_id>.nii.gz                        label map in the edition's values
@@ -23,7 +25,9 @@ import nibabel as nib
 import numpy as np
 
 from segguided_jax import storage
-from segguided_jax.data.brats import ALL_EDITIONS, EDITIONS, MODALITIES, MSD_CHANNELS, SUBREGIONS, detect_edition
+from segguided_jax.data import nnunet
+from segguided_jax.data.brats import (ALL_EDITIONS, EDITIONS, MODALITIES, MSD_CHANNELS, SUBREGIONS, Edition,
+                                      detect_edition)
 
 # Voxel-to-world matrices of a case's files must agree to this (mm); BraTS files agree exactly.
 AFFINE_TOLERANCE = 1e-3
@@ -39,9 +43,31 @@ class CaseError(Exception):
 @dataclasses.dataclass(frozen=True)
 class CaseFiles:
     case_id: str
-    edition: str  # a key of ALL_EDITIONS
+    edition: str  # a key of ALL_EDITIONS, or "nnunet"
     images: tuple  # paths in MODALITIES order, or one 4D path (MSD)
     seg: str | None  # None: a prediction-only case
+    dataset_labels: Edition | None = None  # an nnU-Net dataset's own label values (its dataset.json)
+
+    @property
+    def convention(self) -> Edition:
+        """The label values of the case's files."""
+        return self.dataset_labels or ALL_EDITIONS[self.edition]
+
+
+OUTPUT_FORMATS = ("nnunet", "brats")
+
+
+def output_convention(cf: CaseFiles, output_format: str | None = None) -> Edition:
+    """The label values a prediction of `cf` is written in: the input's own (None); "nnunet": an
+    nnU-Net case's dataset values, else nnU-Net's BraTS convention (1 ED, 2 NCR, 3 ET); "brats": a
+    BraTS case's edition, else the edition its id is named like, else BraTS2021 (ET = 4)."""
+    if output_format is None:
+        return cf.convention
+    if output_format == "nnunet":
+        return cf.dataset_labels or nnunet.brats_convention()
+    if output_format == "brats":
+        return EDITIONS.get(cf.edition) or detect_edition(cf.case_id) or EDITIONS["2021"]
+    raise ValueError(f"output format {output_format!r}: one of {OUTPUT_FORMATS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +124,86 @@ def _msd_cases(src: str) -> list[CaseFiles]:
     return cases
 
 
+def _visible_files(folder: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if not n.startswith((".", "_"))) if os.path.isdir(folder) else []
+
+
+def _nnunet_folder_cases(ds: nnunet.Dataset, folder: str, only: str | None) -> list:
+    """CaseFiles (or BadInput) of one images folder of a dataset (of the case `only` if given);
+    labels from the matching labels folder (imagesTr: labelsTr, imagesTs: labelsTs)."""
+    labels_dir = "labels" + folder[len("images"):]
+    image_dir, found, by_case = os.path.join(ds.root, folder), [], {}
+    for name in _visible_files(image_dir):
+        parsed = nnunet.split_channel_file(name, ds.file_ending)
+        if parsed is not None and parsed[1] < ds.num_channels:
+            by_case.setdefault(parsed[0], set()).add(parsed[1])
+        elif only is None or name.startswith(only):
+            found.append(BadInput(os.path.join(image_dir, name), (
+                f"unexpected file {os.path.join(image_dir, name)} (expected CASE_0000{ds.file_ending} to "
+                f"CASE_{ds.num_channels - 1:04d}{ds.file_ending}: the file_ending and {ds.num_channels} channels "
+                f"of {ds.json_path})")))
+    if only is None:
+        for name in _visible_files(os.path.join(ds.root, labels_dir)):
+            path = os.path.join(ds.root, labels_dir, name)
+            case_id = name[: -len(ds.file_ending)] if name.endswith(ds.file_ending) else None
+            if case_id is None:
+                found.append(BadInput(name, f"unexpected file {path} (the file_ending of {ds.json_path} is "
+                                            f"{ds.file_ending})"))
+            elif case_id not in by_case:
+                found.append(BadInput(case_id, f"case {case_id}: label file {path} has no images "
+                                               f"{ds.channel_file(folder, case_id, 0)} ... in {image_dir}"))
+    for case_id in sorted(by_case) if only is None else [only]:
+        missing = [ch for ch in range(ds.num_channels) if ch not in by_case.get(case_id, ())]
+        if missing:
+            absent = ds.channel_file(folder, case_id, missing[0])
+            found.append(BadInput(case_id, f"case {case_id}: missing file {absent} (channel {missing[0]} of "
+                                           f"{ds.json_path})"))
+            continue
+        seg = ds.label_file(labels_dir, case_id)
+        found.append(CaseFiles(case_id, "nnunet", ds.images(folder, case_id), seg if os.path.exists(seg) else None,
+                               ds.edition))
+    return found
+
+
+def _nnunet_cases(path: str, channels=None) -> list:
+    """CaseFiles (or BadInput) of an nnU-Net dataset: of its imagesTr/ and imagesTs/ if `path` is
+    the dataset, of one of those folders, or of the one case whose channel file `path` is.
+    imagesTr cases take their labels from labelsTr, imagesTs cases from labelsTs if present;
+    a case without a label file is prediction-only."""
+    root = nnunet.dataset_root_of(path)
+    try:
+        ds = nnunet.read_dataset(root, channels)
+    except nnunet.DatasetError as e:
+        return [BadInput(path, str(e))]
+    only = None
+    if os.path.isfile(path):
+        parsed = nnunet.split_channel_file(os.path.basename(path), ds.file_ending)
+        if parsed is None:
+            return [BadInput(path, f"{path}: not an nnU-Net channel file CASE_XXXX{ds.file_ending} "
+                                   f"(the file_ending of {ds.json_path})")]
+        only, folders = parsed[0], [os.path.basename(os.path.dirname(os.path.abspath(path)))]
+    elif os.path.abspath(path) == root:
+        folders = ["imagesTr", "imagesTs"]
+    else:
+        folders = [os.path.basename(os.path.normpath(path))]
+    if not set(folders) <= {"imagesTr", "imagesTs"}:
+        return [BadInput(path, f"{path}: give the nnU-Net dataset {root}, its imagesTr/ or imagesTs/, "
+                               "or channel files of one case")]
+    return [cf for folder in folders for cf in _nnunet_folder_cases(ds, folder, only)]
+
+
 def _is_msd(path: str) -> bool:
     return any(os.path.isdir(os.path.join(path, d)) for d in ("imagesTr", "imagesTs"))
 
 
-def _cases_in(path: str, edition: str | None) -> list:
+def _cases_in(path: str, edition: str | None, channels=None) -> list:
     """CaseFiles (or BadInput for a bad case folder) under one path."""
     if not os.path.exists(path):
         return [BadInput(path, f"{path}: no such file or folder")]
+    if edition in (None, "nnunet") and nnunet.dataset_root_of(path) is not None:
+        return _nnunet_cases(path, channels)
+    if edition == "nnunet":
+        return [BadInput(path, f"{path}: no nnU-Net {nnunet.DATASET_JSON} with channel_names in it or above it")]
     if not os.path.isdir(path):
         return [BadInput(path, f"{path}: not a folder (give case folders or folders of case folders)")]
     try:
@@ -127,16 +225,22 @@ def _cases_in(path: str, edition: str | None) -> list:
     return found
 
 
-def discover(paths, edition: str | None = None) -> list:
+def discover(paths, edition: str | None = None, channels=None) -> list:
     """Every case under `paths`, in the order found: CaseFiles, or BadInput for what could not be
     read as a case (so that one bad folder need not stop the others).
 
-    A path is an MSD folder if it holds imagesTr/ or imagesTs/, a case folder if it holds NIfTI
-    files, else a folder of case folders. A case id seen twice is a BadInput the second time."""
-    found, origin = [], {}
+    A path is an nnU-Net dataset if it, or a folder above it, holds an nnU-Net dataset.json
+    (`channels`: the modality of each of its channels, when their names are not recognisable), an
+    MSD folder if it holds imagesTr/ or imagesTs/, a case folder if it holds NIfTI files, else a
+    folder of case folders. A case id seen twice is a BadInput the second time (several channel
+    files of one nnU-Net case are that case once)."""
+    found, origin, seen = [], {}, set()
     for path in [paths] if isinstance(paths, str) else paths:
-        for cf in _cases_in(path, edition):
+        for cf in _cases_in(path, edition, channels):
             if isinstance(cf, CaseFiles):
+                if (cf.case_id, cf.images) in seen:
+                    continue
+                seen.add((cf.case_id, cf.images))
                 if cf.case_id in origin:
                     cf = BadInput(cf.case_id, f"case {cf.case_id}: duplicate case id, in {origin[cf.case_id]} and "
                                               f"{cf.images[0]}")
@@ -146,10 +250,10 @@ def discover(paths, edition: str | None = None) -> list:
     return found
 
 
-def find_cases(srcs, edition: str | None = None) -> tuple[str, list[CaseFiles]]:
+def find_cases(srcs, edition: str | None = None, channels=None) -> tuple[str, list[CaseFiles]]:
     """Every case under the source folders, sorted by id, and their (single) edition; raises
     CaseError on the first problem."""
-    found = discover(srcs, edition)
+    found = discover(srcs, edition, channels)
     for cf in found:
         if isinstance(cf, BadInput):
             raise CaseError(cf.error)
@@ -254,11 +358,12 @@ def load_case(cf: CaseFiles) -> LoadedCase:
             raise CaseError(f"case {cid}: {cf.seg} has shape {seg.shape}, but {ref[0]} has {ref[1]}")
         if not np.allclose(seg_img.affine, ref[2], atol=AFFINE_TOLERANCE):
             raise CaseError(f"case {cid}: {cf.seg} has another affine than {ref[0]}")
-        edition = ALL_EDITIONS[cf.edition]
+        edition = cf.convention
         bad = sorted(set(np.unique(seg).tolist()) - set(edition.labels))
         if bad:
+            source = f" (its {nnunet.DATASET_JSON})" if cf.dataset_labels else ""
             raise CaseError(f"case {cid}: {cf.seg} has label value(s) {bad} outside the {edition.name} "
-                            f"set {sorted(edition.labels)}")
+                            f"set {sorted(edition.labels)}{source}")
         labels = edition.to_internal(seg.astype(np.int64))
     hdr = ref[3].header
     spacing = [float(z) for z in hdr.get_zooms()[:3]]
@@ -313,10 +418,11 @@ def prediction_files(out_dir: str, case_id: str) -> dict:
 
 def parse_prediction_file(name: str) -> tuple[str, str] | None:
     """A file name in a prediction folder -> (case_id, kind), kind "labels", "probabilities" or a
-    sub-region name (an attention map); None for other files."""
-    if not name.endswith(NII) or name.startswith("."):
+    sub-region name (an attention map); None for other files. Names end in .nii.gz, or in .nii as
+    nnU-Net writes the predictions of a dataset whose file_ending is .nii."""
+    if not name.endswith((NII, ".nii")) or name.startswith("."):
         return None
-    stem = name[: -len(NII)]
+    stem = name[: -len(NII)] if name.endswith(NII) else name[: -len(".nii")]
     if stem.endswith(PROBABILITIES_SUFFIX):
         return stem[: -len(PROBABILITIES_SUFFIX)], "probabilities"
     head, sep, sub = stem.rpartition(ATTENTION_INFIX)

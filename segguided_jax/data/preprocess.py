@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from segguided_jax.data.brats import ALL_EDITIONS, MODALITIES
+from segguided_jax.data.brats import ALL_EDITIONS, MODALITIES, Edition
 from segguided_jax.data.cases import LoadedCase
 
 
@@ -65,7 +65,9 @@ def to_original_grid(values: np.ndarray, meta: dict) -> np.ndarray:
     return out
 
 
-def labels_to_original(labels: np.ndarray, meta: dict, edition: str) -> np.ndarray:
+def labels_to_original(labels: np.ndarray, meta: dict, edition: str | Edition) -> np.ndarray:
     """Internal labels on the preprocessed grid -> the edition's label values (uint8) on the
-    original grid: the exact inverse of the conversion's crop and label map."""
-    return ALL_EDITIONS[edition].from_internal(to_original_grid(np.asarray(labels, np.uint8), meta))
+    original grid: the exact inverse of the conversion's crop and label map. `edition`: a key of
+    ALL_EDITIONS or an Edition (an nnU-Net dataset's)."""
+    edition = ALL_EDITIONS[edition] if isinstance(edition, str) else edition
+    return edition.from_internal(to_original_grid(np.asarray(labels, np.uint8), meta))
