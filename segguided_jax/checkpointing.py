@@ -133,6 +133,13 @@ def load_for_inference(path: str):
     """(config, graphdef, params) from a training workdir (its newest checkpoint) or from one
     checkpoint folder (WORKDIR/checkpoints/STEP), local or gs://: only the parameters are read (no optimiser state),
     placed on the default device. The config is the one stored in the checkpoint."""
+    config, graphdef, params, _ = load_checkpoint_params(path)
+    return config, graphdef, params
+
+
+def load_checkpoint_params(path: str, config=None):
+    """(config, graphdef, params, step) as load_for_inference; `config` is used instead of the
+    checkpoint's own, for checkpoints that hold none (WORKDIR/best/STEP)."""
     import ml_collections
 
     from segguided_jax.models.network import abstract_model
@@ -142,8 +149,9 @@ def load_for_inference(path: str):
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint")
-        config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"])
+        if config is None:
+            config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(
+                config=ocp.args.JsonRestore()))["config"])
     graphdef, abstract = nnx.split(abstract_model(config.model), nnx.Param)
     item = storage.join(directory, str(step), "state")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -158,7 +166,7 @@ def load_for_inference(path: str):
     pure = jax.tree.map(lambda node: node["value"], restored,
                         is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"})
     nnx.replace_by_pure_dict(abstract, pure)
-    return config, graphdef, abstract
+    return config, graphdef, abstract, step
 
 
 def all_process_states(state: dict) -> list[dict]:
