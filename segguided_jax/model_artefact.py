@@ -124,16 +124,8 @@ def _open(path: str):
 
 def load(path: str) -> ModelFile:
     """Reads and checks a model file (see the module docstring); raises ModelFileError."""
-    import jax
-    from jax import export
-
     z, metadata = _open(path)
-    try:
-        exported = export.deserialize(bytearray(z.read(_FUNCTION)))
-    except KeyError:
-        _fail(path, f"no exported function ({_FUNCTION})")
-    except Exception as e:  # noqa: BLE001 - flatbuffer and version errors come as many types
-        _fail(path, f"the exported function cannot be read by jax {jax.__version__} ({type(e).__name__}: {e})")
+    exported = _deserialize(path, z)
     names = sorted(n for n in z.namelist() if n.startswith(_PARAMS))
     try:
         params = [np.load(io.BytesIO(z.read(n)), allow_pickle=False) for n in names]
@@ -141,6 +133,24 @@ def load(path: str) -> ModelFile:
         _fail(path, f"unreadable parameters ({e})")
     _check(path, metadata, exported, params)
     return ModelFile(path, metadata, exported, params)
+
+
+def read_function(path: str):
+    """The exported function (jax.export.Exported, every platform it was lowered for), without
+    checking it against this machine or the metadata."""
+    return _deserialize(path, _open(path)[0])
+
+
+def _deserialize(path: str, z):
+    import jax
+    from jax import export
+
+    try:
+        return export.deserialize(bytearray(z.read(_FUNCTION)))
+    except KeyError:
+        _fail(path, f"no exported function ({_FUNCTION})")
+    except Exception as e:  # noqa: BLE001 - flatbuffer and version errors come as many types
+        _fail(path, f"the exported function cannot be read by jax {jax.__version__} ({type(e).__name__}: {e})")
 
 
 def _check(path: str, metadata: dict, exported, params: list) -> None:

@@ -8,6 +8,12 @@
         [--window X Y Z] [--overlap F] [--batch-size B]
         [--spacing X Y Z | --spacing train | --spacing none] [--no-panels]
 
+Model
+  --workdir / --checkpoint   a training run (its newest checkpoint) or one checkpoint: the network
+            is built from the checkpoint's config (needs the `train` extra).
+  --model   a model file written by segguided_jax.export: the exported function, its parameters
+            and settings; nothing of the training stack is imported. Its window is fixed.
+
 Inputs
   --input   a BraTS case folder (BraTS2021_XXXXX with *_t1/_t1ce/_t2/_flair, or
             BraTS-GLI-XXXXX-YYY with -t1n/-t1c/-t2w/-t2f; the edition comes from the folder name,
