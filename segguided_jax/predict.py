@@ -360,8 +360,9 @@ def main(argv=None) -> int:
         config, forward, params, stored = _load_model(args)
         overrides = _predictor_overrides(args, config)
         post, post_source = _postprocessing(args, config, source, stored)
-        spacing, spacing_source, trained = _target_spacing(
-            config, args.spacing, stored and tuple(stored["spacing"][k] for k in ("manifest", "target", "median")))
+        training = stored and (f"{args.model}, from {stored['spacing']['manifest']}", stored["spacing"]["target"],
+                               stored["spacing"]["median"])
+        spacing, spacing_source, trained = _target_spacing(config, args.spacing, training)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
