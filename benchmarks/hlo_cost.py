@@ -124,6 +124,7 @@ if __name__ == "__main__":
     # custom calls that cost analysis does not count) would make the figures depend on this
     # machine; the backend reads them at first use, after this.
     os.environ.pop("XLA_FLAGS", None)
+    os.environ["SEGGUIDED_CPU_FLAGS"] = "none"  # nor the package's own (segguided_jax.runtime), if imported later
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
     flags.mark_flag_as_required("config")

@@ -13,7 +13,7 @@ Variants:
 - ours: `steps.train_step` of this checkout (jitted, state donated, as in training) for each dtype
   in --dtypes (model.compute_dtype; parameters stay float32) under this interpreter and the first
   XLA flag set; then, in the first dtype only, for each further flag set in --xla_flag_sets
-  ("default": the XLA_FLAGS of this environment, as launch/env.sh sets them; "none": no flags;
+  ("default": the XLA_FLAGS of this environment plus the package's own, segguided_jax/runtime.py; "none": no flags;
   anything else: that string) and each interpreter in --ours_python (e.g. a Python 3.11 venv with
   jax 0.10.2, which must have this package's dependencies).
 - MONAI: benchmarks/monai_peer.py (DynUNet with residual blocks, instance norm, LeakyReLU,
@@ -206,6 +206,8 @@ def main():
                     xla = os.environ.get("XLA_FLAGS", "") if flag_set == "default" else "" if flag_set == "none" else flag_set
                     if xla:
                         env["XLA_FLAGS"] = xla
+                    if flag_set != "default":  # exactly these flags: not the package's own (segguided_jax.runtime)
+                        env["SEGGUIDED_CPU_FLAGS"] = "none"
                     # Other interpreters and flag sets: the first dtype only, to keep the run short.
                     first = python == sys.executable and flag_set == FLAGS.xla_flag_sets.split(";")[0]
                     for dtype in FLAGS.dtypes if first else FLAGS.dtypes[:1]:

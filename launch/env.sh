@@ -71,16 +71,8 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
-# XLA's CPU flags, set only where measured to help (benchmarks/vs_monai.py --xla_flag_sets=
-# 'default;none'): with jax >= 0.12 on x86-64, convolutions as oneDNN calls cut the synthetic
-# config's train step 4.5x (478 against 2130 ms); on jax 0.10.2 the step's CPU time is within
-# noise of the flagless one (1397 against 1464 ms per step), so they are left off there. A
-# user's own XLA_FLAGS that mention oneDNN win.
-JAX_VERSION="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("jax"))')"
-if [ "$(uname -m)" = x86_64 ] && [[ "${XLA_FLAGS:-}" != *onednn* ]] \
-   && "$VENV/bin/python" -c "import sys; sys.exit(tuple(map(int, '$JAX_VERSION'.split('.')[:2])) < (0, 12))"; then
-  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"
-fi
+# XLA's CPU flags are applied by the package itself when imported (segguided_jax/runtime.py), so
+# an activated .venv, an installed wheel and this script run equally fast.
 # Compiled XLA programs are reused across runs (start-up from ~45 s to ~10 s on this CPU).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$ROOT/.cache/jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"

@@ -60,9 +60,11 @@ def main(argv=None):
     parser.add_argument("--sweep", default="ablation", help="which of the config's sweeps")
     parser.add_argument("--mode", choices=["local", "print", "slurm", "report"], default="local")
     parser.add_argument("--evaluate-run", metavar="WORKDIR", help=argparse.SUPPRESS)
+    parser.add_argument("--model", metavar="MODEL",
+                        help="with --evaluate-run: evaluate this exported model file instead of the run's checkpoint")
     args = parser.parse_args(argv)
     if args.evaluate_run:
-        print(sweep_lib.evaluate_run(args.evaluate_run))
+        print(sweep_lib.evaluate_run(args.evaluate_run, model=args.model))
         return
     sweep = load_sweep(args.config, args.sweep)
     runs = sweep_lib.expand(sweep)

@@ -16,7 +16,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from scipy import ndimage
 
 from segguided_jax import sharding
@@ -44,46 +43,47 @@ def window_starts(shape, window, overlap: float):
     return list(itertools.product(*per_axis))
 
 
-def _to_regions(logits, output: str):
-    """Logits -> ET/TC/WT probabilities; with a softmax head a region's probability is the sum of
-    its labels' probabilities."""
-    if output == "regions":
-        return jax.nn.sigmoid(logits)
-    p = jax.nn.softmax(logits, axis=-1)
-    return jnp.stack([p[..., 3], p[..., 1] + p[..., 3], 1 - p[..., 0]], axis=-1)
-
-
 def mirror_sets(axes) -> list[tuple]:
     """Every subset of the spatial axes to mirror for test-time augmentation (2**len(axes) sets)."""
     axes = tuple(axes)
     return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(2 ** len(axes))]
 
 
-def window_outputs(graphdef, params, x, *, output: str, mirror_axes=(), attention_stages=()):
-    """Per-voxel outputs of a batch of windows x (N, D, H, W, 4).
+def mirrored_outputs(forward, params, x, *, mirror_axes=(), attention_stages=()):
+    """Per-voxel outputs of a batch of windows x (N, D, H, W, 4) from a window function.
 
-    Returns (N, D, H, W, 3 + 3·[attention_stages non-empty]) float32: the ET/TC/WT region
-    probabilities, then (if asked) the NCR/ED/ET attention maps averaged over the chosen decoder
-    stages (indices into the coarsest-first stage list, e.g. -1 = finest), each resized to the
-    window by trilinear interpolation. With mirror_axes (spatial axes 0..2), the outputs are the
-    mean over every combination of mirrored axes (up to 8 passes), each mirrored back.
+    forward(params, x) -> (probabilities (N, D, H, W, 3) float32 ET/TC/WT, maps): maps holds one
+    (N, d, h, w, 3) float32 array of NCR/ED/ET attention maps in [0, 1] per decoder stage, coarsest
+    first (segguided_jax.models.network.forward, or the same function read back from an exported
+    model). Returns (N, D, H, W, 3 + 3·[attention_stages non-empty]) float32: the probabilities,
+    then (if asked) the maps averaged over the chosen decoder stages (indices into the
+    coarsest-first stage list, e.g. -1 = finest), each resized to the window by trilinear
+    interpolation. With mirror_axes (spatial axes 0..2), the outputs are the mean over every
+    combination of mirrored axes (up to 8 passes), each mirrored back.
     """
-    model = nnx.merge(graphdef, params)
     total = 0.0
     flips = mirror_sets(mirror_axes)
     for axes in flips:
         spatial = tuple(a + 1 for a in axes)
         xi = jnp.flip(x, spatial) if axes else x
-        logits, attention = model(xi)
-        parts = [_to_regions(logits, output)]
+        probabilities, stage_maps = forward(params, xi)
+        parts = [probabilities]
         if attention_stages:
-            # The network returns map logits; the maps are their sigmoid, resized as probabilities.
-            maps = [jax.image.resize(jax.nn.sigmoid(attention[s]), logits.shape[:4] + (attention[s].shape[-1],),
-                                     "trilinear") for s in attention_stages]
+            maps = [jax.image.resize(stage_maps[s], probabilities.shape[:4] + (stage_maps[s].shape[-1],), "trilinear")
+                    for s in attention_stages]
             parts.append(sum(maps) / len(maps))
         out = jnp.concatenate(parts, axis=-1)
         total = total + (jnp.flip(out, spatial) if axes else out)
     return total / len(flips)
+
+
+def window_outputs(graphdef, params, x, *, output: str, mirror_axes=(), attention_stages=()):
+    """mirrored_outputs of the network (graphdef, params) whose head is `output` ("regions" or
+    "labels")."""
+    from segguided_jax.models.network import forward  # the model stack, only where a network is given
+
+    return mirrored_outputs(functools.partial(forward, graphdef, output=output), params, x,
+                            mirror_axes=mirror_axes, attention_stages=attention_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("window",))
@@ -164,8 +164,9 @@ class VolumePredictor:
     Validation during training, sweeps and the predict CLI all predict through this class.
     """
 
-    def __init__(self, graphdef, params, mesh, *, output: str, window, overlap: float, batch_size: int,
-                 mirror_axes=(), attention_stages=()):
+    def __init__(self, forward, params, mesh, *, window, overlap: float, batch_size: int, mirror_axes=(),
+                 attention_stages=()):
+        """forward(params, windows) -> (probabilities, per-stage attention maps): see mirrored_outputs."""
         self.mesh = mesh
         self.window = tuple(int(w) for w in window)
         self.overlap = float(overlap)
@@ -174,7 +175,7 @@ class VolumePredictor:
         self.mirror_axes = tuple(mirror_axes)
         self.attention_stages = tuple(attention_stages)
         self._replicated, self._batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        self._fn = jax.jit(functools.partial(window_outputs, graphdef, output=output, mirror_axes=self.mirror_axes,
+        self._fn = jax.jit(functools.partial(mirrored_outputs, forward, mirror_axes=self.mirror_axes,
                                              attention_stages=self.attention_stages),
                            in_shardings=(self._replicated, self._batch), out_shardings=self._batch)
         self.params = params
@@ -182,16 +183,18 @@ class VolumePredictor:
 
     @classmethod
     def from_config(cls, config, graphdef, params, mesh=None, **overrides) -> "VolumePredictor":
-        """From a training config's `eval` block (window, overlap, batch_size) and `model.output`;
-        `overrides` replace any of the constructor's keyword arguments. mesh defaults to all devices
-        on the data axis."""
+        """The network (graphdef, params) with a training config's `eval` block (window, overlap,
+        batch_size) and `model.output`; `overrides` replace any of the constructor's keyword
+        arguments. mesh defaults to all devices on the data axis."""
+        from segguided_jax.models.network import forward
+
         if mesh is None:
             mesh = sharding.make_mesh()
-        kwargs = dict(output=config.model.output, window=config.eval.window, overlap=config.eval.overlap,
+        kwargs = dict(window=config.eval.window, overlap=config.eval.overlap,
                       batch_size=config.eval.batch_size, mirror_axes=tuple(config.eval.get("mirror_axes", ())),
                       attention_stages=(-1,) if config.model.gates else ())
         kwargs.update(overrides)
-        return cls(graphdef, params, mesh, **kwargs)
+        return cls(functools.partial(forward, graphdef, output=config.model.output), params, mesh, **kwargs)
 
     def set_params(self, params) -> None:
         """Predicts with these parameters from now on (e.g. the train state's, at each validation)."""

@@ -1,6 +1,6 @@
 """Predict BraTS label maps and attention maps for new cases, in the inputs' own space.
 
-    python -m segguided_jax.predict (--workdir W | --checkpoint W/checkpoints/STEP)
+    python -m segguided_jax.predict (--workdir W | --checkpoint W/checkpoints/STEP | --model MODEL.sgm)
         (--input PATH [PATH ...] | --t1 F --t1ce F --t2 F --flair F [--case-id ID])
         --out DIR [--edition 2021|2023] [--output-format nnunet|brats] [--channels M M M M]
         [--no-tta | --mirror-axes A [A ...]]
@@ -8,6 +8,12 @@
         [--postprocessing learned|none|FILE] [--et-rule component|case] [--min-et-voxels N]
         [--window X Y Z] [--overlap F] [--batch-size B]
         [--spacing X Y Z | --spacing train | --spacing none] [--no-panels]
+
+Model
+  --workdir / --checkpoint   a training run (its newest checkpoint) or one checkpoint: the network
+            is built from the checkpoint's config (needs the `train` extra).
+  --model   a model file written by segguided_jax.export: the exported function, its parameters
+            and settings; nothing of the training stack is imported. Its window is fixed.
 
 Inputs
   --input   a BraTS case folder (BraTS2021_XXXXX with *_t1/_t1ce/_t2/_flair, or
@@ -57,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -182,7 +189,8 @@ def predict_all(cases: list, predictor, settings: Settings, out_dir: str, log=pr
 
 def _training_spacing(config):
     """(manifest path or None, its target_spacing or None, the median voxel size of its cases or
-    None): what the checkpoint's training data looked like, if its data.dir is reachable."""
+    None): what the checkpoint's training data looked like, if its data.dir is reachable. An
+    exported model carries these three in its metadata."""
     path = storage.join(str(config.data.get("dir", "")), MANIFEST)
     try:
         manifest = json.loads(storage.read_text(path))
@@ -194,9 +202,10 @@ def _training_spacing(config):
     return path, (None if target is None else [float(v) for v in target]), median
 
 
-def _target_spacing(config, flag):
-    """(spacing to resample inputs to or None, where it came from, the training voxel size or None)."""
-    path, target, median = _training_spacing(config)
+def _target_spacing(config, flag, training=None):
+    """(spacing to resample inputs to or None, where it came from, the training voxel size or None).
+    training: _training_spacing's triple when already known (an exported model's metadata)."""
+    path, target, median = training or _training_spacing(config)
     trained = target or median
     if flag is not None:
         words = [v.lower() for v in flag]
@@ -249,7 +258,8 @@ def _predictor_overrides(args, config) -> dict:
                 mirror_axes=mirror, attention_stages=_attention_stages(args, config))
 
 
-def _postprocessing(args, config, source: str) -> tuple[postprocess.PostProcessing, str]:
+def _postprocessing(args, config, source: str, stored=None) -> tuple[postprocess.PostProcessing, str]:
+    """stored: an exported model's metadata, whose learned post-processing replaces the workdir's."""
     eval_cfg = config.eval.copy_and_resolve_references()
     with eval_cfg.unlocked():
         if args.threshold is not None:
@@ -261,7 +271,7 @@ def _postprocessing(args, config, source: str) -> tuple[postprocess.PostProcessi
     if args.postprocessing == "none":
         learned, where = None, "none"
     elif args.postprocessing == "learned":
-        learned = postprocess.load_learned(source)
+        learned = stored["postprocessing"]["learned"] if stored else postprocess.load_learned(source)
         where = "learned on the val cases" if learned else "none learned (no postprocessing.json in the workdir)"
     else:
         learned, where = json.loads(storage.read_text(args.postprocessing)), args.postprocessing
@@ -274,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--workdir", help="training workdir (local or gs://): its newest checkpoint")
     model.add_argument("--checkpoint", help="one checkpoint folder, WORKDIR/checkpoints/STEP (local or gs://)")
+    model.add_argument("--model", help="a model file written by segguided_jax.export (local or gs://): predicts "
+                                       "without the training stack")
     p.add_argument("--input", nargs="+", metavar="PATH", help="case folders or folders of case folders")
     for m in MODALITIES:
         p.add_argument(f"--{m}", metavar="FILE", help=f"the {m} image of one case given file by file")
@@ -329,21 +341,42 @@ def _usage_errors(parser, args) -> list:
     return explicit
 
 
+def _load_model(args):
+    """(config, forward, params, metadata or None) of --model, or of --workdir / --checkpoint.
+    forward(params, windows) is the window function inference.mirrored_outputs takes. An exported
+    model is read without building the network (no flax, optax, orbax or grain imported)."""
+    if args.model:
+        from segguided_jax import model_artefact
+
+        model = model_artefact.load(args.model)
+        if args.window and list(args.window) != model.metadata["inference"]["window"]:
+            raise ValueError(f"--window {args.window}: the model file {args.model} was exported for windows of "
+                             f"{model.metadata['inference']['window']} voxels")
+        return model.config, model.forward, model.params, model.metadata
+    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.models.network import forward
+
+    config, graphdef, params = load_for_inference(args.workdir or args.checkpoint)
+    return config, functools.partial(forward, graphdef, output=config.model.output), params, None
+
+
 def main(argv=None) -> int:
     """Runs the CLI; returns the exit status (0 all ok, 1 a case failed, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = _usage_errors(parser, args)
 
-    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax import sharding
     from segguided_jax.inference import VolumePredictor
 
-    source = args.workdir or args.checkpoint
+    source = args.workdir or args.checkpoint or args.model
     try:
-        config, graphdef, params = load_for_inference(source)
+        config, forward, params, stored = _load_model(args)
         overrides = _predictor_overrides(args, config)
-        post, post_source = _postprocessing(args, config, source)
-        spacing, spacing_source, trained = _target_spacing(config, args.spacing)
+        post, post_source = _postprocessing(args, config, source, stored)
+        training = stored and (f"{args.model}, from {stored['spacing']['manifest']}", stored["spacing"]["target"],
+                               stored["spacing"]["median"])
+        spacing, spacing_source, trained = _target_spacing(config, args.spacing, training)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -354,7 +387,7 @@ def main(argv=None) -> int:
                  for cf in discover(args.input, args.edition, args.channels)]
     else:
         cases = [explicit_case(dict(zip(MODALITIES, explicit)), args.case_id, args.edition)]
-    predictor = VolumePredictor.from_config(config, graphdef, params, **overrides)
+    predictor = VolumePredictor(forward, params, sharding.make_mesh(), **overrides)
     print(f"predict: {len(cases)} case(s) with {source}; window {predictor.window}, overlap {predictor.overlap}, "
           f"batch {predictor.batch_size}, mirror axes {predictor.mirror_axes or 'none'} "
           f"({2 ** len(predictor.mirror_axes)} passes), attention stages {predictor.attention_stages or 'none'}; "

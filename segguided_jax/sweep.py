@@ -53,22 +53,36 @@ def is_finished(root: str, run: Run) -> bool:
     return storage.exists(storage.join(root, run.name, EVAL_DIR, "per_case.csv"))
 
 
-def evaluate_run(workdir: str, out_dir: str | None = None) -> str:
+def evaluate_run(workdir: str, out_dir: str | None = None, model: str | None = None) -> str:
     """Classic, lesion-wise and attention metrics of a run's final model on every test case of its
     split (never used in training), with the inference predict uses by default (8 mirrorings, the
     post-processing learned on the val cases), on the preprocessed grid with the case's voxel size.
+    model: an exported model file (segguided_jax.export) to evaluate instead of the workdir's
+    newest checkpoint, with its own config, parameters and learned post-processing.
     Writes WORKDIR/heldout/per_case.csv (evaluate's schema) and returns its path."""
     from segguided_jax import postprocess
-    from segguided_jax.checkpointing import load_for_inference
     from segguided_jax.data.records import CaseSource
     from segguided_jax.evaluate import write_per_case
     from segguided_jax.inference import VolumePredictor
     from segguided_jax.metrics import case_metrics
 
-    config, graphdef, params = load_for_inference(workdir)
+    if model is not None:
+        from segguided_jax import model_artefact, sharding
+
+        exported = model_artefact.load(model)
+        config = exported.config
+        predictor = VolumePredictor(exported.forward, exported.params, sharding.make_mesh(),
+                                    window=config.eval.window, overlap=config.eval.overlap,
+                                    batch_size=config.eval.batch_size, mirror_axes=(0, 1, 2),
+                                    attention_stages=tuple(exported.metadata["inference"]["attention_stages"]))
+        learned = exported.metadata["postprocessing"]["learned"]
+    else:
+        from segguided_jax.checkpointing import load_for_inference
+
+        config, graphdef, params = load_for_inference(workdir)
+        predictor = VolumePredictor.from_config(config, graphdef, params, mirror_axes=(0, 1, 2))
+        learned = postprocess.load_learned(workdir)
     source = CaseSource(config.data.dir, "test", config.data.split)
-    predictor = VolumePredictor.from_config(config, graphdef, params, mirror_axes=(0, 1, 2))
-    learned = postprocess.load_learned(workdir)
     post = postprocess.PostProcessing.from_config(config.eval, learned and learned["min_volume_mm3"])
     target = source.manifest.get("target_spacing")
     rows = []

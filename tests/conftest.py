@@ -42,5 +42,19 @@ def tiny_config(data_dir):
     return config
 
 
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory):
+    """A tiny config trained for 2 steps: a workdir with checkpoints/, best/ and postprocessing.json,
+    shared by the predict and export tests."""
+    from segguided_jax.train import train_and_evaluate
+
+    cfg = tiny.get_config()
+    cfg.data.dir = data_dir
+    cfg.train.steps = 2
+    path = str(tmp_path_factory.mktemp("tiny_run"))
+    train_and_evaluate(cfg, path)
+    return path
+
+
 # The Cloud Storage emulator (session-wide, started on first use) and a fresh gs:// folder per test.
 from tests.gcs_emulator import gcs_dir, gcs_emulator  # noqa: E402, F401

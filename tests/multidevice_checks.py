@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from configs import tiny  # noqa: E402
 from segguided_jax import sharding  # noqa: E402
 from segguided_jax.inference import VolumePredictor, window_outputs  # noqa: E402
+from segguided_jax.models.network import forward  # noqa: E402
 from segguided_jax.optim import make_optimizer  # noqa: E402
 from segguided_jax.steps import init_state, train_step  # noqa: E402
 
@@ -55,10 +56,11 @@ def main(ckpt_dir):
 
     # Sliding windows spread over 4 devices == on 1 device.
     volume = rng.standard_normal((30, 21, 17, 4)).astype(np.float32)
-    kw = dict(output="regions", window=(16, 16, 16), overlap=0.5, batch_size=4, attention_stages=(-1,))
+    kw = dict(window=(16, 16, 16), overlap=0.5, batch_size=4, attention_stages=(-1,))
+    fwd = functools.partial(forward, state.graphdef, output="regions")
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), (sharding.DATA_AXIS, sharding.SPATIAL_AXIS))
-    p1 = VolumePredictor(state.graphdef, state.params, one_device, **kw)(volume)
-    p4 = VolumePredictor(state.graphdef, state.params, mesh(4, 1), **kw)(volume)
+    p1 = VolumePredictor(fwd, state.params, one_device, **kw)(volume)
+    p4 = VolumePredictor(fwd, state.params, mesh(4, 1), **kw)(volume)
     out["windows_1_vs_4_max_abs_diff"] = float(np.max(np.abs(p1 - p4)))
 
     # A checkpoint written from 4 devices, for test_sharding to restore on 1.

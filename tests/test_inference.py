@@ -96,19 +96,21 @@ def test_sliding_window_equals_whole_volume_forward_when_the_window_fits():
 
 def test_volume_predictor_equals_window_outputs_on_the_host():
     """The device-side accumulation gives what the host-side formula gives."""
+    import functools
+
     import jax
     from flax import nnx
 
     from configs import tiny
     from segguided_jax import sharding
     from segguided_jax.inference import VolumePredictor, gaussian_weights, window_outputs, window_starts
-    from segguided_jax.models.network import build_model
+    from segguided_jax.models.network import build_model, forward
 
     cfg = tiny.get_config()
     graphdef, params = nnx.split(build_model(cfg.model, nnx.Rngs(0)), nnx.Param)
     volume = np.random.default_rng(2).standard_normal((30, 21, 17, 4)).astype(np.float32)
-    predictor = VolumePredictor(graphdef, params, sharding.make_mesh(), output="regions", window=(16, 16, 16),
-                                overlap=0.5, batch_size=3, mirror_axes=(1,), attention_stages=(-1,))
+    predictor = VolumePredictor(functools.partial(forward, graphdef, output="regions"), params, sharding.make_mesh(),
+                                window=(16, 16, 16), overlap=0.5, batch_size=3, mirror_axes=(1,), attention_stages=(-1,))
     got = predictor(volume)
     padded = volume  # every dim >= the window: no padding
     acc = np.zeros(padded.shape[:3] + (6,))

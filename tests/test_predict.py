@@ -9,27 +9,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import tiny
 from data_prep import synthetic
 from segguided_jax import evaluate, predict
 from segguided_jax.data.brats import EDITIONS
 from segguided_jax.data import cases as cases_lib
 from segguided_jax.data.preprocess import to_original_grid
 from segguided_jax.panels import VIEWS, displayed, orientation
-from segguided_jax.train import train_and_evaluate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUBS = ("NCR", "ED", "ET")
 
 
 @pytest.fixture(scope="module")
-def workdir(data_dir, tmp_path_factory):
-    cfg = tiny.get_config()
-    cfg.data.dir = data_dir
-    cfg.train.steps = 2
-    path = str(tmp_path_factory.mktemp("predict_run"))
-    train_and_evaluate(cfg, path)
-    return path
+def workdir(tiny_run):
+    return tiny_run
 
 
 def _case_files(case_dir):

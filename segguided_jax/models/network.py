@@ -70,6 +70,20 @@ class SegGuidedNet(nnx.Module):
         return self.head(x).astype(jnp.float32), tuple(attention)
 
 
+def forward(graphdef, params, x, *, output: str):
+    """The network as a window function for inference: x (N, D, H, W, in_channels) -> (probabilities,
+    maps). probabilities (N, D, H, W, 3) float32 ET/TC/WT; with a softmax head ("labels") a
+    region's probability is the sum of its labels'. maps: per decoder stage, coarsest first, the
+    (N, d, h, w, num_maps) float32 attention maps in [0, 1] (empty without gates)."""
+    logits, attention = nnx.merge(graphdef, params)(x)
+    if output == "regions":
+        probabilities = jax.nn.sigmoid(logits)
+    else:
+        p = jax.nn.softmax(logits, axis=-1)
+        probabilities = jnp.stack([p[..., 3], p[..., 1] + p[..., 3], 1 - p[..., 0]], axis=-1)
+    return probabilities, tuple(jax.nn.sigmoid(a) for a in attention)
+
+
 def build_model(model_cfg, rngs: nnx.Rngs) -> SegGuidedNet:
     """Builds the network from the config's `model` block."""
     return SegGuidedNet(
