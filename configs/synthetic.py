@@ -107,6 +107,9 @@ def get_config():
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    # A resume under another seed, model, loss, optimiser, batch size or data settings than its
+    # checkpoint's stops naming the differences; True goes on from the checkpoint under the new ones.
+    c.checkpoint.allow_config_change = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.window = (32, 32, 32)

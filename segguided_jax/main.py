@@ -60,6 +60,7 @@ def main(argv):
         sys.exit("--workdir is required")
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value,
                            _HEARTBEAT.value)
+    from segguided_jax.checkpointing import CheckpointMismatch
     from segguided_jax.train import train_and_evaluate
 
     config = _CONFIG.value
@@ -67,7 +68,10 @@ def main(argv):
         from segguided_jax import storage
 
         config.data.dir = storage.stage_data_dir(config.data.dir, _STAGE.value)
-    train_and_evaluate(config, _WORKDIR.value)
+    try:
+        train_and_evaluate(config, _WORKDIR.value)
+    except CheckpointMismatch as e:  # the user's to decide, not a crash: the message says how
+        sys.exit(f"error: {e}")
 
 
 def run():

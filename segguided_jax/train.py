@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from segguided_jax import postprocess, sharding, storage
-from segguided_jax.checkpointing import Checkpointer, all_process_states
+from segguided_jax.checkpointing import CheckpointMismatch, Checkpointer, all_process_states
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
@@ -193,12 +193,12 @@ def _fmt_time(seconds: float) -> str:
 def _restore_or_init(config, ckpt: Checkpointer, fns, data_iter, fingerprint: str):
     """(state, start step): the newest checkpoint that restores (its data position set on
     data_iter), or a new state."""
-    restored = ckpt.restore_newest(fns.abstract, warn=_warn)
+    restored = ckpt.restore_newest(fns.abstract, config.to_dict(), warn=_warn)
     if restored is None:
         return fns.init(), 0
     start, state, data_state = restored
     if data_state["fingerprint"] != fingerprint and not config.data.allow_fingerprint_mismatch:
-        raise ValueError(
+        raise CheckpointMismatch(
             f"{config.data.dir} has data fingerprint {fingerprint[:12]}…, but the checkpoint in {ckpt.directory} was "
             f"trained on {data_state['fingerprint'][:12]}…: other input files or preprocessing. Resume anyway "
             "with --config.data.allow_fingerprint_mismatch=True, or use another --workdir.")
