@@ -111,6 +111,13 @@ def get_config():
     # checkpoint's stops naming the differences; True goes on from the checkpoint under the new ones.
     c.checkpoint.allow_config_change = False
 
+    # The workdir lease (segguided_jax.lease): renewed every renew_secs by the run that holds it; one
+    # not renewed for stale_secs is taken over by the next run (a SLURM requeue after a node died
+    # waits up to this long; a kill -9 on the same host is noticed at once).
+    c.lease = ml_collections.ConfigDict()
+    c.lease.renew_secs = 30.0
+    c.lease.stale_secs = 180.0
+
     c.eval = ml_collections.ConfigDict()
     c.eval.window = (32, 32, 32)
     c.eval.overlap = 0.5

@@ -26,6 +26,7 @@ from flax import nnx
 from segguided_jax import storage
 
 CORRUPT_DIR = "corrupt_checkpoints"
+COMMIT_MARKER = "commit_success.txt"  # Orbax marks a checkpoint complete with it where there is no rename
 # What a checkpoint's state and data position were made under: a resume under other values of these
 # is another experiment. The rest of the config (steps, logging, validation, checkpointing, mesh)
 # and the data settings below (where the data is read from, and how fast) may change between runs.
@@ -189,11 +190,21 @@ class Checkpointer:
         target = storage.join(self.workdir, CORRUPT_DIR, str(step))
         warn(f"checkpoint {storage.join(self.directory, str(step))} cannot be restored ({error}); moved to "
              f"{target}, trying the one before it")
-        if jax.process_index() == 0:
+        source = storage.join(self.directory, str(step))
+        if jax.process_index() == 0 and storage.is_remote(source):
+            # A bucket has no rename. Safe to repeat when killed: the server-side copy merges into
+            # the target (whole after any complete pass), and the source stops being a checkpoint
+            # (its commit marker goes first) before the rest of it is deleted.
+            storage.copy_tree(source, target)
+            marker = storage.join(source, COMMIT_MARKER)
+            if storage.exists(marker):
+                storage.remove(marker)
+            storage.rmtree(source)
+        elif jax.process_index() == 0:
             storage.makedirs(storage.dirname(target))
             if storage.exists(target):
                 storage.rmtree(target)
-            storage.move(storage.join(self.directory, str(step)), target)
+            storage.move(source, target)
         _barrier(f"set_aside_{step}")
         self.manager.reload()
 

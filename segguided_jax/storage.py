@@ -179,24 +179,44 @@ def rmtree(path) -> None:
         shutil.rmtree(path)
 
 
-def _copy_tree(src, dst) -> None:
+def _gcs(path):
+    """(gcsfs file system, path without the scheme) of a gs:// URI."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(os.fspath(path))
+
+
+def _same_store(src, dst) -> bool:
+    return is_remote(src) and is_remote(dst) and src.split("://")[0] == dst.split("://")[0] == "gs"
+
+
+def copy_tree(src, dst) -> None:
+    """Copies the folder src into dst (created, or merged into: files of the same name are
+    replaced). Within Cloud Storage the copies are server-side (nothing streams through this
+    process); a copy cut short leaves src whole and can be run again."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if _same_store(src, dst):
+        fs, src_key = _gcs(src)
+        _, dst_key = _gcs(dst)
+        fs.copy(src_key.rstrip("/") + "/", dst_key.rstrip("/") + "/", recursive=True)
+        return
     for name in listdir(src):
         if isdir(join(src, name)):
-            _copy_tree(join(src, name), join(dst, name))
+            copy_tree(join(src, name), join(dst, name))
         else:
             copy_file(join(src, name), join(dst, name))
 
 
 def move(src, dst) -> None:
     """Moves the file or folder src to dst, which must not exist yet (as shutil.move, locally).
-    Object storage has no rename: each object is copied, then src is removed, so a move cut
-    short leaves src whole (and part of dst)."""
+    Object storage has no rename: each object is copied (server-side within a bucket), then src
+    is removed, so a move cut short leaves src whole (and part of dst)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if not (is_remote(src) or is_remote(dst)):
         shutil.move(src, dst)
         return
     if is_remote(src) and isdir(src):
-        _copy_tree(src, dst)
+        copy_tree(src, dst)
         rmtree(src)
     else:
         copy_file(src, dst)
@@ -215,11 +235,29 @@ def _open_read(path):
 
 def copy_file(src, dst, chunk_bytes: int = 64 << 20) -> None:
     """Copies one file between any two backends, streaming in chunks (shards can be GBs), and
-    atomically as write_bytes: dst appears only once whole."""
+    atomically as write_bytes: dst appears only once whole, and a copy that fails half-way
+    leaves no dst (nor changes an existing one). Within Cloud Storage the copy is server-side."""
     src, dst = os.fspath(src), os.fspath(dst)
+    if _same_store(src, dst):
+        fs, src_key = _gcs(src)
+        fs.copy(src_key, _gcs(dst)[1])
+        return
     if is_remote(dst):
-        with _open_read(src) as fin, _epath(dst).open("wb") as fout:
-            shutil.copyfileobj(fin, fout, chunk_bytes)
+        fs, key = _gcs(dst)
+        fout = fs.open(key, "wb")
+        try:
+            with _open_read(src) as fin:
+                shutil.copyfileobj(fin, fout, chunk_bytes)
+        except BaseException:
+            # Closing (as `with` would) commits what was written so far as if it were the whole
+            # file; discarding cancels the upload. closed, even if discarding fails, keeps the
+            # file's finaliser from committing it after all.
+            try:
+                fout.discard()
+            finally:
+                fout.closed = True
+            raise
+        fout.close()
         return
     tmp = f"{dst}.tmp{os.getpid()}"
     try:
