@@ -226,6 +226,7 @@ def train_and_evaluate(config, workdir: str, force_takeover: bool = False) -> di
     """Trains (resuming from workdir if it holds a checkpoint) and returns the last validation row.
     workdir: a local path or a gs:// URI (see segguided_jax.storage). The run holds the workdir's
     lease (segguided_jax.lease) throughout; force_takeover takes it from a run that holds it."""
+    storage.set_retry_secs(config.storage.retry_secs)
     storage.makedirs(workdir)
     # First, before anything is written: every process must see one workdir (multi-process runs).
     storage.check_shared_workdir(workdir)

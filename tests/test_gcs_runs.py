@@ -239,6 +239,46 @@ def test_a_second_run_on_a_bucket_workdir_stops_at_once(whole, data_dir, gcs_emu
     assert not storage.exists(storage.join(run, "lease.json"))
 
 
+# Seconds each injected outage lasts in the suite (a 30 s run by hand is quoted in the README).
+OUTAGE_SECS = float(os.environ.get("SEGGUIDED_TEST_OUTAGE_SECS", "10"))
+
+
+def test_a_run_rides_out_a_failing_bucket(whole, data_dir, gcs_emulator):
+    """Workdir and data in the bucket; every storage client of the run (gcsfs, tensorstore under
+    Orbax, array_record's reader, google-cloud-storage) talks to the bucket through the fault proxy
+    (tests/fault_proxy.py). Outages start in the middle of a checkpoint save (503), of a
+    metrics.jsonl upload (429, then reset connections) and of the first shard read (a stall, then
+    503): the run ends with the metrics.jsonl and parameters of the undisturbed run."""
+    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.train import params_digest
+    from tests.fault_proxy import FaultProxy
+
+    run, bucket_data = gcs_emulator.new_prefix("faults"), gcs_emulator.new_prefix("faultdata")
+    for name in os.listdir(data_dir):
+        storage.copy_file(os.path.join(data_dir, name), storage.join(bucket_data, name))
+    proxy = FaultProxy(gcs_emulator.url)
+    try:
+        proxy.fail("503", OUTAGE_SECS, match=r"checkpoints/4/")
+        proxy.fail("429", OUTAGE_SECS / 2, match=r"^POST .*metrics\.jsonl")
+        proxy.fail("reset", OUTAGE_SECS, match=r"^POST .*metrics\.jsonl")
+        proxy.fail("stall", 1, match=r"^GET .*\.array_record\b", stall_secs=5)
+        proxy.fail("503", OUTAGE_SECS, match=r"^GET .*\.array_record\b")
+        env = dict(_env(), STORAGE_EMULATOR_HOST=proxy.url, TENSORSTORE_GCS_HTTP_URL=proxy.url,
+                   CLOUD_STORAGE_EMULATOR_ENDPOINT=proxy.url)
+        t0 = time.time()
+        out = subprocess.run(_train_cmd(bucket_data, run), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
+        took = time.time() - t0
+    finally:
+        proxy.close()
+    assert out.returncode == 0, out.stderr[-5000:]
+    print(f"faults met (kind, request, count): {proxy.met()}; the run took {took:.0f} s")
+    assert all(count for _, _, count in proxy.met()), proxy.met()
+    assert _rows(run) == _rows(whole)
+    digests = [params_digest(load_for_inference(storage.join(w, "checkpoints", "8"))[2]) for w in (run, whole)]
+    assert digests[0] == digests[1]
+
+
 def test_slurm_sweep_refuses_a_bucket_root():
     import importlib.util
 
