@@ -203,8 +203,11 @@ class Lease:
                           f"{self.renew_secs:g} s")
                 continue
             if version is None:
-                held, _ = self.backend.read()
-                self.lost = describe(held) if held else "nobody (it was removed)"
+                try:
+                    held, _ = self.backend.read()
+                    self.lost = describe(held) if held else "nobody holds it now (it was removed)"
+                except Exception as e:  # noqa: BLE001 - lost either way; the holder is only named
+                    self.lost = f"the lease could not be read: {type(e).__name__}"
                 return
             self.version = version
 
