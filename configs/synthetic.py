@@ -107,6 +107,22 @@ def get_config():
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    # A resume under another seed, model, loss, optimiser, batch size or data settings than its
+    # checkpoint's stops naming the differences; True goes on from the checkpoint under the new ones.
+    c.checkpoint.allow_config_change = False
+
+    # Seconds each storage operation of a run (segguided_jax.storage: metrics.jsonl, config.json,
+    # TensorBoard uploads, listings, copies, data staging) is retried through 429/5xx answers, resets
+    # and timeouts before the run stops naming it: rides out a multi-minute Cloud Storage outage.
+    c.storage = ml_collections.ConfigDict()
+    c.storage.retry_secs = 600.0
+
+    # The workdir lease (segguided_jax.lease): renewed every renew_secs by the run that holds it; one
+    # not renewed for stale_secs is taken over by the next run (a SLURM requeue after a node died
+    # waits up to this long; a kill -9 on the same host is noticed at once).
+    c.lease = ml_collections.ConfigDict()
+    c.lease.renew_secs = 30.0
+    c.lease.stale_secs = 180.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.window = (32, 32, 32)

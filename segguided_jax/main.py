@@ -30,6 +30,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let it detect the "
                                  "cluster (SLURM, Kubernetes, MPI, ...), even where this code would not.")
+_FORCE_TAKEOVER = flags.DEFINE_bool("force_takeover", False, "Take the workdir's lease from the run that holds it, "
+                                    "even if it was renewed recently (that run stops at its next checkpoint). Only "
+                                    "when that run is certainly gone: a lease not renewed for config.lease.stale_secs "
+                                    "is taken over without this.")
 # JAX's default (100 s) left a run hanging for well over a minute after a peer was killed; 30 s
 # notices a dead host quickly while riding out a busy one (heartbeats come from their own thread).
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds without a heartbeat after which the other "
@@ -60,14 +64,28 @@ def main(argv):
         sys.exit("--workdir is required")
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value,
                            _HEARTBEAT.value)
-    from segguided_jax.train import train_and_evaluate
+    from segguided_jax import lease
 
     config = _CONFIG.value
-    if _STAGE.value:
-        from segguided_jax import storage
+    # Before the slow imports and the data staging: a second run in this workdir stops within seconds.
+    try:
+        held = lease.take(_WORKDIR.value, config.lease, force=_FORCE_TAKEOVER.value)
+    except lease.WorkdirLeased as e:
+        sys.exit(f"error: {e}")
+    try:
+        from segguided_jax.checkpointing import CheckpointMismatch
+        from segguided_jax.train import train_and_evaluate
 
-        config.data.dir = storage.stage_data_dir(config.data.dir, _STAGE.value)
-    train_and_evaluate(config, _WORKDIR.value)
+        if _STAGE.value:
+            from segguided_jax import storage
+
+            config.data.dir = storage.stage_data_dir(config.data.dir, _STAGE.value)
+        try:
+            train_and_evaluate(config, _WORKDIR.value)
+        except CheckpointMismatch as e:  # the user's to decide, not a crash: the message says how
+            sys.exit(f"error: {e}")
+    finally:
+        lease.release(held)
 
 
 def run():

@@ -19,6 +19,7 @@ data folder from a bucket to local disk (stage_data_dir).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -26,6 +27,7 @@ import os
 import posixpath
 import re
 import shutil
+import threading
 import time
 import uuid
 
@@ -47,6 +49,76 @@ def _disable_gcs_listing_cache():
 
 
 _disable_gcs_listing_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries
+
+class StorageUnavailable(OSError):
+    """Object storage kept failing with transient errors past the retry bound."""
+
+
+# Seconds a storage operation keeps being retried through transient errors (429, 5xx, resets,
+# timeouts) before the run stops; train sets it from config.storage.retry_secs. gcsfs itself retries
+# each request 6 times over about 31 s, so each attempt here already rides out short blips.
+_retry = {"secs": 600.0}
+_inside = threading.local()
+
+
+def set_retry_secs(secs: float) -> None:
+    _retry["secs"] = float(secs)
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from gcsfs.retry import is_retriable
+    except ImportError:
+        return False
+    return is_retriable(e)
+
+
+def _retried(op: str):
+    """Retries the decorated operation on a remote path through transient errors, with backoff
+    (1 s doubling to 32 s), for up to the retry bound; past it raises StorageUnavailable naming
+    the operation and the URI(s). Operations nested in a retried one are retried by the outer one
+    only, so the bound holds for the whole. Every operation decorated is safe to repeat."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            uris = [os.fspath(a) for a in args if isinstance(a, (str, os.PathLike)) and is_remote(a)]
+            if not uris or getattr(_inside, "active", False):
+                return fn(*args, **kwargs)
+            start, delay, failed = time.monotonic(), 1.0, False
+            _inside.active = True
+            try:
+                while True:
+                    try:
+                        return fn(*args, **kwargs)
+                    except FileNotFoundError:
+                        if op == "remove" and failed:  # an attempt cut short had removed it already
+                            return None
+                        raise
+                    except Exception as e:  # noqa: BLE001 - sorted by _transient
+                        if not _transient(e):
+                            raise
+                        failed = True
+                        waited = time.monotonic() - start
+                        if waited + delay > _retry["secs"]:
+                            raise StorageUnavailable(
+                                f"{op} {' -> '.join(uris)}: object storage kept failing for {waited:.0f} s "
+                                f"(storage.retry_secs = {_retry['secs']:g}); last error {type(e).__name__}: "
+                                f"{str(e)[:300]}. The run stops here; the same command resumes it from its "
+                                "last checkpoint.") from e
+                        log.warning("%s %s: %s: %s; retrying in %.0f s", op, uris[0], type(e).__name__,
+                                    str(e)[:200], delay)
+                        time.sleep(delay)
+                        delay = min(2 * delay, 32.0)
+            finally:
+                _inside.active = False
+        return run
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,15 +167,18 @@ def dirname(path) -> str:
     return posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
 
 
+@_retried("exists")
 def exists(path) -> bool:
     return _epath(path).exists() if is_remote(path) else os.path.exists(path)
 
 
+@_retried("isdir")
 def isdir(path) -> bool:
     """True for a local folder; for a URI, True once at least one object lies under it."""
     return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
+@_retried("isfile")
 def isfile(path) -> bool:
     """os.path.isfile for local paths; for a URI, True where an object has exactly that name."""
     return _epath(path).is_file() if is_remote(path) else os.path.isfile(path)
@@ -116,6 +191,7 @@ def makedirs(path) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+@_retried("listdir")
 def listdir(path) -> list[str]:
     """Sorted names of the entries directly inside path; FileNotFoundError if there are none
     (a URI) or it does not exist (a local path)."""
@@ -127,6 +203,7 @@ def listdir(path) -> list[str]:
     return sorted(os.listdir(path))
 
 
+@_retried("read")
 def read_bytes(path) -> bytes:
     if is_remote(path):
         return _epath(path).read_bytes()
@@ -138,6 +215,7 @@ def read_text(path) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+@_retried("write")
 def write_bytes(path, data: bytes) -> None:
     """Writes data to path atomically: readers see the old content or the new, never a part.
     Local: a temporary file beside it, then os.replace; object storage: one upload."""
@@ -160,6 +238,7 @@ def write_text(path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+@_retried("remove")
 def remove(path) -> None:
     """Removes one file; FileNotFoundError if it does not exist."""
     if is_remote(path):
@@ -171,6 +250,7 @@ def remove(path) -> None:
         os.remove(path)
 
 
+@_retried("rmtree")
 def rmtree(path) -> None:
     """Removes path and everything under it."""
     if is_remote(path):
@@ -179,24 +259,45 @@ def rmtree(path) -> None:
         shutil.rmtree(path)
 
 
-def _copy_tree(src, dst) -> None:
+def _gcs(path):
+    """(gcsfs file system, path without the scheme) of a gs:// URI."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(os.fspath(path))
+
+
+def _same_store(src, dst) -> bool:
+    return is_remote(src) and is_remote(dst) and src.split("://")[0] == dst.split("://")[0] == "gs"
+
+
+@_retried("copy")
+def copy_tree(src, dst) -> None:
+    """Copies the folder src into dst (created, or merged into: files of the same name are
+    replaced). Within Cloud Storage the copies are server-side (nothing streams through this
+    process); a copy cut short leaves src whole and can be run again."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if _same_store(src, dst):
+        fs, src_key = _gcs(src)
+        _, dst_key = _gcs(dst)
+        fs.copy(src_key.rstrip("/") + "/", dst_key.rstrip("/") + "/", recursive=True)
+        return
     for name in listdir(src):
         if isdir(join(src, name)):
-            _copy_tree(join(src, name), join(dst, name))
+            copy_tree(join(src, name), join(dst, name))
         else:
             copy_file(join(src, name), join(dst, name))
 
 
 def move(src, dst) -> None:
     """Moves the file or folder src to dst, which must not exist yet (as shutil.move, locally).
-    Object storage has no rename: each object is copied, then src is removed, so a move cut
-    short leaves src whole (and part of dst)."""
+    Object storage has no rename: each object is copied (server-side within a bucket), then src
+    is removed, so a move cut short leaves src whole (and part of dst)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if not (is_remote(src) or is_remote(dst)):
         shutil.move(src, dst)
         return
     if is_remote(src) and isdir(src):
-        _copy_tree(src, dst)
+        copy_tree(src, dst)
         rmtree(src)
     else:
         copy_file(src, dst)
@@ -213,13 +314,32 @@ def _open_read(path):
             yield f
 
 
+@_retried("copy")
 def copy_file(src, dst, chunk_bytes: int = 64 << 20) -> None:
     """Copies one file between any two backends, streaming in chunks (shards can be GBs), and
-    atomically as write_bytes: dst appears only once whole."""
+    atomically as write_bytes: dst appears only once whole, and a copy that fails half-way
+    leaves no dst (nor changes an existing one). Within Cloud Storage the copy is server-side."""
     src, dst = os.fspath(src), os.fspath(dst)
+    if _same_store(src, dst):
+        fs, src_key = _gcs(src)
+        fs.copy(src_key, _gcs(dst)[1])
+        return
     if is_remote(dst):
-        with _open_read(src) as fin, _epath(dst).open("wb") as fout:
-            shutil.copyfileobj(fin, fout, chunk_bytes)
+        fs, key = _gcs(dst)
+        fout = fs.open(key, "wb")
+        try:
+            with _open_read(src) as fin:
+                shutil.copyfileobj(fin, fout, chunk_bytes)
+        except BaseException:
+            # Closing (as `with` would) commits what was written so far as if it were the whole
+            # file; discarding cancels the upload. closed, even if discarding fails, keeps the
+            # file's finaliser from committing it after all.
+            try:
+                fout.discard()
+            finally:
+                fout.closed = True
+            raise
+        fout.close()
         return
     tmp = f"{dst}.tmp{os.getpid()}"
     try:

@@ -20,7 +20,14 @@ and before every checkpoint, so the rows a kill loses are only rows the resumed 
 """
 from __future__ import annotations
 
-import hashlib
+if __name__ == "__main__":
+    # The command, before this module's imports (seconds of JAX, Orbax, Grain): the workdir lease is
+    # checked first, so a second run in a workdir stops at once. main imports this module anew.
+    from segguided_jax.main import run
+
+    run()
+
+import hashlib  # noqa: E402
 import signal
 import sys
 import time
@@ -28,8 +35,8 @@ import time
 import jax
 import numpy as np
 
-from segguided_jax import postprocess, sharding, storage
-from segguided_jax.checkpointing import Checkpointer, all_process_states
+from segguided_jax import lease, postprocess, sharding, storage
+from segguided_jax.checkpointing import CheckpointMismatch, Checkpointer, all_process_states
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
@@ -193,12 +200,12 @@ def _fmt_time(seconds: float) -> str:
 def _restore_or_init(config, ckpt: Checkpointer, fns, data_iter, fingerprint: str):
     """(state, start step): the newest checkpoint that restores (its data position set on
     data_iter), or a new state."""
-    restored = ckpt.restore_newest(fns.abstract, warn=_warn)
+    restored = ckpt.restore_newest(fns.abstract, config.to_dict(), warn=_warn)
     if restored is None:
         return fns.init(), 0
     start, state, data_state = restored
     if data_state["fingerprint"] != fingerprint and not config.data.allow_fingerprint_mismatch:
-        raise ValueError(
+        raise CheckpointMismatch(
             f"{config.data.dir} has data fingerprint {fingerprint[:12]}…, but the checkpoint in {ckpt.directory} was "
             f"trained on {data_state['fingerprint'][:12]}…: other input files or preprocessing. Resume anyway "
             "with --config.data.allow_fingerprint_mismatch=True, or use another --workdir.")
@@ -215,12 +222,24 @@ def _is_eval_step(step: int, config) -> bool:
     return step % config.train.eval_every == 0 or step == config.train.steps
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, force_takeover: bool = False) -> dict:
     """Trains (resuming from workdir if it holds a checkpoint) and returns the last validation row.
-    workdir: a local path or a gs:// URI (see segguided_jax.storage)."""
+    workdir: a local path or a gs:// URI (see segguided_jax.storage). The run holds the workdir's
+    lease (segguided_jax.lease) throughout; force_takeover takes it from a run that holds it."""
+    storage.set_retry_secs(config.storage.retry_secs)
     storage.makedirs(workdir)
     # First, before anything is written: every process must see one workdir (multi-process runs).
     storage.check_shared_workdir(workdir)
+    # Then, before anything is read: no other run may be using it.
+    held = lease.take(workdir, config.lease, force=force_takeover, warn=_warn)
+    try:
+        return _train(config, workdir, held)
+    finally:
+        lease.release(held)
+
+
+def _train(config, workdir: str, held) -> dict:
+    """train_and_evaluate's body, run while `held` (process 0's lease; None elsewhere) is held."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
     fns = sharded_steps(config, mesh)
@@ -255,6 +274,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def save(step):
         guard.check(config.data.dir)  # nothing non-finite is ever saved
+        lease.check(held)  # nor anything over the files of a run that took the workdir over
         # Gathering the iterator states is a collective (all processes call it): only on save steps.
         data_state = {"iterators": all_process_states(data_iter.get_state()), "fingerprint": fingerprint}
         # Every row up to this step is in the workdir before the checkpoint is: a resume from it
@@ -297,8 +317,3 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"process {jax.process_index()}: parameters sha256 {params_digest(state.params)}", flush=True)
     return log.last_validation()
 
-
-if __name__ == "__main__":
-    from segguided_jax.main import run
-
-    run()

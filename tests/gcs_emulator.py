@@ -15,8 +15,10 @@ One addition to the emulator: GCS sends an object's generation in the `x-goog-ge
 header of every media download; gcp-storage-emulator 2026.7.19 does not, and tensorstore then
 reads generation 0 and refuses its next conditional write of that object ("Malformed
 StorageGeneration"; OCDBT rereads its manifest and hits this now and then). The server started
-here adds the header. The emulator also ignores ifGenerationMatch preconditions, so it cannot
-test two writers racing for one object; nothing here relies on that.
+here adds the header. It also honours ifGenerationMatch on uploads and deletes, which the
+emulator ignores (412 Precondition Failed when the object's generation differs, 0 meaning "does
+not exist"), as the workdir lease relies on it to let only one of two racing runs in; and it
+cancels a resumable upload on DELETE, as GCS does (storage.copy_file discards a failed copy so).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 import uuid
 
 import pytest
@@ -68,10 +71,77 @@ def _serve(bucket: str, parent_pid: int) -> None:
             response["x-goog-metageneration"] = str(obj["metageneration"])
 
     objects.download = download  # objects.get calls it for ?alt=media
+
+    # ifGenerationMatch: the handler notes the request's precondition; the storage checks it when it
+    # creates or deletes the object (the one place that knows the object's name for every upload
+    # type). The server handles one request at a time.
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.storage import Storage
+
+    class PreconditionFailed(Exception):
+        pass
+
+    wanted = {}
+
+    def holds(store, bucket_name, object_id):
+        if wanted.get("generation") is None:
+            return True
+        try:
+            have = str(store.get_file_obj(bucket_name, object_id)["generation"])
+        except NotFound:
+            have = "0"
+        return have == wanted["generation"]
+
+    plain_create, plain_delete_file = Storage.create_file, Storage.delete_file
+
+    def create_file(self, bucket_name, file_name, *args, **kwargs):
+        if not holds(self, bucket_name, file_name):
+            raise PreconditionFailed
+        return plain_create(self, bucket_name, file_name, *args, **kwargs)
+
+    def delete_file(self, bucket_name, file_name, *args, **kwargs):
+        if not holds(self, bucket_name, file_name):
+            raise PreconditionFailed
+        return plain_delete_file(self, bucket_name, file_name, *args, **kwargs)
+
+    Storage.create_file, Storage.delete_file = create_file, delete_file
+
+    def conditional(handler):
+        def handle(request, response, storage, *args, **kwargs):
+            wanted["generation"] = (request.query.get("ifGenerationMatch") or [None])[0]
+            try:
+                return handler(request, response, storage, *args, **kwargs)
+            except PreconditionFailed:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                error = {"code": 412, "message": "At least one of the pre-conditions you specified did not hold.",
+                         "errors": [{"reason": "conditionNotMet", "domain": "global",
+                                     "message": "At least one of the pre-conditions you specified did not hold."}]}
+                response.json({"error": error})
+            finally:
+                wanted["generation"] = None
+        return handle
+
+    # Cancelling a resumable upload (DELETE on its session URI, what gcsfs's discard() sends):
+    # GCS answers 499 and the object is never created; the emulator has no such route (501).
+    def cancel_upload(request, response, storage, *args, **kwargs):
+        try:
+            storage.delete_resumable_file_obj(request.query["upload_id"][0])
+        except (KeyError, NotFound):
+            response.status = HTTPStatus.NOT_FOUND
+            return
+        response.status = types.SimpleNamespace(value=499, phrase="Client Closed Request")  # not in HTTPStatus
+
+    for _, handlers in server.HANDLERS:
+        if handlers.get(server.PUT) is objects.upload_partial:
+            handlers[server.DELETE] = cancel_upload
+
+    replaced = {plain_download: download, objects.insert: conditional(objects.insert),
+                objects.delete: conditional(objects.delete)}
+    objects.insert = replaced[objects.insert]  # the server's fallback for uploads without /upload
     for _, handlers in server.HANDLERS:
         for method, handler in handlers.items():
-            if handler is plain_download:
-                handlers[method] = download
+            if handler in replaced:
+                handlers[method] = replaced[handler]
     # tensorstore opens many connections at once; the default backlog of 5 drops some.
     http.server.HTTPServer.request_queue_size = 128
 

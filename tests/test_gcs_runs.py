@@ -102,6 +102,10 @@ def test_kill9_then_the_same_command_resumes_from_the_bucket(whole, data_dir, gc
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(rf"resumed from {re.escape(run)}/checkpoints at step (4|8)\b", out.stdout), out.stdout
+    # The killed run's lease names a process gone from this host: taken over at once.
+    assert f"took over the lease of {run} from host {os.uname().nodename}, pid {proc.pid}" in out.stderr
+    assert "no longer runs on this host" in out.stderr
+    assert not storage.exists(storage.join(run, "lease.json"))  # released at the end
     assert "staged" not in out.stdout  # the first run's copy has the same fingerprint
     assert _rows(run) == expected
 
@@ -204,6 +208,77 @@ def test_sweep_report_into_the_bucket(whole):
     assert result["reproducibility"] == [{"setting": "gate_aux", "seed": 0, "runs": [run.name], "identical": None}]
 
 
+def test_a_second_run_on_a_bucket_workdir_stops_at_once(whole, data_dir, gcs_emulator):
+    """The same command started twice on one gs:// workdir: the lease object, created with a
+    generation precondition, stops the second naming the first; the first is unaffected."""
+    run = gcs_emulator.new_prefix("twice")
+    first = subprocess.Popen(_train_cmd(data_dir, run), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300  # a hang guard
+        while not storage.exists(storage.join(run, "lease.json")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        t0 = time.time()
+        second = subprocess.run(_train_cmd(data_dir, run), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        took = time.time() - t0
+        assert first.poll() is None, "the first run ended before the second started"
+        _, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode != 0
+    assert f"{run} is in use by another run (host {os.uname().nodename}, pid {first.pid}, started at" in \
+        second.stderr, second.stderr[-3000:]
+    assert "step " not in second.stdout
+    print(f"the second run stopped {took:.1f} s after it started")
+    assert took < 30  # about 3 s idle; see tests/test_workdir_guards.py
+    assert first.returncode == 0, err[-3000:]
+    assert _rows(run) == _rows(whole)
+    assert not storage.exists(storage.join(run, "lease.json"))
+
+
+# Seconds each injected outage lasts in the suite (a 30 s run by hand is quoted in the README).
+OUTAGE_SECS = float(os.environ.get("SEGGUIDED_TEST_OUTAGE_SECS", "10"))
+
+
+def test_a_run_rides_out_a_failing_bucket(whole, data_dir, gcs_emulator):
+    """Workdir and data in the bucket; every storage client of the run (gcsfs, tensorstore under
+    Orbax, array_record's reader, google-cloud-storage) talks to the bucket through the fault proxy
+    (tests/fault_proxy.py). Outages start in the middle of a checkpoint save (503), of a
+    metrics.jsonl upload (429, then reset connections) and of the first shard read (a stall, then
+    503): the run ends with the metrics.jsonl and parameters of the undisturbed run."""
+    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.train import params_digest
+    from tests.fault_proxy import FaultProxy
+
+    run, bucket_data = gcs_emulator.new_prefix("faults"), gcs_emulator.new_prefix("faultdata")
+    for name in os.listdir(data_dir):
+        storage.copy_file(os.path.join(data_dir, name), storage.join(bucket_data, name))
+    proxy = FaultProxy(gcs_emulator.url)
+    try:
+        proxy.fail("503", OUTAGE_SECS, match=r"checkpoints/4/")
+        proxy.fail("429", OUTAGE_SECS / 2, match=r"^POST .*metrics\.jsonl")
+        proxy.fail("reset", OUTAGE_SECS, match=r"^POST .*metrics\.jsonl")
+        proxy.fail("stall", 1, match=r"^GET .*\.array_record\b", stall_secs=5)
+        proxy.fail("503", OUTAGE_SECS, match=r"^GET .*\.array_record\b")
+        env = dict(_env(), STORAGE_EMULATOR_HOST=proxy.url, TENSORSTORE_GCS_HTTP_URL=proxy.url,
+                   CLOUD_STORAGE_EMULATOR_ENDPOINT=proxy.url)
+        t0 = time.time()
+        out = subprocess.run(_train_cmd(bucket_data, run), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
+        took = time.time() - t0
+    finally:
+        proxy.close()
+    assert out.returncode == 0, out.stderr[-5000:]
+    print(f"faults met (kind, request, count): {proxy.met()}; the run took {took:.0f} s")
+    assert all(count for _, _, count in proxy.met()), proxy.met()
+    assert _rows(run) == _rows(whole)
+    digests = [params_digest(load_for_inference(storage.join(w, "checkpoints", "8"))[2]) for w in (run, whole)]
+    assert digests[0] == digests[1]
+
+
 def test_slurm_sweep_refuses_a_bucket_root():
     import importlib.util
 
@@ -241,6 +316,53 @@ def test_a_damaged_checkpoint_in_a_bucket_is_set_aside(gcs_dir, tmp_path, monkey
     assert "commit_success.txt" in storage.listdir(moved) and "_CHECKPOINT_METADATA" in storage.listdir(moved)
     assert storage.listdir(storage.join(gcs_dir, "checkpoints")) == ["1"]
     assert os.listdir(tmp_path) == []
+
+
+def test_setting_aside_in_a_bucket_is_safe_to_repeat(gcs_dir, tmp_path, monkeypatch):
+    """A set-aside cut short while deleting the damaged checkpoint (a kill) is finished by the next
+    run: the copy in corrupt_checkpoints/ is whole, the source gone, the older checkpoint restores."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from segguided_jax.checkpointing import CORRUPT_DIR, Checkpointer
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ml_collections.ConfigDict({"every_steps": 1, "keep": 3, "async_save": False})
+    state = {"w": jnp.arange(6.0)}
+    ckpt = Checkpointer(gcs_dir, cfg)
+    for step in (1, 2):
+        ckpt.save(step, {"w": state["w"] * step}, {"iterators": [step]}, {"seed": 0})
+    ckpt.close()
+    damaged = storage.join(gcs_dir, "checkpoints", "2")
+    storage.remove(storage.join(damaged, "state", "_METADATA"))
+    fs, key = storage._gcs(damaged)
+    files = sorted(p.removeprefix(key) for p in fs.find(key))
+
+    rmtree = storage.rmtree
+
+    def killed_half_way(path):  # deletes one object, then the process "dies"
+        fs.rm(fs.find(_gcs_key(path))[-1])
+        raise KeyboardInterrupt
+
+    def _gcs_key(path):
+        return storage._gcs(path)[1]
+
+    monkeypatch.setattr(storage, "rmtree", killed_half_way)
+    ckpt = Checkpointer(gcs_dir, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.restore_newest(jax.eval_shape(lambda: state), warn=lambda m: None)
+    monkeypatch.setattr(storage, "rmtree", rmtree)
+
+    ckpt = Checkpointer(gcs_dir, cfg)
+    step, restored, _ = ckpt.restore_newest(jax.eval_shape(lambda: state), warn=lambda m: None)
+    ckpt.close()
+    assert step == 1
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0))
+    moved = storage.join(gcs_dir, CORRUPT_DIR, "2")
+    fs, moved_key = storage._gcs(moved)
+    assert sorted(p.removeprefix(moved_key) for p in fs.find(moved_key)) == files
+    assert storage.listdir(storage.join(gcs_dir, "checkpoints")) == ["1"]
 
 
 def test_trainer_stops_when_its_processes_do_not_share_the_workdir(data_dir, tmp_path):

@@ -2,6 +2,9 @@
 paths, atomic writes, metrics.jsonl, TensorBoard events, Orbax checkpoints and ArrayRecord reads
 in a bucket, the shared-workdir check with two real processes, and staging a data folder."""
 import builtins
+import contextlib
+import gc
+import io
 import json
 import logging
 import os
@@ -113,6 +116,51 @@ def test_copy_between_backends(tmp_path, gcs_dir):
     storage.copy_file(storage.join(gcs_dir, "a.bin"), str(tmp_path / "b.bin"), chunk_bytes=65536)
     assert (tmp_path / "b.bin").read_bytes() == data
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin"]
+
+
+class _BreaksHalfWay(io.RawIOBase):
+    """A reader of `data` that raises OSError once half of it has been read."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        if self.pos >= len(self.data) // 2:
+            raise OSError("the source broke half-way")
+        n = min(len(buf), len(self.data) // 2 - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+# 300 kB goes up in one request when the file closes; 12 MiB starts a resumable upload whose
+# first 5 MiB blocks are sent while the copy runs.
+@pytest.mark.parametrize("size", [300_000, 12 << 20])
+def test_a_copy_to_a_bucket_that_fails_half_way_leaves_no_object(tmp_path, gcs_dir, monkeypatch, size):
+    data = np.random.default_rng(0).bytes(size)
+    src, dst = str(tmp_path / "a.bin"), storage.join(gcs_dir, "a.bin")
+    (tmp_path / "a.bin").write_bytes(data)
+
+    @contextlib.contextmanager
+    def breaking_read(path):
+        yield _BreaksHalfWay(data)
+
+    monkeypatch.setattr(storage, "_open_read", breaking_read)
+    with pytest.raises(OSError, match="half-way"):
+        storage.copy_file(src, dst, chunk_bytes=1 << 20)
+    gc.collect()  # a file object's finaliser that committed the upload would run now
+    assert not storage.exists(dst)
+    storage.write_bytes(dst, b"old")
+    with pytest.raises(OSError, match="half-way"):
+        storage.copy_file(src, dst, chunk_bytes=1 << 20)
+    gc.collect()
+    assert storage.read_bytes(dst) == b"old"  # an existing object keeps its content
+    monkeypatch.undo()
+    storage.copy_file(src, dst, chunk_bytes=1 << 20)
+    assert storage.read_bytes(dst) == data
 
 
 def test_gs_paths_never_touch_the_local_file_system(gcs_dir, tmp_path, monkeypatch):
