@@ -270,7 +270,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         for step in range(start + 1, total + 1):
             host = next(data_iter)
             cases = host.pop("case_id", None)
-            state, metrics = fns.step(state, sharding.global_batch(host, mesh))
+            state, metrics = fns.step(state, sharding.global_batch(host, mesh, fns.batch))
             guard.add(step, metrics, cases)
             if step % config.train.log_every == 0 or step == total:
                 guard.check(config.data.dir)
