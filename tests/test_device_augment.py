@@ -249,3 +249,54 @@ def test_train_step_on_device_sees_the_cpu_paths_patches(tiny_config):
         _, dev_metrics = dev_steps.step(dev_steps.init(), sharding.global_batch(got, mesh, dev_steps.batch))
         for key in ("loss", "loss_seg", "loss_aux", "grad_norm"):
             assert float(dev_metrics[key]) == pytest.approx(float(cpu_metrics[key]), rel=1e-5), key
+
+
+def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp_path):
+    """`python -m segguided_jax.train ... --config.data.augment_on_device=True` with rotation and
+    scaling on: stopped by SIGTERM (it checkpoints at the next step) and run again, it writes the
+    same metrics.jsonl, row for row and bit for bit, as an uninterrupted run of the same config."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from configs import tiny
+    from segguided_jax.train import train_and_evaluate
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    overrides = {"data.augment_on_device": True, "data.augment.rotation_probability": 0.5,
+                 "data.augment.scale_probability": 0.5, "train.steps": 12, "train.log_every": 1,
+                 "train.eval_every": 12, "checkpoint.every_steps": 1000}
+    cfg = tiny.get_config()
+    cfg.data.dir = tiny_config.data.dir
+    for key, value in overrides.items():
+        section, *rest = key.split(".")
+        node = cfg[section]
+        for part in rest[:-1]:
+            node = node[part]
+        node[rest[-1]] = value
+    train_and_evaluate(cfg, str(tmp_path / "whole"))
+
+    workdir = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+           f"--config.data.dir={cfg.data.dir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, ".cache", "jax"))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0 and "preempted: saved a checkpoint at step" in rest, rest[-2000:]
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+
+    def rows(run):
+        with open(run / "metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    assert [r["step"] for r in rows(workdir) if "split" not in r] == list(range(1, 13))
+    assert rows(workdir) == rows(tmp_path / "whole")
