@@ -39,6 +39,16 @@ def init_state(seed: int, model_cfg, tx: optax.GradientTransformation) -> TrainS
                       graphdef=graphdef, tx=tx)
 
 
+def loss_and_grads(state: TrainState, batch: dict, *, loss_cfg, output: str):
+    """((loss, {"loss_seg", "loss_aux"}), gradients with respect to state.params) on batch."""
+
+    def loss_fn(params):
+        logits, attention = nnx.merge(state.graphdef, params)(batch["image"])
+        return total_loss(logits, attention, batch["label"].astype(jnp.int32), loss_cfg, output)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
 def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
     """One optimizer step on batch {"image": (N, D, H, W, 4) float32, "label": (N, D, H, W) uint8}.
 
@@ -46,11 +56,7 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
     checks computed on the devices so the host need not look at every step: "finite" (bool: the
     loss and every new parameter are finite) and "input_finite" ((N,) bool: each sample's image)."""
 
-    def loss_fn(params):
-        logits, attention = nnx.merge(state.graphdef, params)(batch["image"])
-        return total_loss(logits, attention, batch["label"].astype(jnp.int32), loss_cfg, output)
-
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, parts), grads = loss_and_grads(state, batch, loss_cfg=loss_cfg, output=output)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Leaf by leaf: a norm of large but finite parameters could itself overflow.
