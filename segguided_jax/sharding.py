@@ -77,8 +77,8 @@ def check_batch(global_batch: int, patch, mesh: Mesh, downsampling: int) -> None
 def global_batch(host_batch: dict, mesh: Mesh, shardings: dict | None = None) -> dict:
     """This process's numpy batch (its share of the rows of the global batch, whole along every
     other axis) -> global jax.Arrays, each key with its sharding in `shardings` (default
-    batch_sharding). The global shape is given, not inferred: a process holds whole patches while
-    its devices hold only their slice of the spatial axis."""
+    batch_sharding). The global shape is stated rather than inferred from the sharding: every
+    process holds batch / process_count whole rows, and a batch that does not fit that fails here."""
     out = {}
     for key, value in host_batch.items():
         sharding = batch_sharding(mesh) if shardings is None else shardings[key]
