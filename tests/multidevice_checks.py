@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from segguided_jax import sharding  # noqa: E402
+from segguided_jax.data import device_augment  # noqa: E402
+from segguided_jax.data.augment import initial_patch_size  # noqa: E402
 from segguided_jax.inference import VolumePredictor, window_outputs  # noqa: E402
 from segguided_jax.optim import make_optimizer  # noqa: E402
 from segguided_jax.steps import abstract_batch, init_state, loss_and_grads, sharded_steps  # noqa: E402
@@ -80,6 +82,21 @@ def main(ckpt_dir):
         a, b = ref.pop("_" + key), sh.pop("_" + key)
         out["spatial_step"][key + "_max_abs_diff"] = max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
         out["spatial_step"][key + "_max_abs"] = max(float(np.max(np.abs(u))) for u in a)
+
+    # data.augment_on_device on (data 2, spatial 2): crops over the data axis, patches made on the
+    # devices and split over the spatial axis; the same step as on one device.
+    aug_cfg = tiny.get_config()
+    aug_cfg.data.augment_on_device = True
+    aug_cfg.data.augment.rotation_probability = aug_cfg.data.augment.scale_probability = 1.0
+    size = initial_patch_size(aug_cfg.data.patch, aug_cfg.data.augment)
+    crops = {"image": rng.standard_normal((2,) + size + (4,)).astype(np.float32),
+             "label": rng.integers(0, 4, (2,) + size).astype(np.uint8),
+             "augment": np.stack([device_augment.draw(rng, aug_cfg.data.augment, 4) for _ in range(2)])}
+    out["augment_on_device_step"] = {}
+    for name, m in (("one", one), ("spatial", mesh(2, 2))):
+        fns = sharded_steps(aug_cfg, m)
+        _, metrics = fns.step(fns.init(), sharding.global_batch(crops, m, fns.batch))
+        out["augment_on_device_step"][name] = [float(metrics["loss"]), float(metrics["grad_norm"])]
 
     # Sliding windows spread over 4 devices == on 1 device.
     volume = rng.standard_normal((30, 21, 17, 4)).astype(np.float32)

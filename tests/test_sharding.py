@@ -60,6 +60,11 @@ def test_spatially_sharded_step_keeps_activations_split(four_devices):
     assert r["spatial"]["temp_bytes"] < 0.35 * r["one"]["temp_bytes"]
 
 
+def test_augment_on_device_step_on_a_spatial_mesh_equals_one_device(four_devices):
+    r = four_devices[0]["augment_on_device_step"]
+    assert np.isfinite(r["spatial"]).all() and r["spatial"] == pytest.approx(r["one"], rel=1e-5)
+
+
 def test_windows_over_four_devices_equal_one(four_devices):
     assert four_devices[0]["windows_1_vs_4_max_abs_diff"] < 1e-5
 
