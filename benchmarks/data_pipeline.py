@@ -159,20 +159,22 @@ def device_augment_speed(data_cfg, batch_size: int, batches: int) -> str:
     import numpy as np
 
     from segguided_jax.data.augment import initial_patch_size
-    from segguided_jax.data.device_augment import augment_batch
+    from segguided_jax.data.device_augment import augment_batch, draw
 
     initial = initial_patch_size(data_cfg.patch, data_cfg.augment)
     rng = np.random.default_rng(0)
     image = rng.standard_normal((batch_size,) + initial + (4,), np.float32)
     label = rng.integers(0, 4, (batch_size,) + initial).astype(np.uint8)
-    fn = jax.jit(lambda key, x, y: augment_batch(key, x, y, data_cfg))
+    draws = [jax.device_put(np.stack([draw(rng, data_cfg.augment, 4) for _ in range(batch_size)]))
+             for _ in range(batches + 1)]
+    fn = jax.jit(lambda x, y, d: augment_batch(x, y, d, data_cfg))
     image, label = jax.device_put(image), jax.device_put(label)
     t = time.perf_counter()
-    jax.block_until_ready(fn(jax.random.key(0), image, label))
+    jax.block_until_ready(fn(image, label, draws[0]))
     compile_s = time.perf_counter() - t
     cpu, wall = time.process_time(), time.perf_counter()
     for i in range(batches):
-        jax.block_until_ready(fn(jax.random.key(i + 1), image, label))
+        jax.block_until_ready(fn(image, label, draws[i + 1]))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     n = batches * batch_size
     return (f"device augmentation ({jax.devices()[0].device_kind}, {jax.device_count()} device(s)): batch "

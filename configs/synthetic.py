@@ -37,8 +37,8 @@ def get_config():
     c.data.augment.rotation_probability = 0.0
     c.data.augment.scale_probability = 0.0
     c.data.augment.lowres_probability = 0.0
-    # True: the pipeline ships the enlarged crops and the train step augments them on the
-    # accelerator with segguided_jax.data.device_augment.augment_batch.
+    # True: the pipeline ships the enlarged crops with their random draws and the train step
+    # augments them on the accelerator (segguided_jax.data.device_augment.augment_batch).
     c.data.augment_on_device = False
     c.data.num_workers = 0  # Grain worker processes; 0 = in the training process
     c.data.read_threads = 1

@@ -3,6 +3,7 @@
 The mesh has a "data" axis (the batch is split over it) and a "spatial" axis (each patch's first
 spatial dimension is split over it, so one volume can span several devices; XLA inserts the halo
 exchanges for convolutions and the reductions for instance norm). The train state is replicated.
+A spatial group never spans processes (make_mesh).
 """
 from __future__ import annotations
 
@@ -14,23 +15,48 @@ DATA_AXIS = "data"
 SPATIAL_AXIS = "spatial"
 
 
-def make_mesh(mesh_cfg=None) -> Mesh:
+def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
     """A (data, spatial) mesh over every device of every process. mesh_cfg.spatial devices share
-    each patch; mesh_cfg.data = -1 gives the data axis the rest. Devices of a spatial group are
-    neighbours in jax.devices() order, so they sit on one host. No mesh_cfg: every device on the
-    data axis (inference)."""
-    n = jax.device_count()
+    each patch; mesh_cfg.data = -1 gives the data axis the rest. No mesh_cfg: every device on the
+    data axis (inference). devices: another device list than jax.devices() (e.g. a TPU topology's
+    devices, to compile for it without having it).
+
+    Every spatial group lies on one process: each process reads its own rows (the pipeline shards
+    the cases by process), so the devices sharing a patch must be fed by one process. The layout
+    follows the physical topology (neighbouring chips share a patch); where that puts a group
+    across processes (e.g. spatial 4 on a v5p slice of 2x2x1-chip hosts), each process's devices
+    are laid out on their own and the processes stacked along the data axis."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     spatial = 1 if mesh_cfg is None else mesh_cfg.spatial
     data = n // spatial if mesh_cfg is None or mesh_cfg.data <= 0 else mesh_cfg.data
     if data * spatial != n:
         raise ValueError(f"mesh data={mesh_cfg.data} x spatial={spatial} does not match the {n} devices")
-    devices = mesh_utils.create_device_mesh((data, spatial), allow_split_physical_axes=True)
-    return Mesh(devices, (DATA_AXIS, SPATIAL_AXIS))
+    grid = mesh_utils.create_device_mesh((data, spatial), devices, allow_split_physical_axes=True)
+    if spatial_groups_span_processes(grid):
+        processes = sorted({d.process_index for d in devices})
+        local = n // len(processes)
+        if local % spatial or any(sum(d.process_index == p for d in devices) != local for p in processes):
+            raise ValueError(f"mesh.spatial={spatial} must divide the {local} devices of each of the "
+                             f"{len(processes)} processes: the devices sharing a patch must sit on one process")
+        grid = mesh_utils.create_hybrid_device_mesh((local // spatial, spatial), (len(processes), 1), devices,
+                                                    process_is_granule=True, allow_split_physical_axes=True)
+    return Mesh(grid, (DATA_AXIS, SPATIAL_AXIS))
+
+
+def spatial_groups_span_processes(grid) -> bool:
+    """Whether any row of a (data, spatial) device grid holds devices of several processes."""
+    return any(len({d.process_index for d in row}) > 1 for row in grid)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """(N, D, ...) arrays: batch over the data axis, D over the spatial axis, the rest whole."""
     return NamedSharding(mesh, P(DATA_AXIS, SPATIAL_AXIS))
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """(N, ...) arrays: batch over the data axis, whole on every device of a spatial group."""
+    return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -48,7 +74,14 @@ def check_batch(global_batch: int, patch, mesh: Mesh, downsampling: int) -> None
                          f"network's downsampling {downsampling}, so every device holds whole coarse voxels")
 
 
-def global_batch(host_batch: dict, mesh: Mesh) -> dict:
-    """This process's numpy batch (its share of the global batch) -> global jax.Arrays."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+def global_batch(host_batch: dict, mesh: Mesh, shardings: dict | None = None) -> dict:
+    """This process's numpy batch (its share of the rows of the global batch, whole along every
+    other axis) -> global jax.Arrays, each key with its sharding in `shardings` (default
+    batch_sharding). The global shape is stated rather than inferred from the sharding: every
+    process holds batch / process_count whole rows, and a batch that does not fit that fails here."""
+    out = {}
+    for key, value in host_batch.items():
+        sharding = batch_sharding(mesh) if shardings is None else shardings[key]
+        shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+    return out

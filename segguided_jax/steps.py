@@ -11,6 +11,8 @@ import optax
 from flax import nnx, struct
 
 from segguided_jax import sharding
+from segguided_jax.data.augment import initial_patch_size
+from segguided_jax.data.device_augment import augment_batch, draws_size
 from segguided_jax.losses import total_loss
 from segguided_jax.models.network import build_model
 from segguided_jax.optim import make_optimizer
@@ -37,6 +39,16 @@ def init_state(seed: int, model_cfg, tx: optax.GradientTransformation) -> TrainS
                       graphdef=graphdef, tx=tx)
 
 
+def loss_and_grads(state: TrainState, batch: dict, *, loss_cfg, output: str):
+    """((loss, {"loss_seg", "loss_aux"}), gradients with respect to state.params) on batch."""
+
+    def loss_fn(params):
+        logits, attention = nnx.merge(state.graphdef, params)(batch["image"])
+        return total_loss(logits, attention, batch["label"].astype(jnp.int32), loss_cfg, output)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
 def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
     """One optimizer step on batch {"image": (N, D, H, W, 4) float32, "label": (N, D, H, W) uint8}.
 
@@ -44,11 +56,7 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
     checks computed on the devices so the host need not look at every step: "finite" (bool: the
     loss and every new parameter are finite) and "input_finite" ((N,) bool: each sample's image)."""
 
-    def loss_fn(params):
-        logits, attention = nnx.merge(state.graphdef, params)(batch["image"])
-        return total_loss(logits, attention, batch["label"].astype(jnp.int32), loss_cfg, output)
-
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, parts), grads = loss_and_grads(state, batch, loss_cfg=loss_cfg, output=output)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Leaf by leaf: a norm of large but finite parameters could itself overflow.
@@ -59,31 +67,69 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def augmented_train_step(state: TrainState, batch: dict, *, data_cfg, patch_sharding=None, **step_kw):
+    """train_step on a batch of enlarged crops (data.augment_on_device): {"image": (N, I, I, I, 4)
+    float32, "label": (N, I, I, I) uint8, "augment": (N, A) float32 draws} are augmented on the
+    device to data.patch (device_augment.augment_batch) first. patch_sharding: where the patches
+    go (the mesh's batch sharding), so that the network's activations are split as on the CPU
+    path's batches. Returns train_step's (new state, metrics)."""
+    image, label = augment_batch(batch["image"], batch["label"], batch["augment"], data_cfg)
+    if patch_sharding is not None:
+        image = jax.lax.with_sharding_constraint(image, patch_sharding)
+        label = jax.lax.with_sharding_constraint(label, patch_sharding)
+    return train_step(state, {"image": image, "label": label}, **step_kw)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedSteps:
     """The train state's functions for one config on one mesh, each jitted once:
     init() -> a new state, created on the devices and replicated;
     abstract: the state's shapes, dtypes and shardings (to restore a checkpoint into, or to compile);
-    step(state, batch) -> (state, metrics), the state donated, the batch split over the mesh."""
+    step(state, batch) -> (state, metrics), the state donated, the batch split over the mesh;
+    batch: the sharding of each key of a training batch (for sharding.global_batch)."""
     init: Any
     abstract: TrainState
     step: Any
+    batch: dict
+
+
+def batch_shardings(config, mesh) -> dict:
+    """Per key of a training batch: patches split over data and spatial; with
+    data.augment_on_device the crops and draws over data only (each device of a spatial group
+    holds its rows' whole crops: the rotation reads across the spatial split)."""
+    if config.data.augment_on_device:
+        rows = sharding.rows_sharding(mesh)
+        return {"image": rows, "label": rows, "augment": rows}
+    patches = sharding.batch_sharding(mesh)
+    return {"image": patches, "label": patches}
 
 
 def sharded_steps(config, mesh) -> ShardedSteps:
-    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    replicated, batch = sharding.replicated(mesh), batch_shardings(config, mesh)
     tx = make_optimizer(config.optim, config.train.steps)
     init = functools.partial(init_state, config.seed, config.model, tx)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(init))
-    step = jax.jit(functools.partial(train_step, loss_cfg=config.loss, output=config.model.output),
-                   in_shardings=(replicated, batch), out_shardings=(replicated, replicated), donate_argnums=0)
-    return ShardedSteps(jax.jit(init, out_shardings=replicated), abstract, step)
+    step_fn = functools.partial(train_step, loss_cfg=config.loss, output=config.model.output)
+    if config.data.augment_on_device:
+        step_fn = functools.partial(augmented_train_step, data_cfg=config.data.copy_and_resolve_references(),
+                                    patch_sharding=sharding.batch_sharding(mesh), loss_cfg=config.loss,
+                                    output=config.model.output)
+    step = jax.jit(step_fn, in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+    return ShardedSteps(jax.jit(init, out_shardings=replicated), abstract, step, batch)
 
 
 def abstract_batch(config, mesh) -> dict:
-    """ShapeDtypeStructs of one global training batch, sharded over the mesh."""
-    batch = sharding.batch_sharding(mesh)
-    shape = (config.train.batch_size,) + tuple(config.data.patch)
-    return {"image": jax.ShapeDtypeStruct(shape + (config.model.in_channels,), jnp.float32, sharding=batch),
-            "label": jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=batch)}
+    """ShapeDtypeStructs of one global training batch, sharded over the mesh (the enlarged crops
+    and their draws with data.augment_on_device)."""
+    shardings = batch_shardings(config, mesh)
+    size = tuple(config.data.patch)
+    if config.data.augment_on_device:
+        size = initial_patch_size(size, config.data.augment)
+    shape = (config.train.batch_size,) + tuple(int(s) for s in size)
+    batch = {"image": jax.ShapeDtypeStruct(shape + (config.model.in_channels,), jnp.float32),
+             "label": jax.ShapeDtypeStruct(shape, jnp.uint8)}
+    if config.data.augment_on_device:
+        batch["augment"] = jax.ShapeDtypeStruct((shape[0], draws_size(config.model.in_channels)), jnp.float32)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}

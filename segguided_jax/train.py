@@ -290,7 +290,7 @@ def _train(config, workdir: str, held) -> dict:
         for step in range(start + 1, total + 1):
             host = next(data_iter)
             cases = host.pop("case_id", None)
-            state, metrics = fns.step(state, sharding.global_batch(host, mesh))
+            state, metrics = fns.step(state, sharding.global_batch(host, mesh, fns.batch))
             guard.add(step, metrics, cases)
             if step % config.train.log_every == 0 or step == total:
                 guard.check(config.data.dir)

@@ -78,10 +78,16 @@ def test_low_resolution_blur_gamma_contrast_match_numpy():
                                aug.contrast(x.copy(), 1.2), atol=1e-5)
 
 
+def _draws(cfg, rows, seed=0, channels=2):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.stack([dev.draw(rng, cfg.augment, channels) for _ in range(rows)]))
+
+
 @functools.cache
 def _jitted(**augment):
     cfg = _data_cfg(**augment)
-    return jax.jit(lambda key, x, y: dev.augment_batch(key, x, y, cfg))
+    fn = jax.jit(lambda x, y, d: dev.augment_batch(x, y, d, cfg))
+    return lambda seed, x, y: fn(x, y, _draws(cfg, x.shape[0], seed, x.shape[-1]))
 
 
 def _batch(seed=0, size=24):
@@ -89,20 +95,48 @@ def _batch(seed=0, size=24):
     return jnp.stack([image, image[::-1]]), jnp.stack([label, label[::-1]])
 
 
+def test_draws_follow_the_cpu_paths_sequence():
+    """draw consumes the Generator as transforms.train_patch does after the placement (spatial,
+    intensity, mirror), so the rows' draws are the CPU path's; only a drawn noise field is replaced
+    by one integer."""
+    cfg = _data_cfg(rotation_probability=0.5, scale_probability=0.5, blur_probability=0.5, gamma_probability=0.5,
+                    contrast_probability=0.5, lowres_probability=0.5, brightness_probability=0.5,
+                    mirror_probability=0.5)
+    for seed in range(20):
+        rng_cpu, rng_dev = np.random.default_rng(seed), np.random.default_rng(seed)
+        matrix = aug.draw_spatial(rng_cpu, cfg.augment)
+        d = aug.draw_intensity(rng_cpu, cfg.augment, 3, noise_shape=(4, 4, 4))
+        axes = aug.draw_mirror(rng_cpu, cfg.augment)
+        packed = dev.unpack(dev.draw(rng_dev, cfg.augment, 3), 3)
+        assert rng_cpu.random() == rng_dev.random()  # both Generators at the same place afterwards
+        np.testing.assert_allclose(packed["matrix"].reshape(3, 3), np.eye(3) if matrix is None else matrix, rtol=1e-6)
+        assert [a for a in range(3) if packed["mirror"][a]] == list(axes)
+        for c in range(3):
+            assert bool(packed["blur"][c, 0]) == (d["blur"][c] is not None)
+            if d["blur"][c] is not None:
+                np.testing.assert_allclose(packed["blur"][c, 1:], d["blur"][c], rtol=1e-6)
+            assert bool(packed["lowres"][c, 0]) == (d["lowres"][c] is not None)
+        np.testing.assert_allclose(packed["brightness"], d["brightness"] or [1.0] * 3, rtol=1e-6)
+        for key in ("contrast", "gamma"):
+            assert bool(packed[key][0]) == (d[key] is not None)
+            if d[key] is not None:
+                np.testing.assert_allclose(packed[key][1:], d[key], rtol=1e-6)
+
+
 def test_nothing_drawn_is_the_centre_crop_and_mirror_flips_it():
     image, label = _batch()
     crop = (slice(None),) + (slice(4, 20),) * 3  # (24 - 16) // 2 = 4
-    out_image, out_label = _jitted()(jax.random.key(0), image, label)
+    out_image, out_label = _jitted()(0, image, label)
     assert out_image.shape == (2,) + PATCH + (2,) and out_image.dtype == jnp.float32
     assert out_label.shape == (2,) + PATCH and out_label.dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(out_image), np.asarray(image[crop]))
     np.testing.assert_array_equal(np.asarray(out_label), np.asarray(label[crop]))
     # forced rotation 0 and scale 1 through the resampling: the same crop
     out_image, out_label = _jitted(rotation_probability=1.0, rotation_max_degrees=0.0, scale_probability=1.0,
-                                   scale_range=(1.0, 1.0))(jax.random.key(0), image, label)
+                                   scale_range=(1.0, 1.0))(0, image, label)
     np.testing.assert_allclose(np.asarray(out_image), np.asarray(image[crop]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(out_label), np.asarray(label[crop]))
-    out_image, out_label = _jitted(mirror_probability=1.0)(jax.random.key(0), image, label)
+    out_image, out_label = _jitted(mirror_probability=1.0)(0, image, label)
     np.testing.assert_array_equal(np.asarray(out_label), np.asarray(label[crop])[:, ::-1, ::-1, ::-1])
     np.testing.assert_array_equal(np.asarray(out_image), np.asarray(image[crop])[:, ::-1, ::-1, ::-1])
 
@@ -111,31 +145,33 @@ def test_random_spatial_keeps_label_values_and_draws_per_row():
     image, label = _batch()
     label = jnp.where(label == 2, 0, label)  # values {0, 1, 3}: a 2 would be an interpolation artefact
     fn = _jitted(rotation_probability=1.0, scale_probability=1.0)
-    out_image, out_label = fn(jax.random.key(1), image, label)
+    out_image, out_label = fn(1, image, label)
     assert set(np.unique(np.asarray(out_label)).tolist()) <= {0, 1, 3}
     assert not np.array_equal(np.asarray(out_label[0]), np.asarray(out_label[1])[::-1, ::-1, ::-1])
-    again = fn(jax.random.key(1), image, label)
-    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(out_image))  # same key, same batch
-    assert not np.array_equal(np.asarray(fn(jax.random.key(2), image, label)[0]), np.asarray(out_image))
+    again = fn(1, image, label)
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(out_image))  # same draws, same batch
+    assert not np.array_equal(np.asarray(fn(2, image, label)[0]), np.asarray(out_image))
 
 
-def test_noise_and_brightness_statistics():
+def test_noise_follows_its_drawn_std_and_brightness_its_factors():
     image, label = _batch()
     zero = jnp.zeros_like(image)
-    fn = _jitted(noise_probability=1.0)
-    stds = []
-    for seed in range(40):
-        out, _ = fn(jax.random.key(seed), zero, label)
-        out = np.asarray(out)
+    cfg = _data_cfg(noise_probability=1.0)
+    fn = jax.jit(lambda x, y, d: dev.augment_batch(x, y, d, cfg))
+    for seed in range(4):
+        draws = _draws(cfg, 2, seed)
+        out = np.asarray(fn(zero, label, draws)[0])
         np.testing.assert_array_equal(out[..., 0], out[..., 1])  # one field for all channels
-        stds += [out[0, ..., 0].std(), out[1, ..., 0].std()]
-    stds = np.array(stds)
-    assert stds.max() < 0.104 and stds.min() < 0.01 and abs(stds.mean() - 0.05) < 0.015  # std ~ U(0, 0.1)
-    fn = _jitted(brightness_probability=1.0)
-    out, _ = fn(jax.random.key(0), image, label)
-    crop = np.asarray(image)[:, 4:20, 4:20, 4:20]
-    ratios = np.asarray(out) / crop  # one factor per row and channel
-    factors = ratios[:, 0, 0, 0]
+        for row in range(2):
+            noise = dev.unpack(np.asarray(draws[row]), 2)["noise"]
+            assert noise[0] == 1 and 0 <= noise[1] <= 0.1
+            assert out[row, ..., 0].std() == pytest.approx(noise[1], rel=0.1)  # 4096 voxels
+        assert not np.array_equal(out[0], out[1])  # each row its own field
+    cfg = _data_cfg(brightness_probability=1.0)
+    draws = _draws(cfg, 2, 0)
+    out, _ = jax.jit(lambda x, y, d: dev.augment_batch(x, y, d, cfg))(image, label, draws)
+    ratios = np.asarray(out) / np.asarray(image)[:, 4:20, 4:20, 4:20]
+    factors = np.stack([dev.unpack(np.asarray(d), 2)["brightness"] for d in draws])
     np.testing.assert_allclose(ratios, np.broadcast_to(factors[:, None, None, None], ratios.shape), rtol=1e-5)
     assert (factors >= 0.75).all() and (factors <= 1.25).all() and len(np.unique(factors.round(6))) == 4
 
@@ -146,38 +182,121 @@ def test_everything_on_is_finite_and_jittable_under_partial():
         if key.endswith("_probability"):
             cfg.augment[key] = 1.0
     image, label = _batch()
-    out_image, out_label = jax.jit(functools.partial(dev.augment_batch, data_cfg=cfg))(jax.random.key(3), image, label)
+    out_image, out_label = jax.jit(functools.partial(dev.augment_batch, data_cfg=cfg))(
+        image, label, _draws(cfg, 2, 3))
     assert np.isfinite(np.asarray(out_image)).all()
     assert set(np.unique(np.asarray(out_label)).tolist()) <= {0, 1, 2, 3}
 
 
-def test_crop_smaller_than_the_patch_fails_loudly():
+def test_crop_smaller_than_the_patch_or_wrong_draws_fail_loudly():
     image, label = _batch(size=12)
     with pytest.raises(ValueError, match="at least as large as the patch"):
-        dev.augment_batch(jax.random.key(0), image, label, _data_cfg())
+        dev.augment_batch(image, label, _draws(_data_cfg(), 2), _data_cfg())
+    image, label = _batch()
+    with pytest.raises(ValueError, match="draws per row"):
+        dev.augment_batch(image, label, _draws(_data_cfg(), 2, channels=4), _data_cfg())
 
 
-def test_pipeline_crops_for_the_device_hold_the_cpu_paths_patches(tiny_config):
-    """With augment_on_device the pipeline ships the enlarged boxes (same placement draws as the
-    CPU path); with no transform drawn, augment_batch's centre crop is the CPU path's patch."""
-    from segguided_jax.data.pipeline import train_dataset
-
-    cfg = tiny_config.data
+def _all_but_noise(cfg):
+    """Every transform on (noise off: its field is the one draw the accelerator makes itself), with
+    rotations of at most 3 degrees and zooms in (scale <= 0.9), so that every point the final patch
+    reads lies inside the enlarged crop (16 -> 17) and the CPU and device paths read the same voxels."""
     for key in list(cfg.augment.keys()):
         if key.endswith("_probability"):
-            cfg.augment[key] = 0.0
-    cfg.augment.rotation_probability = 1e-12  # enlarges the box (16 -> 22) but is never drawn
+            cfg.augment[key] = 1.0
+    cfg.augment.noise_probability = 0.0
+    cfg.augment.mirror_probability = 0.5
+    cfg.augment.blur_per_channel_probability = cfg.augment.lowres_per_channel_probability = 0.5
+    cfg.augment.rotation_max_degrees = 3.0
+    cfg.augment.scale_range = (0.7, 0.9)
     cfg.foreground_fraction = 0.5
-    initial = aug.initial_patch_size(cfg.patch, cfg.augment)
-    assert initial == (22, 22, 22)
-    cpu = iter(train_dataset(cfg.dir, cfg, seed=3, batch_size=2))
-    cfg.augment_on_device = True
-    crops = iter(train_dataset(cfg.dir, cfg, seed=3, batch_size=2))
-    fn = jax.jit(functools.partial(dev.augment_batch, data_cfg=cfg))
-    for step in range(3):
-        want, got = next(cpu), next(crops)
-        assert got["image"].shape == (2,) + initial + (4,) and got["label"].shape == (2,) + initial
-        assert list(got["case_id"]) == list(want["case_id"])
-        image, label = fn(jax.random.key(step), got["image"], got["label"])
-        np.testing.assert_array_equal(np.asarray(label), want["label"])
-        np.testing.assert_allclose(np.asarray(image), want["image"], atol=1e-6)
+
+
+def test_train_step_on_device_sees_the_cpu_paths_patches(tiny_config):
+    """The same seed through the pipeline with and without data.augment_on_device: the patches the
+    device makes inside the train step equal the CPU path's (same draws; within float32
+    interpolation), and the real sharded train step gives the same loss and gradient norm."""
+    from segguided_jax import sharding
+    from segguided_jax.data.pipeline import train_dataset
+    from segguided_jax.steps import sharded_steps
+
+    cfg = tiny_config
+    _all_but_noise(cfg.data)
+    initial = aug.initial_patch_size(cfg.data.patch, cfg.data.augment)
+    assert initial == (17, 17, 17)
+    mesh = sharding.make_mesh(cfg.mesh)
+    cpu_cfg, dev_cfg = cfg, cfg.copy_and_resolve_references()
+    dev_cfg.data.augment_on_device = True
+    cpu_steps, dev_steps = sharded_steps(cpu_cfg, mesh), sharded_steps(dev_cfg, mesh)
+    cpu = iter(train_dataset(cfg.data.dir, cpu_cfg.data, seed=3, batch_size=2))
+    dev_it = iter(train_dataset(cfg.data.dir, dev_cfg.data, seed=3, batch_size=2))
+    augment = jax.jit(functools.partial(dev.augment_batch, data_cfg=dev_cfg.data))
+    half = (np.asarray(cfg.data.patch) - 1) / 2
+    centre = (np.asarray(initial) - cfg.data.patch) // 2 + half  # augment_batch's
+    grid = np.stack(np.meshgrid(*[np.arange(p) for p in cfg.data.patch], indexing="ij"), -1).reshape(-1, 3)
+    for _ in range(2):
+        want, got = next(cpu), next(dev_it)
+        assert got["image"].shape == (2,) + initial + (4,) and got["augment"].shape == (2, dev.draws_size(4))
+        assert list(got.pop("case_id")) == list(want.pop("case_id"))
+        for row in got["augment"]:
+            points = (grid - half) @ dev.unpack(row, 4)["matrix"].reshape(3, 3).T + centre
+            assert points.min() >= 0 and points.max() <= initial[0] - 1  # every read inside the crop
+        image, label = augment(got["image"], got["label"], got["augment"])
+        assert (np.asarray(label) == want["label"]).mean() > 0.99  # float32 against float64 at rounding ties
+        np.testing.assert_allclose(np.asarray(image), want["image"], atol=1e-4)
+        assert np.abs(np.asarray(image) - got["image"][:, :16, :16, :16]).max() > 0.1  # it did transform
+        _, cpu_metrics = cpu_steps.step(cpu_steps.init(), sharding.global_batch(want, mesh, cpu_steps.batch))
+        _, dev_metrics = dev_steps.step(dev_steps.init(), sharding.global_batch(got, mesh, dev_steps.batch))
+        for key in ("loss", "loss_seg", "loss_aux", "grad_norm"):
+            assert float(dev_metrics[key]) == pytest.approx(float(cpu_metrics[key]), rel=1e-5), key
+
+
+def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp_path):
+    """`python -m segguided_jax.train ... --config.data.augment_on_device=True` with rotation and
+    scaling on: stopped by SIGTERM (it checkpoints at the next step) and run again, it writes the
+    same metrics.jsonl, row for row and bit for bit, as an uninterrupted run of the same config."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from configs import tiny
+    from segguided_jax.train import train_and_evaluate
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    overrides = {"data.augment_on_device": True, "data.augment.rotation_probability": 0.5,
+                 "data.augment.scale_probability": 0.5, "train.steps": 12, "train.log_every": 1,
+                 "train.eval_every": 12, "checkpoint.every_steps": 1000}
+    cfg = tiny.get_config()
+    cfg.data.dir = tiny_config.data.dir
+    for key, value in overrides.items():
+        section, *rest = key.split(".")
+        node = cfg[section]
+        for part in rest[:-1]:
+            node = node[part]
+        node[rest[-1]] = value
+    train_and_evaluate(cfg, str(tmp_path / "whole"))
+
+    workdir = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+           f"--config.data.dir={cfg.data.dir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, ".cache", "jax"))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0 and "preempted: saved a checkpoint at step" in rest, rest[-2000:]
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+
+    def rows(run):
+        with open(run / "metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    assert [r["step"] for r in rows(workdir) if "split" not in r] == list(range(1, 13))
+    assert rows(workdir) == rows(tmp_path / "whole")

@@ -253,39 +253,73 @@ def augment_intensity(img: np.ndarray, rng: np.random.Generator, cfg) -> None:
     """Noise, blur, brightness, contrast, low resolution, inverted gamma and gamma, in place on
     img (C, X, Y, Z) float32, channels first (nnU-Net's order and probabilities; see the module
     docstring)."""
-    n_channels = img.shape[0]
+    apply_intensity(img, draw_intensity(rng, cfg, img.shape[0], noise_shape=img.shape[1:]), cfg)
+
+
+def draw_intensity(rng: np.random.Generator, cfg, n_channels: int, noise_shape=None) -> dict:
+    """The random draws of the intensity transforms for n_channels channels, in nnU-Net's order:
+    {"noise": None or (std, field), "blur": per channel None or (3,) sigmas, "brightness",
+    "contrast", "gamma_invert", "gamma": None or a factor/exponent per channel, "lowres": per
+    channel None or a zoom}; None where a transform is not drawn. noise_shape: the (X, Y, Z) of the
+    noise field; None draws instead one integer in [0, 2**24) from which the accelerator draws the
+    field (segguided_jax.data.device_augment), so the draws after it differ from the CPU path's."""
+    d = {"noise": None, "blur": [None] * n_channels, "brightness": None, "contrast": None,
+         "lowres": [None] * n_channels, "gamma_invert": None, "gamma": None}
     if rng.random() < cfg.noise_probability:
         std = rng.uniform(0.0, cfg.noise_std)
-        noise = rng.standard_normal(img.shape[1:], dtype=np.float32)
-        noise *= np.float32(std)
-        img += noise
+        field = (rng.standard_normal(noise_shape, dtype=np.float32) if noise_shape is not None
+                 else int(rng.integers(2 ** 24)))
+        d["noise"] = (std, field)
     if rng.random() < cfg.blur_probability:
         for c in range(n_channels):
             if rng.random() < cfg.blur_per_channel_probability:
-                sigmas = rng.uniform(*cfg.blur_sigma_range, size=3)
-                ndimage.gaussian_filter(img[c], sigmas, output=img[c])
+                d["blur"][c] = rng.uniform(*cfg.blur_sigma_range, size=3)
     if rng.random() < cfg.brightness_probability:
-        for c in range(n_channels):
-            img[c] *= np.float32(bg_contrast(cfg.brightness_range, rng))
+        d["brightness"] = [bg_contrast(cfg.brightness_range, rng) for _ in range(n_channels)]
     if rng.random() < cfg.contrast_probability:
-        for c in range(n_channels):
-            contrast(img[c], bg_contrast(cfg.contrast_range, rng))
+        d["contrast"] = [bg_contrast(cfg.contrast_range, rng) for _ in range(n_channels)]
     if rng.random() < cfg.lowres_probability:
         for c in range(n_channels):
             if rng.random() < cfg.lowres_per_channel_probability:
-                img[c] = simulate_low_resolution(img[c], rng.uniform(*cfg.lowres_zoom_range))
-    for invert, probability in ((True, cfg.gamma_invert_probability), (False, cfg.gamma_probability)):
+                d["lowres"][c] = rng.uniform(*cfg.lowres_zoom_range)
+    for key, probability in (("gamma_invert", cfg.gamma_invert_probability), ("gamma", cfg.gamma_probability)):
         if rng.random() < probability:
-            for c in range(n_channels):
-                gamma(img[c], bg_contrast(cfg.gamma_range, rng), invert=invert,
-                      retain_stats=cfg.gamma_retain_stats)
+            d[key] = [bg_contrast(cfg.gamma_range, rng) for _ in range(n_channels)]
+    return d
+
+
+def apply_intensity(img: np.ndarray, d: dict, cfg) -> None:
+    """The intensity transforms drawn by draw_intensity (with a noise field), in place on img
+    (C, X, Y, Z) float32."""
+    if d["noise"] is not None:
+        std, noise = d["noise"]
+        noise *= np.float32(std)
+        img += noise
+    for c, sigmas in enumerate(d["blur"]):
+        if sigmas is not None:
+            ndimage.gaussian_filter(img[c], sigmas, output=img[c])
+    for c, factor in enumerate(d["brightness"] or ()):
+        img[c] *= np.float32(factor)
+    for c, factor in enumerate(d["contrast"] or ()):
+        contrast(img[c], factor)
+    for c, zoom in enumerate(d["lowres"]):
+        if zoom is not None:
+            img[c] = simulate_low_resolution(img[c], zoom)
+    for key, invert in (("gamma_invert", True), ("gamma", False)):
+        for c, exponent in enumerate(d[key] or ()):
+            gamma(img[c], exponent, invert=invert, retain_stats=cfg.gamma_retain_stats)
+
+
+def draw_mirror(rng: np.random.Generator, cfg) -> tuple[int, ...]:
+    """The spatial axes to flip, each with probability cfg.mirror_probability."""
+    return tuple(a for a in range(3) if rng.random() < cfg.mirror_probability)
 
 
 def mirror_channels_last(img: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, cfg, out=None):
     """Flips img (C, X, Y, Z) and label (X, Y, Z) along each spatial axis with probability
     cfg.mirror_probability, and moves the channels last. Returns (image (X, Y, Z, C) float32,
     label): the image written into `out` when given (else a new array), the label C-contiguous."""
-    axes = tuple(a for a in range(3) if rng.random() < cfg.mirror_probability)
+    axes = draw_mirror(rng, cfg)
     if out is None:
         out = np.empty(img.shape[1:] + img.shape[:1], np.float32)
     for c in range(img.shape[0]):  # channel by channel: faster than one transposing copy

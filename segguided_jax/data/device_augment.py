@@ -1,82 +1,118 @@
-"""The augmentation of segguided_jax.data.augment in JAX, to run on the accelerator inside the jitted
-train step, so that CPU cores do not bound throughput on big hosts.
+"""The augmentation of segguided_jax.data.augment in JAX, applied on the accelerator inside the
+jitted train step, so that CPU cores do not bound throughput on big hosts.
 
-With data.augment_on_device = True the pipeline ships each row's enlarged crop (the box the
+With data.augment_on_device = True the pipeline ships, per row, the enlarged crop (the box the
 rotation and scaling may read, edge I = augment.initial_patch_size(data.patch, data.augment),
-placed as on the CPU path) instead of the final patch, and the train step calls
+placed as on the CPU path) and the row's random draws (`draw`: the same numpy draws, in the same
+order, from the same Generator as the CPU path's, packed into one float32 vector), and the train
+step (segguided_jax.steps.augmented_train_step) calls
 
-    image, label = augment_batch(key, batch["image"], batch["label"], data_cfg)
+    image, label = augment_batch(batch["image"], batch["label"], batch["augment"], data_cfg)
 
-with a key derived from (seed, step), e.g. jax.random.fold_in(jax.random.key(seed), step).
-`augment_batch` is pure and jittable; data_cfg (config.data) is read while tracing (Python
-numbers), so close over it (functools.partial) rather than passing it as a traced argument.
+So every random number still comes from the pipeline's Generator, i.e. from the seed and the
+position in the stream, and a resumed run draws the same. `augment_batch` is pure and jittable;
+data_cfg (config.data) is read while tracing (Python numbers): close over it.
 
-The transforms, their order, probabilities and ranges are those of the numpy version (see its
-docstring), with these differences, all forced by static shapes:
+The transforms and their order are those of the numpy version (see its docstring), with these
+differences, all forced by static shapes or by what is worth shipping:
 - Every transform is computed for every row and selected where its draw says so (vmap turns
   branches into selects): cheap on an accelerator, wasteful on a CPU.
 - The spatial transform reads the enlarged crop, not the whole case: points beyond the crop read 0
-  (as nnU-Net's enlarged patch); on the CPU path they read the case.
-- Random numbers come from jax.random, so the same seed gives other draws than the numpy version;
-  the distributions are the same.
+  (as nnU-Net's enlarged patch); on the CPU path they read the case. initial_patch_size covers a
+  rotation about one axis at a time, so only rotations about several axes reach past it.
+- The Gaussian noise field is not shipped: the host draws one integer and the accelerator draws the
+  field from it with jax.random. Where noise is drawn, the field, and the draws that follow it,
+  differ from the CPU path's for the same Generator; their distributions are the same.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from segguided_jax.data import augment as cpu
 
 
-def augment_batch(key: jax.Array, image: jax.Array, label: jax.Array, data_cfg) -> tuple[jax.Array, jax.Array]:
-    """image (B, I, I, I, C) float32 enlarged crops, label (B, I, I, I) integer -> the augmented
-    final patches: image (B, P, P, P, C) float32, label (B, P, P, P) of label's dtype, P =
-    data_cfg.patch. The final patch's centre is the crop's voxel (I - P) // 2 + (P - 1) / 2."""
+def _fields(channels: int) -> tuple[tuple[str, int], ...]:
+    """The packed draws vector, field by field: (name, length)."""
+    return (("matrix", 9),            # output-to-input matrix, row-major (identity: none drawn)
+            ("mirror", 3),            # 1 = flip that axis
+            ("noise", 3),             # drawn, std, seed of the field
+            ("blur", 4 * channels),   # per channel: drawn, three sigmas
+            ("brightness", channels),  # factor per channel (1: none drawn)
+            ("contrast", 1 + channels),  # drawn, factor per channel
+            ("lowres", 2 * channels),  # per channel: drawn, zoom
+            ("gamma_invert", 1 + channels),  # drawn, exponent per channel
+            ("gamma", 1 + channels))
+
+
+def draws_size(channels: int) -> int:
+    """Length of one row's packed draws for images of `channels` channels."""
+    return sum(n for _, n in _fields(channels))
+
+
+def draw(rng: np.random.Generator, cfg, channels: int) -> np.ndarray:
+    """One row's random draws (cfg: config.data.augment), in the CPU path's order (spatial,
+    intensity, mirror; see transforms.train_patch), packed: (draws_size(channels),) float32."""
+    matrix = cpu.draw_spatial(rng, cfg)
+    d = cpu.draw_intensity(rng, cfg, channels, noise_shape=None)
+    axes = cpu.draw_mirror(rng, cfg)
+    ones = [1.0] * channels
+    fields = {
+        "matrix": np.eye(3) if matrix is None else matrix,
+        "mirror": [float(a in axes) for a in range(3)],
+        "noise": [0.0, 0.0, 0.0] if d["noise"] is None else [1.0, d["noise"][0], float(d["noise"][1])],
+        # Channels not blurred get sigma 1 rather than 0, whose kernel would divide by zero.
+        "blur": [[0.0, 1.0, 1.0, 1.0] if s is None else [1.0, *s] for s in d["blur"]],
+        "brightness": d["brightness"] or ones,
+        "contrast": [float(d["contrast"] is not None), *(d["contrast"] or ones)],
+        "lowres": [[0.0, 1.0] if z is None else [1.0, z] for z in d["lowres"]],
+        "gamma_invert": [float(d["gamma_invert"] is not None), *(d["gamma_invert"] or ones)],
+        "gamma": [float(d["gamma"] is not None), *(d["gamma"] or ones)],
+    }
+    return np.concatenate([np.asarray(fields[name], np.float64).ravel() for name, _ in _fields(channels)]
+                          ).astype(np.float32)
+
+
+def unpack(draws, channels: int) -> dict:
+    """A packed draws vector (numpy or jax) -> {field name: its slice}, blur and lowres as
+    (channels, 4) and (channels, 2)."""
+    out, at = {}, 0
+    for name, n in _fields(channels):
+        out[name] = draws[at: at + n]
+        at += n
+    out["blur"] = out["blur"].reshape(channels, 4)
+    out["lowres"] = out["lowres"].reshape(channels, 2)
+    return out
+
+
+def augment_batch(image: jax.Array, label: jax.Array, draws: jax.Array, data_cfg) -> tuple[jax.Array, jax.Array]:
+    """image (B, I, I, I, C) float32 enlarged crops, label (B, I, I, I) integer, draws (B, A)
+    float32 (`draw` per row) -> the augmented final patches: image (B, P, P, P, C) float32, label
+    (B, P, P, P) of label's dtype, P = data_cfg.patch. The final patch's centre is the crop's voxel
+    (I - P) // 2 + (P - 1) / 2, as on the CPU path."""
     patch = tuple(int(p) for p in data_cfg.patch)
     initial = tuple(int(s) for s in image.shape[1:4])
     if any(i < p for i, p in zip(initial, patch)):
         raise ValueError(f"augment_batch wants crops at least as large as the patch {patch}; got {initial}")
+    if draws.shape[-1] != draws_size(image.shape[-1]):
+        raise ValueError(f"augment_batch wants {draws_size(image.shape[-1])} draws per row for "
+                         f"{image.shape[-1]} channels; got {draws.shape[-1]}")
     centre = tuple((i - p) // 2 + (p - 1) / 2 for i, p in zip(initial, patch))
-    keys = jax.random.split(key, image.shape[0])
-    return jax.vmap(lambda k, x, y: augment_one(k, x, y, data_cfg.augment, patch, centre))(keys, image, label)
+    return jax.vmap(lambda x, y, d: augment_one(x, y, d, data_cfg.augment, patch, centre))(image, label, draws)
 
 
-def augment_one(key, image, label, cfg, patch, centre):
-    """One row: image (I, I, I, C), label (I, I, I) -> (P, P, P, C) float32, (P, P, P)."""
-    k_spatial, k_intensity, k_mirror = jax.random.split(key, 3)
+def augment_one(image, label, draws, cfg, patch, centre):
+    """One row: image (I, I, I, C), label (I, I, I), draws (A,) -> (P, P, P, C) float32, (P, P, P)."""
+    d = unpack(draws, image.shape[-1])
     if cfg.rotation_probability > 0 or cfg.scale_probability > 0:
-        matrix = draw_spatial(k_spatial, cfg)
-        image, label = resample(image, label, matrix, jnp.asarray(centre, jnp.float32), patch)
+        image, label = resample(image, label, d["matrix"].reshape(3, 3), jnp.asarray(centre, jnp.float32), patch)
     else:  # no spatial transform can happen: the centre crop
         lo = [int(round(c - (p - 1) / 2)) for c, p in zip(centre, patch)]
         box = tuple(slice(a, a + p) for a, p in zip(lo, patch))
         image, label = image[box], label[box]
-    image = augment_intensity(k_intensity, image.astype(jnp.float32), cfg)
-    return mirror(k_mirror, image, label, cfg)
-
-
-def draw_spatial(key, cfg) -> jax.Array:
-    """(3, 3) float32 output-to-input matrix Rz @ Ry @ Rx @ (scale * I) (augment.affine_matrix),
-    the identity when neither rotation nor scaling is drawn."""
-    k = jax.random.split(key, 4)
-    do_rotate = jax.random.uniform(k[0]) < cfg.rotation_probability
-    do_scale = jax.random.uniform(k[1]) < cfg.scale_probability
-    max_rad = math.radians(cfg.rotation_max_degrees)
-    angles = jnp.where(do_rotate, jax.random.uniform(k[2], (3,), minval=-max_rad, maxval=max_rad), 0.0)
-    lo, hi = cfg.scale_range
-    scale = jnp.where(do_scale, jax.random.uniform(k[3], (), minval=lo, maxval=hi), 1.0)
-    return affine_matrix(angles, scale)
-
-
-def affine_matrix(angles, scale) -> jax.Array:
-    """augment.affine_matrix in jnp: angles (3,) radians, scale () -> (3, 3) float32."""
-    cx, cy, cz = jnp.cos(angles[0]), jnp.cos(angles[1]), jnp.cos(angles[2])
-    sx, sy, sz = jnp.sin(angles[0]), jnp.sin(angles[1]), jnp.sin(angles[2])
-    one, zero = jnp.ones_like(cx), jnp.zeros_like(cx)
-    rx = jnp.array([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
-    ry = jnp.array([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
-    rz = jnp.array([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
-    return (rz @ ry @ rx * scale).astype(jnp.float32)
+    image = augment_intensity(image.astype(jnp.float32), d, cfg)
+    return mirror(image, label, d["mirror"] > 0.5)
 
 
 def resample(image, label, matrix, centre, patch):
@@ -106,66 +142,34 @@ def resample(image, label, matrix, centre, patch):
     return out, jnp.where(valid, lab, jnp.zeros((), label.dtype))
 
 
-def augment_intensity(key, img, cfg):
+def augment_intensity(img, d, cfg):
     """Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma on img (X, Y, Z, C)
-    float32, each drawn as the numpy version draws it; returns the new image."""
-    k = jax.random.split(key, 7)
-    n_channels = img.shape[-1]
-    # noise: one field for all channels, std uniform in [0, noise_std]
-    kk = jax.random.split(k[0], 3)
-    std = jax.random.uniform(kk[1], (), maxval=cfg.noise_std)
-    noise = std * jax.random.normal(kk[2], img.shape[:3], jnp.float32)
-    img = jnp.where(jax.random.uniform(kk[0]) < cfg.noise_probability, img + noise[..., None], img)
+    float32 as drawn in d (`unpack`); returns the new image."""
+    drawn = lambda x: x > 0.5
+    # noise: one field for all channels
+    field = jax.random.normal(jax.random.key(d["noise"][2].astype(jnp.int32)), img.shape[:3], jnp.float32)
+    img = jnp.where(drawn(d["noise"][0]), img + (field * d["noise"][1])[..., None], img)
     # blur: per channel, a sigma per axis
-    kk = jax.random.split(k[1], 3)
-    apply = (jax.random.uniform(kk[0]) < cfg.blur_probability) & (
-        jax.random.uniform(kk[1], (n_channels,)) < cfg.blur_per_channel_probability)
-    sigmas = jax.random.uniform(kk[2], (n_channels, 3), minval=cfg.blur_sigma_range[0], maxval=cfg.blur_sigma_range[1])
     radius = int(4.0 * cfg.blur_sigma_range[1] + 0.5)
-    blurred = jax.vmap(lambda x, s: gaussian_blur(x, s, radius), in_axes=(-1, 0), out_axes=-1)(img, sigmas)
-    img = jnp.where(apply, blurred, img)
-    # brightness: a factor per channel
-    kk = jax.random.split(k[2], 2)
-    factors = bg_contrast(kk[1], cfg.brightness_range, (n_channels,))
-    img = jnp.where(jax.random.uniform(kk[0]) < cfg.brightness_probability, img * factors, img)
-    # contrast about each channel's mean, clipped to its old range
-    kk = jax.random.split(k[3], 2)
-    factors = bg_contrast(kk[1], cfg.contrast_range, (n_channels,))
-    img = jnp.where(jax.random.uniform(kk[0]) < cfg.contrast_probability, contrast(img, factors), img)
+    blurred = jax.vmap(lambda x, s: gaussian_blur(x, s, radius), in_axes=(-1, 0), out_axes=-1)(img, d["blur"][:, 1:])
+    img = jnp.where(drawn(d["blur"][:, 0]), blurred, img)
+    img = img * d["brightness"]
+    img = jnp.where(drawn(d["contrast"][0]), contrast(img, d["contrast"][1:]), img)
     # low resolution: per channel, one zoom for all axes
-    kk = jax.random.split(k[4], 3)
-    apply = (jax.random.uniform(kk[0]) < cfg.lowres_probability) & (
-        jax.random.uniform(kk[1], (n_channels,)) < cfg.lowres_per_channel_probability)
-    zooms = jax.random.uniform(kk[2], (n_channels,), minval=cfg.lowres_zoom_range[0], maxval=cfg.lowres_zoom_range[1])
-    low = jax.vmap(simulate_low_resolution, in_axes=(-1, 0), out_axes=-1)(img, zooms)
-    img = jnp.where(apply, low, img)
-    # gamma on the inverted image, then gamma
-    for kg, invert, probability in ((k[5], True, cfg.gamma_invert_probability), (k[6], False, cfg.gamma_probability)):
-        kk = jax.random.split(kg, 2)
-        exponents = bg_contrast(kk[1], cfg.gamma_range, (n_channels,))
-        out = gamma(img, exponents, invert=invert, retain_stats=cfg.gamma_retain_stats)
-        img = jnp.where(jax.random.uniform(kk[0]) < probability, out, img)
+    low = jax.vmap(simulate_low_resolution, in_axes=(-1, 0), out_axes=-1)(img, d["lowres"][:, 1])
+    img = jnp.where(drawn(d["lowres"][:, 0]), low, img)
+    for key, invert in (("gamma_invert", True), ("gamma", False)):
+        out = gamma(img, d[key][1:], invert=invert, retain_stats=cfg.gamma_retain_stats)
+        img = jnp.where(drawn(d[key][0]), out, img)
     return img
 
 
-def mirror(key, img, label, cfg):
-    """Flips img (X, Y, Z, C) and label (X, Y, Z) along each axis with probability
-    cfg.mirror_probability."""
-    flips = jax.random.uniform(key, (3,)) < cfg.mirror_probability
+def mirror(img, label, flips):
+    """Flips img (X, Y, Z, C) and label (X, Y, Z) along each axis where flips (3,) bool says so."""
     for axis in range(3):
         img = jnp.where(flips[axis], jnp.flip(img, axis), img)
         label = jnp.where(flips[axis], jnp.flip(label, axis), label)
     return img, label
-
-
-def bg_contrast(key, value_range, shape):
-    """augment.bg_contrast for `shape` independent draws."""
-    lo, hi = value_range
-    k1, k2 = jax.random.split(key)
-    low_half = (jax.random.uniform(k1, shape) < 0.5) & (lo < 1)
-    a = jnp.where(low_half, lo, max(lo, 1.0))
-    b = jnp.where(low_half, 1.0, hi)
-    return a + (b - a) * jax.random.uniform(k2, shape)
 
 
 def gaussian_blur(x, sigmas, radius: int):

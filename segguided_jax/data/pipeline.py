@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from segguided_jax.data.augment import initial_patch_size
+from segguided_jax.data.device_augment import draws_size
 from segguided_jax.data.records import CaseSource
 from segguided_jax.data.transforms import enlarged_crop, foreground_rows, train_patch
 
@@ -36,6 +37,8 @@ def train_dataset(data_dir: str, data_cfg, *, seed: int, batch_size: int) -> gra
                data.augment_on_device the enlarged crops (B, I, I, I, C), I =
                augment.initial_patch_size, for segguided_jax.data.device_augment.augment_batch;
       label    (B, P, P, P) uint8 (or (B, I, I, I));
+      augment  with data.augment_on_device only: (B, A) float32, each row's packed random draws
+               (device_augment.draw, drawn as the CPU path draws them);
       case_id  (B,) numpy str: which case each row comes from (not for the device: strip it).
     """
     if batch_size < 1 or data_cfg.patches_per_case < 1:
@@ -60,7 +63,8 @@ def train_dataset(data_dir: str, data_cfg, *, seed: int, batch_size: int) -> gra
 
 def make_group(index: int, cases: list, *, data_cfg, seed: int, process: int = 0) -> dict:
     """Group `index` of B decoded cases -> patches_per_case batches, stacked:
-    {"image": (K, B, ...) float32, "label": (K, B, ...) uint8, "case_id": (K, B) str}. Row i of
+    {"image": (K, B, ...) float32, "label": (K, B, ...) uint8, ["augment": (K, B, A) float32,]
+    "case_id": (K, B) str}. Row i of
     every batch comes from cases[i]; the last foreground_rows(B, data.foreground_fraction) rows of
     each batch are forced onto foreground."""
     k, b = int(data_cfg.patches_per_case), len(cases)
@@ -70,13 +74,19 @@ def make_group(index: int, cases: list, *, data_cfg, seed: int, process: int = 0
     size = tuple(int(s) for s in size)
     images = np.empty((k, b) + size + (cases[0].channels,), np.float32)
     labels = np.empty((k, b) + size, np.uint8)
+    draws = np.empty((k, b, draws_size(cases[0].channels)), np.float32)
     for j in range(k):
         for i, case in enumerate(cases):
             rng = np.random.default_rng((_RNG_TAG, seed, process, index, j, i))
             sample = cut(case, rng, data_cfg, force_foreground=i >= b - forced, out=images[j, i])
             labels[j, i] = sample["label"]
+            if data_cfg.augment_on_device:
+                draws[j, i] = sample["augment"]
     case_ids = np.array([[c.case_id for c in cases]] * k)
-    return {"image": images, "label": labels, "case_id": case_ids}
+    group = {"image": images, "label": labels, "case_id": case_ids}
+    if data_cfg.augment_on_device:
+        group["augment"] = draws
+    return group
 
 
 class _LazyCases(Sequence):

@@ -26,6 +26,7 @@ import numpy as np
 
 from segguided_jax.data.augment import (augment_intensity, draw_spatial, initial_patch_size, mirror_channels_last,
                                        resample, source_points)
+from segguided_jax.data import device_augment
 from segguided_jax.data.records import Case
 
 
@@ -85,10 +86,13 @@ def train_patch(case: Case, rng: np.random.Generator, data_cfg, *, force_foregro
 
 
 def enlarged_crop(case: Case, rng: np.random.Generator, data_cfg, *, force_foreground: bool, out=None) -> dict:
-    """The enlarged box of a training patch, for augmentation on the accelerator
-    (segguided_jax.data.device_augment): {"image": (I, I, I, C) float32, "label": (I, I, I) uint8}
-    with I = augment.initial_patch_size, 0 outside the case (written into `out` when given). Same
-    placement draws as train_patch; the final patch is the box's centre (offset (I - P) // 2)."""
+    """The enlarged box of a training patch and the patch's random draws, for augmentation on the
+    accelerator (segguided_jax.data.device_augment): {"image": (I, I, I, C) float32, "label":
+    (I, I, I) uint8, "augment": (A,) float32 packed draws} with I = augment.initial_patch_size, 0
+    outside the case (the image written into `out` when given). The draws are train_patch's, in its
+    order, from the same Generator: placement, spatial transform, intensity, mirroring (only the
+    noise field is left to the accelerator); the final patch is the box's centre (offset
+    (I - P) // 2)."""
     patch = tuple(int(p) for p in data_cfg.patch)
     initial = initial_patch_size(patch, data_cfg.augment)
     voxel = choose_voxel(case, data_cfg.foreground_classes, rng) if force_foreground else None
@@ -98,7 +102,7 @@ def enlarged_crop(case: Case, rng: np.random.Generator, data_cfg, *, force_foreg
     if out is None:
         out = np.empty(image.shape[1:] + image.shape[:1], np.float32)
     np.copyto(out, np.moveaxis(image, 0, -1))
-    return {"image": out, "label": label}
+    return {"image": out, "label": label, "augment": device_augment.draw(rng, data_cfg.augment, case.channels)}
 
 
 def outside_fraction(shape, matrix, centre, patch, step: int = 1) -> float:
