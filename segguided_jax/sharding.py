@@ -14,17 +14,18 @@ DATA_AXIS = "data"
 SPATIAL_AXIS = "spatial"
 
 
-def make_mesh(mesh_cfg=None) -> Mesh:
+def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
     """A (data, spatial) mesh over every device of every process. mesh_cfg.spatial devices share
     each patch; mesh_cfg.data = -1 gives the data axis the rest. Devices of a spatial group are
     neighbours in jax.devices() order, so they sit on one host. No mesh_cfg: every device on the
-    data axis (inference)."""
-    n = jax.device_count()
+    data axis (inference). devices: another device list than jax.devices() (e.g. a TPU topology's
+    devices, to compile for it without having it)."""
+    n = jax.device_count() if devices is None else len(devices)
     spatial = 1 if mesh_cfg is None else mesh_cfg.spatial
     data = n // spatial if mesh_cfg is None or mesh_cfg.data <= 0 else mesh_cfg.data
     if data * spatial != n:
         raise ValueError(f"mesh data={mesh_cfg.data} x spatial={spatial} does not match the {n} devices")
-    devices = mesh_utils.create_device_mesh((data, spatial), allow_split_physical_axes=True)
+    devices = mesh_utils.create_device_mesh((data, spatial), devices, allow_split_physical_axes=True)
     return Mesh(devices, (DATA_AXIS, SPATIAL_AXIS))
 
 

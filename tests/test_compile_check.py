@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from segguided_jax.compile_check import all_reduce_bytes
+from segguided_jax.compile_check import all_reduce_bytes, collective_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,6 +14,20 @@ def test_all_reduce_bytes_counts_hlo_results():
   %c = f32[100]{0} add(f32[100]{0} %p, f32[100]{0} %q)
 """
     assert all_reduce_bytes(hlo) == 10 * 4 * 4 + 3 * 4 + 8 * 2
+
+
+def test_collective_bytes_counts_an_async_pair_once_at_its_done():
+    # TPU HLO: a -start's result holds operand, result and context; only the -done's is the data moved.
+    hlo = """
+  %s = (bf16[2,64,128]{2,1,0}, bf16[2,64,128]{2,1,0}, u32[], u32[]) collective-permute-start(bf16[2,64,128]{2,1,0} %x), source_target_pairs={{0,1}}
+  %d = bf16[2,64,128]{2,1,0} collective-permute-done((bf16[2,64,128]{2,1,0}, bf16[2,64,128]{2,1,0}, u32[], u32[]) %s)
+  %r = f32[1000]{0} all-reduce-start(f32[1000]{0} %g), to_apply=%add
+  %rd = f32[1000]{0} all-reduce-done(f32[1000]{0} %r)
+  %p = f32[16]{0} collective-permute(f32[16]{0} %y), source_target_pairs={{1,0}}
+"""
+    assert collective_bytes(hlo, "collective-permute") == 2 * 64 * 128 * 2 + 16 * 4
+    assert collective_bytes(hlo, "all-reduce") == 1000 * 4
+    assert collective_bytes(hlo, "all-gather") == 0
 
 
 def test_compile_check_reports_memory_and_all_reduce_for_tiny_on_two_devices():
