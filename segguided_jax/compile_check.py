@@ -346,7 +346,7 @@ def largest_batch(config, topology: str, start: Figures) -> tuple[int, list[Figu
 
 
 def _gib(x: float) -> str:
-    return f"{x / GIB:.2f}"
+    return f"{x / GIB:.2f}" if x >= GIB else f"{x / GIB:.3g}"
 
 
 def table(rows: list[Figures]) -> str:
