@@ -352,33 +352,40 @@ def _gib(x: float) -> str:
 def table(rows: list[Figures]) -> str:
     """The rows as a markdown table; the last column compares each row's estimate with the first
     row's of the same function (weak scaling at a fixed batch per chip)."""
-    head = ("| topology | chips (hosts) | mesh data×spatial | step | batch per chip | peak HBM per chip GiB "
-            "(temporaries) | fits | FLOPs per chip | bytes accessed per chip GiB (per sample) | collectives per "
-            "chip MiB | cost model | roofline + ICI | patches/s per chip | vs first row |")
+    head = TABLE_HEAD
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     first = {}
     for r in rows:
-        unit = "patches" if r.what == "train" else "windows"
-        if r.error:
-            lines.append(f"| {r.topology} | {r.chips} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | "
-                         f"{r.per_chip_samples:g} | — | no: {r.error} | | | | | | | |")
-            continue
-        cap = f" of {r.chip.hbm_gib:g}" if r.chip else ""
-        coll = ", ".join(f"{op} {b / 2**20:.1f}" for op, b in r.collectives.items()) or "0"
-        if r.chip and r.collectives:
-            coll += f" ({r.ici_s() * 1e3:.1f} ms at ICI)"
-        cm = f"{r.cost_model_s * 1e3:.1f} ms" if r.cost_model_s else "not valid"
-        roof = r.roofline_s()
-        rate = r.per_chip_samples / (r.cost_model_s or roof) if (r.cost_model_s or roof) else None
-        basis = "" if r.cost_model_s else " (roofline)"
-        ref = first.setdefault(r.what, roof)
-        lines.append(
-            f"| {r.topology} | {r.chips} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | {r.per_chip_samples:g} | "
-            f"{_gib(r.peak)}{cap} ({_gib(r.temporaries)}) | {'yes' if r.fits else 'no'} | {r.flops / 1e12:.2f} T | "
-            f"{_gib(r.bytes_accessed)} ({_gib(r.bytes_accessed / r.per_chip_samples)}) | {coll} | {cm} | "
-            f"{roof * 1e3:.1f} ms | " + (f"{rate:.1f} {unit}{basis}" if rate else "—") + " | "
-            + (f"{roof / ref:.2f}×" if roof and ref else "—") + " |")
+        lines.append(_row(r, first))
     return "\n".join(lines)
+
+
+TABLE_HEAD = ("| topology | chips (hosts) | mesh data×spatial | step | batch per chip | peak HBM per chip GiB "
+              "(temporaries) | fits | FLOPs per chip | bytes accessed per chip GiB (per sample) | collectives per "
+              "chip MiB | cost model | roofline + ICI | patches/s per chip | vs first row |")
+
+
+def _row(r: Figures, first: dict) -> str:
+    """One table row; first holds the first row's roofline estimate per function."""
+    unit = "patches" if r.what == "train" else "windows"
+    if r.error:
+        return (f"| {r.topology} | {r.chips} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | "
+                f"{r.per_chip_samples:g} | — | no: {r.error} | | | | | | | |")
+    cap = f" of {r.chip.hbm_gib:g}" if r.chip else ""
+    coll = ", ".join(f"{op} {b / 2**20:.1f}" for op, b in r.collectives.items()) or "0"
+    if r.chip and r.collectives:
+        coll += f" ({r.ici_s() * 1e3:.1f} ms at ICI)"
+    cm = f"{r.cost_model_s * 1e3:.1f} ms" if r.cost_model_s else "not valid"
+    roof = r.roofline_s()
+    rate = r.per_chip_samples / (r.cost_model_s or roof) if (r.cost_model_s or roof) else None
+    basis = "" if r.cost_model_s else " (roofline)"
+    ref = first.setdefault(r.what, roof)
+    return (
+        f"| {r.topology} | {r.chips} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | {r.per_chip_samples:g} | "
+        f"{_gib(r.peak)}{cap} ({_gib(r.temporaries)}) | {'yes' if r.fits else 'no'} | {r.flops / 1e12:.2f} T | "
+        f"{_gib(r.bytes_accessed)} ({_gib(r.bytes_accessed / r.per_chip_samples)}) | {coll} | {cm} | "
+        f"{roof * 1e3:.1f} ms | " + (f"{rate:.1f} {unit}{basis}" if rate else "—") + " | "
+        + (f"{roof / ref:.2f}×" if roof and ref else "—") + " |")
 
 
 def _print_cpu(config) -> None:
@@ -413,21 +420,28 @@ def main(argv):
           f"{tuple(m.widths)}, {m.compute_dtype}, {parameter_count(abstract_model(m))} parameters; mesh.spatial="
           f"{config.mesh.spatial}; predict: {config.eval.batch_size} windows of {tuple(config.eval.window)} "
           f"per slot, 8 mirrorings", flush=True)
-    rows = []
+    rows, first = [], {}
+
+    def add(row):  # each row as soon as it is compiled (a brats21 compile takes minutes)
+        rows.append(row)
+        print(_row(row, first), flush=True)
+
+    print(TABLE_HEAD + "\n|" + "---|" * (TABLE_HEAD.count("|") - 1), flush=True)
     with libtpu_lock(FLAGS.lock_timeout):
         for name in FLAGS.topology:
             t = time.perf_counter()
             row = compile_for_topology(config, name, batch)
-            rows.append(row)
+            add(row)
             if FLAGS.max_batch and row.chip is not None:
                 best, tried = largest_batch(config, name, row)
                 print(f"{name}: largest train batch per chip that fits: {best} (compiled: "
                       + ", ".join(f"{f.batch} {'fits' if f.fits else 'does not fit'}"
                                   for f in sorted(tried, key=lambda f: f.batch)) + ")", flush=True)
             if not FLAGS.no_predict:
-                rows.append(compile_for_topology(config, name, config.eval.batch_size, what="predict"))
+                add(compile_for_topology(config, name, config.eval.batch_size, what="predict"))
             print(f"{name}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
-    print(table(rows))
+    if len(rows) > 2:
+        print(table(rows))
 
 
 if __name__ == "__main__":
