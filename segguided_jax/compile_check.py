@@ -33,6 +33,7 @@ import fcntl
 import os
 import platform
 import re
+import signal
 import sys
 import time
 
@@ -124,28 +125,38 @@ def _ancestors() -> set[int]:
 
 
 @contextlib.contextmanager
-def libtpu_lock(timeout_s: float):
-    """Holds LIBTPU_LOCK (what `flock /tmp/segguided-libtpu.lock CMD` takes too), waiting up to
-    timeout_s for another process to release it; raises TimeoutError naming the holder after that.
-    A lock held by one of this process's ancestors (a command run under flock) counts as ours."""
-    fd = os.open(LIBTPU_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+def libtpu_lock(timeout_s: float, path: str = LIBTPU_LOCK):
+    """Holds LIBTPU_LOCK (what `flock /tmp/segguided-libtpu.lock CMD` takes too), queueing behind
+    other processes for up to timeout_s; raises TimeoutError naming the holder after that. A lock
+    held by one of this process's ancestors (a command run under flock) counts as ours. Call from
+    the main thread (the wait is bounded by SIGALRM)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holders = _lock_holders(fd)
-                if holders & _ancestors():
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"libtpu is in use: {LIBTPU_LOCK} has been held by process(es) "
-                                       f"{sorted(holders)} for more than {timeout_s:.0f} s") from None
-                time.sleep(0.5)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = _lock_holders(fd)
+            if not holders & _ancestors():
+                print(f"waiting for libtpu: {path} is held by process(es) {sorted(holders)}", flush=True)
+                _wait_for_lock(fd, timeout_s, holders, path)
         yield
     finally:
         os.close(fd)
+
+
+def _wait_for_lock(fd: int, timeout_s: float, holders, path: str) -> None:
+    # A blocking flock queues with the other waiters (polling would lose every release to them).
+    def expired(signum, frame):
+        raise TimeoutError(f"libtpu is in use: {path} has been held by process(es) {sorted(holders)} "
+                           f"for more than {timeout_s:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 import jax  # noqa: E402  (after the environment helpers above, which must run before JAX starts)
