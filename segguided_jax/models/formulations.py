@@ -12,6 +12,13 @@ same math) computed the way the backend runs fastest. The choices, each with its
 | stride 2, kernel 3³ | CPU | k³ strided slices + matmul | the strided convolution's gradients (input- and kernel-dilated convolutions) miss oneDNN on CPU |
 | everything else | all | lax.conv_general_dilated | |
 
+And for a whole residual block (network.py calls residual_block() for each):
+
+| stage | backend | formulation | why (measured) |
+|---|---|---|---|
+| residual block | TPU, when TPU_REMAT_BLOCKS | under jax.checkpoint: only its input is kept for the backward pass, the rest recomputed | off: not yet measured (docs/tpu.md) |
+| residual block | others | as written | |
+
 CPU-only choices are made at lowering time with lax.platform_dependent, so accelerators never
 run them. CPU_REWRITES = False turns them off on CPU too (benchmarks/hlo_cost.py: to compile the
 program an accelerator gets). All tensors are channels-last: (N, D, H, W, C).
@@ -34,6 +41,12 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
 
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 CPU_REWRITES = True
+# Off until compile_check --topology shows what it does to brats21's HBM and bytes (docs/tpu.md).
+TPU_REMAT_BLOCKS = False
+# None: each backend gets its own formulation (lax.platform_dependent, decided when the program is
+# lowered for its platform). "tpu": the TPU formulations everywhere, so that a CPU test can compare
+# them with the plain ones.
+FORCE_PLATFORM = None
 
 # A 3³ convolution's weight gradient is a convolution whose kernel is the whole activation. XLA's
 # CPU backend (oneDNN included) spends ~2.6x the scan's CPU time on it at 64³ x 16 channels, and
@@ -183,3 +196,14 @@ def conv_transpose(layer, x, plain):
     y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, d * a, h * b, w * e, cout)
     return y if bias is None else y + bias
 
+
+def residual_block(block, x):
+    """block(x), one residual block of the network, as the backend runs it best: on TPU under
+    jax.checkpoint (the backward pass recomputes the block's activations from its input instead of
+    keeping them in HBM), elsewhere as written. Same values either way."""
+    if not TPU_REMAT_BLOCKS:
+        return block(x)
+    remat = jax.checkpoint(lambda x: block(x))
+    if FORCE_PLATFORM == "tpu":
+        return remat(x)
+    return jax.lax.platform_dependent(x, tpu=remat, default=lambda x: block(x))
