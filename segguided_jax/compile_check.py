@@ -349,11 +349,12 @@ def largest_batch(config, topology: str, start: Figures) -> tuple[int, list[Figu
     if fits(b):
         while fits(b + 1):
             b += 1
-    else:
-        while b > 1 and not fits(b - 1):
-            b -= 1
-        b = b - 1 if b > 1 or fits(1) else 0
-    return b, list(tried.values())
+        return b, list(tried.values())
+    while b > 1:
+        b -= 1
+        if fits(b):
+            return b, list(tried.values())
+    return 0, list(tried.values())
 
 
 def _gib(x: float) -> str:

@@ -38,3 +38,21 @@ def test_compile_check_reports_memory_and_all_reduce_for_tiny_on_two_devices():
     assert "cpu x2 devices" in out.stdout and "per device: arguments" in out.stdout
     mib = float(out.stdout.split("all-reduced per step, per device: ")[1].split()[0])
     assert mib > 0  # two data-parallel devices must all-reduce their gradients
+
+
+def test_largest_batch_search_finds_the_boundary_from_either_side(monkeypatch):
+    from segguided_jax import compile_check as cc
+
+    def compiler(limit):  # batches up to `limit` fit a v5e chip, 3 GiB each
+        def compile_for_topology(config, topology, batch, what="train"):
+            return cc.Figures(topology=topology, what=what, chips=1, hosts=1, data=1, spatial=1, batch=batch,
+                              chip=cc.CHIPS["TPU v5 lite"], error=None if batch <= limit else "out of HBM",
+                              peak=batch * 3 * 2**30, temporaries=batch * 3 * 2**30)
+        return compile_for_topology
+
+    for limit, starts in ((5, (1, 2, 5, 6, 9)), (0, (1, 3))):
+        monkeypatch.setattr(cc, "compile_for_topology", compiler(limit))
+        for start in starts:
+            best, tried = cc.largest_batch(None, "v5e:1x1", cc.compile_for_topology(None, "v5e:1x1", start))
+            assert best == limit, (limit, start, best)
+            assert any(f.batch == limit + 1 and not f.fits for f in tried)  # the boundary was compiled
