@@ -16,7 +16,7 @@ And for a whole residual block (network.py calls residual_block() for each):
 
 | stage | backend | formulation | why (measured) |
 |---|---|---|---|
-| residual block | TPU, when TPU_REMAT_BLOCKS | under jax.checkpoint: only its input is kept for the backward pass, the rest recomputed | off: not yet measured (docs/tpu.md) |
+| residual block | TPU, when TPU_REMAT_BLOCKS | under jax.checkpoint: only its input is kept for the backward pass, the rest recomputed | off: brats21's batch-2 temporaries on v5e 34.3 → 20.3 GiB, still over 15.75; bytes not measured yet (docs/tpu.md) |
 | residual block | others | as written | |
 
 CPU-only choices are made at lowering time with lax.platform_dependent, so accelerators never
@@ -41,7 +41,8 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
 
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 CPU_REWRITES = True
-# Off until compile_check --topology shows what it does to brats21's HBM and bytes (docs/tpu.md).
+# Off: alone it does not make brats21's batch 2 fit a v5e chip, and its cost in bytes and FLOPs is
+# not measured yet (docs/tpu.md).
 TPU_REMAT_BLOCKS = False
 # None: each backend gets its own formulation (lax.platform_dependent, decided when the program is
 # lowered for its platform). "tpu": the TPU formulations everywhere, so that a CPU test can compare
