@@ -1,5 +1,5 @@
 """Weight gradient of a 3³ stride-1 convolution on this machine: XLA's own lowering against
-blocks.conv3_weight_grad_scan, side by side in one process.
+formulations.conv3_weight_grad_scan, side by side in one process.
 
     python benchmarks/conv_wgrad.py [--shapes=64x16x16,32x32x32] [--repeats=5]
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from segguided_jax.models.blocks import _DN, conv3_weight_grad_scan
+from segguided_jax.models.formulations import _DN, conv3_weight_grad_scan
 
 _SHAPES = flags.DEFINE_list("shapes", ["64x16x16", "32x32x32"], "EDGExC_INxC_OUT per case.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")

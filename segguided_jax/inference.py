@@ -116,6 +116,17 @@ def _normalise(acc, norm):
     return acc / norm[..., None]
 
 
+def window_function(forward, mesh, *, mirror_axes=(), attention_stages=()):
+    """mirrored_outputs of forward(params, windows) jitted for a mesh: (params, windows (B, D, H,
+    W, 4)) -> outputs, the parameters replicated, the windows split over the mesh's data axis (and
+    their first spatial axis over its spatial axis). The one form every prediction runs, and the
+    one compile_check compiles."""
+    return jax.jit(functools.partial(mirrored_outputs, forward, mirror_axes=tuple(mirror_axes),
+                                     attention_stages=tuple(attention_stages)),
+                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.batch_sharding(mesh))
+
+
 def sliding_window(predict_windows, image: np.ndarray, window, overlap: float, batch_size: int,
                    batch_sharding=None, replicated=None) -> np.ndarray:
     """Whole-volume prediction from windows, accumulated on the devices.
@@ -175,9 +186,8 @@ class VolumePredictor:
         self.mirror_axes = tuple(mirror_axes)
         self.attention_stages = tuple(attention_stages)
         self._replicated, self._batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        self._fn = jax.jit(functools.partial(mirrored_outputs, forward, mirror_axes=self.mirror_axes,
-                                             attention_stages=self.attention_stages),
-                           in_shardings=(self._replicated, self._batch), out_shardings=self._batch)
+        self._fn = window_function(forward, mesh, mirror_axes=self.mirror_axes,
+                                   attention_stages=self.attention_stages)
         self.params = params
         self.set_params(params)
 

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from configs import brats21, brats23, synthetic, tiny
-from segguided_jax.models import blocks
+from segguided_jax.models import blocks, formulations
 from segguided_jax.models.network import abstract_model, build_model, gate_parameter_count, parameter_count
 
 
@@ -149,13 +149,13 @@ def test_weight_grad_scan_matches_xla(chunk):
     # Odd sizes and a chunk that does not divide the flat grid: every tap and edge must count once.
     x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4, 3))
     g = jax.random.normal(jax.random.key(1), (2, 6, 5, 4, 7))
-    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=blocks._DN)
+    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=formulations._DN)
     ref = jax.vjp(conv, jnp.zeros((3, 3, 3, 3, 7)))[1](g)[0]
-    _assert_same(blocks.conv3_weight_grad_scan(x, g, chunk=chunk), ref, 1e-4)
+    _assert_same(formulations.conv3_weight_grad_scan(x, g, chunk=chunk), ref, 1e-4)
 
 
 def test_conv_with_weight_grad_scan_matches_flax(monkeypatch):
-    monkeypatch.setattr(blocks, "_SCAN_MIN_VOXELS", 1)  # take the scan path at a tiny size
+    monkeypatch.setattr(formulations, "_SCAN_MIN_VOXELS", 1)  # take the scan path at a tiny size
     kw = dict(kernel_size=(3, 3, 3), use_bias=False)
     ours, ref = blocks.Conv(3, 5, rngs=nnx.Rngs(1), **kw), nnx.Conv(3, 5, rngs=nnx.Rngs(1), **kw)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 6, 3))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from segguided_jax.models import formulations
 from segguided_jax.models.blocks import ConvNormAct, Downsample, ResidualBlock, SegAttentionGate, Upsample, _conv
 
 # Output channels of the head: sigmoid regions (ET, TC, WT) or softmax labels (bg, NCR, ED, ET).
@@ -57,13 +58,13 @@ class SegGuidedNet(nnx.Module):
         for i, blocks in enumerate(self.encoder):
             x = self.stem(x) if i == 0 else self.down[i - 1](x)
             for block in blocks:
-                x = block(x)
+                x = formulations.residual_block(block, x)
             skips.append(x)
         attention = []
         for up, blocks, gate, skip in zip(self.up, self.decoder, self.gates, reversed(skips[:-1])):
             x = jnp.concatenate([up(x), skip], axis=-1)
             for block in blocks:
-                x = block(x)
+                x = formulations.residual_block(block, x)
             if gate is not None:
                 x, z = gate(x)
                 attention.append(z.astype(jnp.float32))
