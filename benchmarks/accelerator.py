@@ -136,6 +136,7 @@ def child_train(args) -> dict:
     t = time.perf_counter()
     step = fns.step.lower(fns.abstract, abstract_batch(config, mesh)).compile()
     out["compile_s"] = time.perf_counter() - t
+    _print(f"compiled in {out['compile_s']:.1f} s")  # progress lines: the log's tail if the budget stops it
     state = jax.block_until_ready(fns.init())
 
     t = time.perf_counter()
@@ -162,14 +163,18 @@ def child_train(args) -> dict:
     t = time.perf_counter()
     batch = next_batch()
     out["first_batch_s"] = time.perf_counter() - t
+    _print(f"first batch in {out['first_batch_s']:.1f} s; warming up for {buffered + 1} steps and {args.warmup_s} s")
     n = 0
     while n < buffered + 1 or time.perf_counter() - t < args.warmup_s:
         state, metrics = step(state, batch)
         inflight.add(metrics)
         batch = next_batch()
         n += 1
+        if n % 10 == 0:
+            _print(f"warm-up: {n} steps in {time.perf_counter() - t:.1f} s")
     inflight.drain()
     out["warmup_steps"], out["warmup_s"] = n, time.perf_counter() - t
+    _print(f"warm-up done: {n} steps in {out['warmup_s']:.1f} s")
 
     n, waited, t = 0, 0.0, time.perf_counter()
     while time.perf_counter() - t < args.measure_s:
@@ -188,14 +193,15 @@ def child_train(args) -> dict:
         state, metrics = step(state, batch)
         inflight.add(metrics)
     inflight.drain()
-    t = time.perf_counter()
-    for _ in range(args.resident_steps):
+    n, t = 0, time.perf_counter()
+    # --resident_steps, or fewer (3 at least) where the step is slow enough to take --measure_s.
+    while n < args.resident_steps and (n < 3 or time.perf_counter() - t < args.measure_s):
         state, metrics = step(state, batch)
         inflight.add(metrics)
+        n += 1
     inflight.drain()
     seconds = time.perf_counter() - t
-    out.update(resident_steps=args.resident_steps, resident_step_ms=1000 * seconds / args.resident_steps,
-               resident_patches_per_s=args.resident_steps * b / seconds, loss=loss,
+    out.update(resident_steps=n, resident_step_ms=1000 * seconds / n, resident_patches_per_s=n * b / seconds, loss=loss,
                peak_gib=_peak_gib(jax), batch=b, patch=list(config.data.patch),
                dtype=config.model.compute_dtype, workers=config.data.num_workers,
                patches_per_case=k, batch_shapes={key: list(v.shape) for key, v in batch.items()})
