@@ -10,7 +10,8 @@ prediction with the 8 mirrorings.
 1. data: --cases synthetic BraTS-like cases at full size (python -m data_prep.synthetic, 240 x 240
    x 155) converted to shards (python -m data_prep.convert, one case per shard so the --workers
    convert in parallel; 1 val case, the rest train), on the CPU, while phase 2's first process
-   compiles its step (so that compile time is measured beside the data generation's load).
+   compiles its step: the budget pays for the two once, and that compile time is measured beside
+   the generation's load.
 2. train, with data.augment_on_device False (phase CPU_augmentation) and True (phase
    augment_on_device, run last: its compilation is the longest), each in a process of its own (so
    each peak is its own): the step of steps.sharded_steps compiled ahead of time, then fed by
