@@ -457,8 +457,8 @@ def main():
         print_predict(r) if phase == "predict" else print_train(phase, r)
         results[phase] = r
 
-    _print(f"summary ({results.get('device', 'device unknown')}, jax {version('jax')}, total {time.time() - start:.0f} s "
-           f"of {args.budget_s:.0f}):")
+    _print(f"summary ({results.get('device', 'device unknown')}, jax {version('jax')}, "
+           f"total {time.time() - start:.0f} s of {args.budget_s:.0f}):")
     if data_log and data_log[0]["ok"]:
         d = data_log[0]
         _print(f"  data: {args.cases} cases of {tuple(args.shape)}: generated in {d['generate_s']:.1f} s, converted in "
