@@ -20,7 +20,7 @@ def _loss_and_grads(model, x):
 
 
 def test_tpu_formulation_matches_plain_on_cpu_within_bf16(monkeypatch):
-    monkeypatch.setattr(formulations, "TPU_REMAT_BLOCKS", True)
+    monkeypatch.setattr(formulations, "TPU_REMAT_MIN_VOXELS", 0)
     config = tiny.get_config()
     config.model.compute_dtype = "bfloat16"
     x = jax.random.normal(jax.random.key(1), (2,) + tuple(config.data.patch) + (4,))
@@ -34,7 +34,7 @@ def test_tpu_formulation_matches_plain_on_cpu_within_bf16(monkeypatch):
 
 
 def test_blocks_are_rematerialised_on_tpu_only(monkeypatch):
-    monkeypatch.setattr(formulations, "TPU_REMAT_BLOCKS", True)
+    monkeypatch.setattr(formulations, "TPU_REMAT_MIN_VOXELS", 0)
     # Lowered (not compiled: no TPU needed) for each platform: jax.checkpoint shows as
     # optimization barriers around each block's recomputation, on TPU and nowhere else.
     config = tiny.get_config()

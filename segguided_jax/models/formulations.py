@@ -18,7 +18,7 @@ And for whole layers and blocks:
 | stage | backend | formulation | why (measured) |
 |---|---|---|---|
 | residual blocks, conv–norm–act (stem, downsampling), gates, 1³ convolutions on fewer than 128 channels (TPU_FOLD) | TPU | W folded into the channels to fill the 128 lanes (fold_factor: 4 at 32 channels, 2 at 64), each convolution on the folded grid with a kernel built from the layer's (folded_conv), instance norm over channels and sub-positions (folded_instance_norm) | a TPU lays the minor dimension out in 128-wide lanes; brats21 at 64³ on v5e: 101.2 → 65.4 GiB accessed per step, peak 6.42 → 3.33 GiB, for 3.4× the FLOPs (multiplies by the kernels' structural zeros); at 128³: docs/tpu.md |
-| residual block | TPU, when TPU_REMAT_BLOCKS | under jax.checkpoint: only its input is kept for the backward pass, the rest recomputed | off: with folding, brats21 at 64³ on v5e: peak 3.33 → 2.34 GiB but 8 % more bytes and 29 % more FLOPs (docs/tpu.md) |
+| residual blocks of ≥ TPU_REMAT_MIN_VOXELS (128³) voxels | TPU | under jax.checkpoint: only the block's input is kept for the backward pass, the rest recomputed | with folding, brats21's batch 2 still needed 16.25 GiB of temporaries on a 15.75 GiB v5e; rematerialising every block costs 8 % more bytes and 29 % more FLOPs (64³), so only the 128³ blocks are (docs/tpu.md) |
 | all of the above | others | as written | |
 
 Backend choices are made at lowering time with lax.platform_dependent, so each backend runs only
@@ -44,9 +44,11 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
 
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 CPU_REWRITES = True
-# Off: alone it does not make brats21's batch 2 fit a v5e chip, and its cost in bytes and FLOPs is
-# not measured yet (docs/tpu.md).
-TPU_REMAT_BLOCKS = False
+# Residual blocks with at least this many voxels per sample run under jax.checkpoint on TPU (None:
+# none, 0: all). brats21's 128³ blocks only: with folding, batch 2's temporaries on v5e were 16.25
+# GiB against 15.75 available; rematerialising every block costs 8 % more bytes for the rest of
+# the memory (64³, docs/tpu.md), so only the largest blocks are recomputed.
+TPU_REMAT_MIN_VOXELS = 128 ** 3
 # None: each backend gets its own formulation (lax.platform_dependent, decided when the program is
 # lowered for its platform). "tpu": the TPU formulations everywhere, so that a CPU test can compare
 # them with the plain ones.
@@ -386,14 +388,15 @@ def attention_gate(gate, x, plain):
 
 def residual_block(block, x):
     """block(x), one residual block of the network, as the backend runs it best: on TPU folded
-    along W into full lanes (TPU_FOLD) and, with TPU_REMAT_BLOCKS, under jax.checkpoint
-    (the backward pass recomputes the block's activations from its input instead of keeping them
-    in HBM); elsewhere as written. Same values either way."""
-    if not (TPU_FOLD or TPU_REMAT_BLOCKS):
+    along W into full lanes (TPU_FOLD) and, from TPU_REMAT_MIN_VOXELS voxels up, under
+    jax.checkpoint (the backward pass recomputes the block's activations from its input instead of
+    keeping them in HBM); elsewhere as written. Same values either way."""
+    remat = TPU_REMAT_MIN_VOXELS is not None and x.shape[1] * x.shape[2] * x.shape[3] >= TPU_REMAT_MIN_VOXELS
+    if not (TPU_FOLD or remat):
         return block(x)
 
     def tpu(x):
         fn = functools.partial(_folded_residual_block, block) if TPU_FOLD else (lambda x: block(x))
-        return jax.checkpoint(fn)(x) if TPU_REMAT_BLOCKS else fn(x)
+        return jax.checkpoint(fn)(x) if remat else fn(x)
 
     return _on_tpu(x, tpu, lambda x: block(x))
