@@ -20,7 +20,7 @@ def _loss_and_grads(model, x):
 
 
 def test_tpu_formulation_matches_plain_on_cpu_within_bf16(monkeypatch):
-    monkeypatch.setattr(formulations, "TPU_REMAT_BLOCKS", True)
+    monkeypatch.setattr(formulations, "TPU_REMAT_MIN_VOXELS", 0)
     config = tiny.get_config()
     config.model.compute_dtype = "bfloat16"
     x = jax.random.normal(jax.random.key(1), (2,) + tuple(config.data.patch) + (4,))
@@ -34,7 +34,7 @@ def test_tpu_formulation_matches_plain_on_cpu_within_bf16(monkeypatch):
 
 
 def test_blocks_are_rematerialised_on_tpu_only(monkeypatch):
-    monkeypatch.setattr(formulations, "TPU_REMAT_BLOCKS", True)
+    monkeypatch.setattr(formulations, "TPU_REMAT_MIN_VOXELS", 0)
     # Lowered (not compiled: no TPU needed) for each platform: jax.checkpoint shows as
     # optimization barriers around each block's recomputation, on TPU and nowhere else.
     config = tiny.get_config()
@@ -44,3 +44,43 @@ def test_blocks_are_rematerialised_on_tpu_only(monkeypatch):
     text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
     assert "optimization_barrier" in text["tpu"]
     assert "optimization_barrier" not in text["cpu"] and "optimization_barrier" not in text["cuda"]
+
+
+def test_folded_formulation_is_the_plain_network(monkeypatch):
+    """The TPU formulation folds W into the channels wherever a stage is narrower than the lanes.
+    With 32 lanes, tiny-like widths (8, 16, 32) fold by 4, 2 and 1 as brats21's 32, 64 and 128 do
+    in 128 lanes: stem, residual blocks (encoder and decoder, with and without a skip conv), the
+    strided downsampling between folds, the 1³ convolutions, gates and head. In float32 it gives
+    the plain network's outputs and gradients to rounding."""
+    monkeypatch.setattr(formulations, "TPU_FOLD_LANES", 32)
+    config = tiny.get_config()
+    config.model.widths = (8, 16, 32)
+    config.model.down_kernel = 3
+    config.model.upsample = "resize"
+    config.model.compute_dtype = "float32"
+    assert [formulations.fold_factor(w, 16 >> i) for i, w in enumerate(config.model.widths)] == [4, 2, 1]
+    x = jax.random.normal(jax.random.key(1), (2,) + tuple(config.data.patch) + (4,))
+    model = build_model(config.model, nnx.Rngs(0))
+    graphdef, params, loss = _loss_and_grads(model, x)
+
+    def outputs(params):
+        logits, attention = nnx.merge(graphdef, params)(x)
+        return logits, attention
+
+    # (A new function for each jit: a traced program is cached by function, not by FORCE_PLATFORM.)
+    plain = jax.jit(jax.value_and_grad(loss))(params)
+    plain_out = jax.jit(lambda p: outputs(p))(params)
+    monkeypatch.setattr(formulations, "FORCE_PLATFORM", "tpu")
+    folded = jax.jit(jax.value_and_grad(loss))(params)
+    folded_out = jax.jit(lambda p: outputs(p))(params)
+    # The folded program really is another program: its convolutions see f·C channels.
+    # The folded program is another program: stage 0 (16³ x 8) runs as 16 x 16 x 4 x 32.
+    assert "2x16x16x4x32xf32" in jax.jit(lambda p: outputs(p)).lower(params).as_text()
+    monkeypatch.setattr(formulations, "FORCE_PLATFORM", None)
+    assert "2x16x16x4x32xf32" not in jax.jit(lambda p: outputs(p)).lower(params).as_text()
+    monkeypatch.setattr(formulations, "FORCE_PLATFORM", "tpu")
+    for a, b in zip(jax.tree.leaves(folded_out), jax.tree.leaves(plain_out)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(folded[0], plain[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(folded[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(b))))

@@ -62,6 +62,9 @@ class ConvNormAct(nnx.Module):
         self.slope = slope
 
     def __call__(self, x):
+        return formulations.conv_norm_act(self, x, self.plain)
+
+    def plain(self, x):
         return jax.nn.leaky_relu(self.norm(self.conv(x)), self.slope)
 
 
@@ -151,6 +154,9 @@ class SegAttentionGate(nnx.Module):
         self.logit_scale = logit_scale
 
     def __call__(self, f):
+        return formulations.attention_gate(self, f, self.plain)
+
+    def plain(self, f):
         z = self.to_maps(f)
         if self.logit_scale != 1.0:
             z = z * self.logit_scale

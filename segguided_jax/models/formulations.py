@@ -1,8 +1,9 @@
-"""How each backend runs a convolution: the one place that chooses a formulation per backend.
+"""How each backend runs a convolution or a stage: the one place that chooses a formulation per backend.
 
 The network (blocks.py) is written with plain layers; blocks.Conv and blocks.ConvTranspose hand
-every call to conv() / conv_transpose() here, which return the same values (same parameters,
-same math) computed the way the backend runs fastest. The choices, each with its measured reason:
+every call to conv() / conv_transpose() here, blocks.ConvNormAct and blocks.SegAttentionGate to
+conv_norm_act() / attention_gate(), and network.py each residual block to residual_block(); each
+returns the same values (same parameters, same math) computed the way the backend runs fastest. The choices, each with its measured reason:
 
 | convolution | backend | formulation | why (measured) |
 |---|---|---|---|
@@ -12,15 +13,16 @@ same math) computed the way the backend runs fastest. The choices, each with its
 | stride 2, kernel 3³ | CPU | k³ strided slices + matmul | the strided convolution's gradients (input- and kernel-dilated convolutions) miss oneDNN on CPU |
 | everything else | all | lax.conv_general_dilated | |
 
-And for a whole residual block (network.py calls residual_block() for each):
+And for whole layers and blocks:
 
 | stage | backend | formulation | why (measured) |
 |---|---|---|---|
-| residual block | TPU, when TPU_REMAT_BLOCKS | under jax.checkpoint: only its input is kept for the backward pass, the rest recomputed | off: brats21's batch-2 temporaries on v5e 34.3 → 20.3 GiB, still over 15.75; bytes not measured yet (docs/tpu.md) |
-| residual block | others | as written | |
+| residual blocks, conv–norm–act (stem, downsampling), gates, 1³ convolutions on fewer than 128 channels (TPU_FOLD) | TPU | W folded into the channels to fill the 128 lanes (fold_factor: 4 at 32 channels, 2 at 64), each convolution on the folded grid with a kernel built from the layer's (folded_conv), instance norm over channels and sub-positions (folded_instance_norm) | a TPU lays the minor dimension out in 128-wide lanes; brats21 at 64³ on v5e: 101.2 → 65.4 GiB accessed per step, peak 6.42 → 3.33 GiB, for 3.4× the FLOPs (multiplies by the kernels' structural zeros); at 128³: docs/tpu.md |
+| residual blocks of ≥ TPU_REMAT_MIN_VOXELS (128³) voxels | TPU | under jax.checkpoint: only the block's input is kept for the backward pass, the rest recomputed | with folding, brats21's batch 2 still needed 16.25 GiB of temporaries on a 15.75 GiB v5e; rematerialising every block costs 8 % more bytes and 29 % more FLOPs (64³), so only the 128³ blocks are (docs/tpu.md) |
+| all of the above | others | as written | |
 
-CPU-only choices are made at lowering time with lax.platform_dependent, so accelerators never
-run them. CPU_REWRITES = False turns them off on CPU too (benchmarks/hlo_cost.py: to compile the
+Backend choices are made at lowering time with lax.platform_dependent, so each backend runs only
+its own (the CPU program is the same with and without the TPU formulations). CPU_REWRITES = False turns them off on CPU too (benchmarks/hlo_cost.py: to compile the
 program an accelerator gets). All tensors are channels-last: (N, D, H, W, C).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 def _tiles(kernel_size, strides, spatial=None) -> bool:
     """True when a convolution's windows tile its input exactly (kernel = stride: 1³, or 2³ with
@@ -41,9 +44,11 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
 
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 CPU_REWRITES = True
-# Off: alone it does not make brats21's batch 2 fit a v5e chip, and its cost in bytes and FLOPs is
-# not measured yet (docs/tpu.md).
-TPU_REMAT_BLOCKS = False
+# Residual blocks with at least this many voxels per sample run under jax.checkpoint on TPU (None:
+# none, 0: all). brats21's 128³ blocks only: with folding, batch 2's temporaries on v5e were 16.25
+# GiB against 15.75 available; rematerialising every block costs 8 % more bytes for the rest of
+# the memory (64³, docs/tpu.md), so only the largest blocks are recomputed.
+TPU_REMAT_MIN_VOXELS = 128 ** 3
 # None: each backend gets its own formulation (lax.platform_dependent, decided when the program is
 # lowered for its platform). "tpu": the TPU formulations everywhere, so that a CPU test can compare
 # them with the plain ones.
@@ -150,6 +155,14 @@ def _operands(layer, x):
 def conv(layer, x, plain):
     """layer (an nnx.Conv) applied to x (N, D, H, W, C) in its backend's formulation; plain(x) is
     the layer's own nnx.Conv call, used where no other formulation is chosen."""
+    f = fold_factor(layer.in_features, x.shape[3]) if TPU_FOLD else 1
+    if f > 1 and tuple(layer.kernel_size) == (1, 1, 1) and _tiles(1, layer.strides) and layer.feature_group_count == 1:
+        return _on_tpu(x, lambda x: _unfold(folded_conv(layer, _fold(x, f), f, f), f),
+                       lambda x: _conv_default(layer, x, plain))
+    return _conv_default(layer, x, plain)
+
+
+def _conv_default(layer, x, plain):
     if (CPU_REWRITES and tuple(layer.kernel_size) == (3, 3, 3) and _tiles(1, layer.strides) and layer.padding == "SAME"
             and layer.feature_group_count == 1 and x.shape[1] * x.shape[2] * x.shape[3] >= _SCAN_MIN_VOXELS
             and layer.in_features * layer.out_features <= _SCAN_MAX_CHANNELS):
@@ -198,13 +211,192 @@ def conv_transpose(layer, x, plain):
     return y if bias is None else y + bias
 
 
-def residual_block(block, x):
-    """block(x), one residual block of the network, as the backend runs it best: on TPU under
-    jax.checkpoint (the backward pass recomputes the block's activations from its input instead of
-    keeping them in HBM), elsewhere as written. Same values either way."""
-    if not TPU_REMAT_BLOCKS:
+# On TPU an array's minor dimension is laid out in 128-wide lanes: a channels-last activation with
+# C < 128 channels wastes 1 - C/128 of every vector register and HBM tile it touches. Folding f
+# neighbouring voxels along W into the channels ((N, D, H, W, C) -> (N, D, H, W/f, f·C), a
+# row-major reshape) fills the lanes; each convolution then runs on the folded grid with a kernel
+# built from the layer's own (f·C_in x f·C_out blocks, most of them zero along W), so the
+# parameters and the values stay those of the plain network.
+TPU_FOLD_LANES = 128
+TPU_FOLD = True
+
+
+def fold_factor(channels: int, width: int) -> int:
+    """Voxels along W folded into the channels so that f·channels fills TPU_FOLD_LANES (1: none)."""
+    if channels >= TPU_FOLD_LANES or TPU_FOLD_LANES % channels:
+        return 1
+    f = TPU_FOLD_LANES // channels
+    return f if width % f == 0 else 1
+
+
+def _fold(x, f):
+    n, d, h, w, c = x.shape
+    return x.reshape(n, d, h, w // f, f * c)
+
+
+def _unfold(x, f):
+    n, d, h, w, fc = x.shape
+    return x.reshape(n, d, h, w * f, fc // f)
+
+
+def _same_padding(size, kernel, stride):
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _folded_w(kernel_w: int, stride: int, pad_lo: int, f_in: int, f_out: int):
+    """A convolution along W (kernel_w taps, stride, pad_lo zeros before the first voxel) between
+    an input folded by f_in and an output folded by f_out, as a convolution on the folded grid:
+    fine output f_out·u + t reads fine input stride·(f_out·u + t) + tap - pad_lo, which is coarse
+    voxel cs·u + off, sub-position s, with cs = stride·f_out/f_in. Returns (cs, off_min,
+    E[off - off_min, s, t, tap] in {0, 1})."""
+    if (stride * f_out) % f_in:
+        raise ValueError(f"no folded form: stride {stride}, fold {f_in} -> {f_out}")
+    cs = stride * f_out // f_in
+    hits = [(t, tap, *divmod(stride * t + tap - pad_lo, f_in)) for t in range(f_out) for tap in range(kernel_w)]
+    off_min = min(h[2] for h in hits)
+    off_max = max(h[2] for h in hits)
+    e = np.zeros((off_max - off_min + 1, f_in, f_out, kernel_w), np.float32)
+    for t, tap, off, s in hits:
+        e[off - off_min, s, t, tap] = 1.0
+    return cs, off_min, e
+
+
+def folded_conv(layer, x, f_in, f_out):
+    """layer (an nnx.Conv, SAME or VALID padding, no groups) applied to x folded by f_in along W
+    (N, D, H, W/f_in, f_in·C_in); returns its output folded by f_out: (N, D', H', W'/f_out,
+    f_out·C_out). Equal to _fold(layer(_unfold(x, f_in)), f_out)."""
+    x, kernel, bias = _operands(layer, x)
+    ks = tuple(kernel.shape[:3])
+    strides = (layer.strides,) * 3 if isinstance(layer.strides, int) else tuple(layer.strides)
+    width = x.shape[3] * f_in
+    if layer.padding == "SAME":
+        pads = [_same_padding(n, k, s) for n, k, s in zip((x.shape[1], x.shape[2], width), ks, strides)]
+    elif layer.padding == "VALID":
+        pads = [(0, 0)] * 3
+    else:
+        raise ValueError(f"no folded form for padding {layer.padding!r}")
+    cs, off_min, e = _folded_w(ks[2], strides[2], pads[2][0], f_in, f_out)
+    cin, cout = kernel.shape[3], kernel.shape[4]
+    # K[a, b, off, (s, i), (t, o)] = sum over taps of E[off, s, t, tap] · W[a, b, tap, i, o]
+    k = jnp.einsum("pstk,abkio->abpsito", jnp.asarray(e, kernel.dtype), kernel)
+    k = k.reshape(ks[0], ks[1], e.shape[0], f_in * cin, f_out * cout)
+    out_w = (width + sum(pads[2]) - ks[2]) // strides[2] + 1
+    coarse_out = out_w // f_out
+    lo = -off_min
+    hi = max(0, cs * (coarse_out - 1) + (e.shape[0] - 1) + off_min - (x.shape[3] - 1))
+    y = jax.lax.conv_general_dilated(x, k, (strides[0], strides[1], cs), [pads[0], pads[1], (lo, hi)],
+                                     dimension_numbers=_DN, precision=layer.precision)
+    y = y[:, :, :, :coarse_out]
+    return y if bias is None else y + jnp.tile(bias, f_out)
+
+
+def folded_instance_norm(norm, x, f, slope=None):
+    """norm (an nnx.InstanceNorm over the channels) applied to x folded by f along W, followed by
+    a leaky ReLU of that slope when one is given: statistics per channel over every voxel,
+    sub-positions included, in float32 as nnx.InstanceNorm keeps them (E[x²] - E[x]²). Equal to
+    _fold(leaky_relu(norm(_unfold(x, f))), f) within rounding. (A custom VJP that keeps only the
+    bfloat16 input and recomputes the rest moved more bytes on TPU, not fewer: docs/tpu.md.)"""
+    n, c = x.shape[0], x.shape[-1] // f
+    x, scale, bias = norm.promote_dtype((x, norm.scale[...] if norm.scale else None,
+                                         norm.bias[...] if norm.bias else None), dtype=norm.dtype)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=(1, 2, 3)).reshape(n, f, c).mean(1)
+    mean2 = jnp.mean(jnp.square(xf), axis=(1, 2, 3)).reshape(n, f, c).mean(1)
+    var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+    mul = jax.lax.rsqrt(var + norm.epsilon)
+    if scale is not None:
+        mul = mul * scale
+    shift = -mean * mul
+    if bias is not None:
+        shift = shift + bias
+    y = xf * jnp.tile(mul, (1, f))[:, None, None, None, :] + jnp.tile(shift, (1, f))[:, None, None, None, :]
+    y = y.astype(x.dtype)
+    return y if slope is None else jax.nn.leaky_relu(y, slope)
+
+
+def _folded_residual_block(block, x):
+    f = fold_factor(min(x.shape[-1], block.conv2.out_features), x.shape[3])
+    if f == 1:
         return block(x)
-    remat = jax.checkpoint(lambda x: block(x))
+    xf = _fold(x, f)
+    h = folded_conv(block.conv1.conv, xf, f, f)
+    h = folded_instance_norm(block.conv1.norm, h, f, block.conv1.slope)
+    y = folded_instance_norm(block.norm2, folded_conv(block.conv2, h, f, f), f)
+    skip = xf if block.skip_conv is None else folded_instance_norm(
+        block.skip_norm, folded_conv(block.skip_conv, xf, f, f), f)
+    return _unfold(jax.nn.leaky_relu(y + skip.astype(y.dtype), block.slope), f)
+
+
+def _on_tpu(x, tpu, default):
+    """tpu(x) in the program lowered for TPU, default(x) in every other (FORCE_PLATFORM = "tpu":
+    tpu(x) everywhere)."""
     if FORCE_PLATFORM == "tpu":
-        return remat(x)
-    return jax.lax.platform_dependent(x, tpu=remat, default=lambda x: block(x))
+        return tpu(x)
+    return jax.lax.platform_dependent(x, tpu=tpu, default=default)
+
+
+def _fold_pair(cin, cout, stride, width):
+    """(f_in, f_out): the folds of a convolution's input and output along W (see fold_factor),
+    (1, 1) where they have no folded form."""
+    f_out = fold_factor(cout, -(-width // stride))
+    f_in = fold_factor(cin, width)
+    if (stride * f_out) % f_in:
+        f_in = f_out * stride if width % (f_out * stride) == 0 else 1
+    if f_in == 1 and f_out == 1 or (stride * f_out) % f_in:
+        return 1, 1
+    return f_in, f_out
+
+
+def conv_norm_act(module, x, plain):
+    """module (blocks.ConvNormAct) applied to x: on TPU folded along W (input and output each to
+    full lanes), elsewhere plain(x)."""
+    c = module.conv
+    stride = (c.strides,) * 3 if isinstance(c.strides, int) else tuple(c.strides)
+    f_in, f_out = _fold_pair(c.in_features, c.out_features, stride[2], x.shape[3]) if TPU_FOLD else (1, 1)
+    if f_out == 1 and f_in == 1:
+        return plain(x)
+
+    def tpu(x):
+        y = folded_instance_norm(module.norm, folded_conv(c, _fold(x, f_in), f_in, f_out), f_out, module.slope)
+        return _unfold(y, f_out)
+
+    return _on_tpu(x, tpu, plain)
+
+
+def attention_gate(gate, x, plain):
+    """gate (blocks.SegAttentionGate) applied to x: on TPU folded along W, elsewhere plain(x).
+    Returns (F·G + F, Z) as the gate does."""
+    f = fold_factor(x.shape[-1], x.shape[3]) if TPU_FOLD else 1
+    if f == 1:
+        return plain(x)
+
+    def tpu(x):
+        xf = _fold(x, f)
+        z = folded_conv(gate.to_maps, xf, f, f)
+        if gate.logit_scale != 1.0:
+            z = z * gate.logit_scale
+        a = jax.nn.sigmoid(z)
+        if gate.stop_gradient:
+            a = jax.lax.stop_gradient(a)
+        g = jax.nn.sigmoid(folded_conv(gate.to_gate, a, f, f))
+        return _unfold(xf * g + xf, f), _unfold(z, f)
+
+    return _on_tpu(x, tpu, plain)
+
+
+def residual_block(block, x):
+    """block(x), one residual block of the network, as the backend runs it best: on TPU folded
+    along W into full lanes (TPU_FOLD) and, from TPU_REMAT_MIN_VOXELS voxels up, under
+    jax.checkpoint (the backward pass recomputes the block's activations from its input instead of
+    keeping them in HBM); elsewhere as written. Same values either way."""
+    remat = TPU_REMAT_MIN_VOXELS is not None and x.shape[1] * x.shape[2] * x.shape[3] >= TPU_REMAT_MIN_VOXELS
+    if not (TPU_FOLD or remat):
+        return block(x)
+
+    def tpu(x):
+        fn = functools.partial(_folded_residual_block, block) if TPU_FOLD else (lambda x: block(x))
+        return jax.checkpoint(fn)(x) if remat else fn(x)
+
+    return _on_tpu(x, tpu, lambda x: block(x))
