@@ -1,3 +1,5 @@
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,18 +59,22 @@ def test_mirroring_tta_and_attention_channels():
     assert mirror_sets((0, 1, 2)) == [(), (0,), (1,), (0, 1), (2,), (0, 2), (1, 2), (0, 1, 2)]
     graphdef, params = nnx.split(build_model(tiny.get_config().model, nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 4))
-    plain = window_outputs(graphdef, params, x, output="regions")
+
+    def outputs(x, **kw):  # jitted, as the predictors run it: op by op it took 37 s, not seconds
+        return jax.jit(functools.partial(window_outputs, graphdef, output="regions", **kw))(params, x)
+
+    plain = outputs(x)
     assert plain.shape == (1, 16, 16, 16, 3)
-    both = window_outputs(graphdef, params, x, output="regions", attention_stages=(-1,))
+    both = outputs(x, attention_stages=(-1,))
     assert both.shape == (1, 16, 16, 16, 6)
     np.testing.assert_allclose(both[..., :3], plain, atol=1e-6)
     assert float(both[..., 3:].min()) >= 0 and float(both[..., 3:].max()) <= 1
     # Mirrored TTA equals the mean of the explicitly flipped-back passes.
-    tta = window_outputs(graphdef, params, x, output="regions", mirror_axes=(0,))
-    flipped = window_outputs(graphdef, params, jnp.flip(x, 1), output="regions")
+    tta = outputs(x, mirror_axes=(0,))
+    flipped = outputs(jnp.flip(x, 1))
     np.testing.assert_allclose(tta, (plain + jnp.flip(flipped, 1)) / 2, atol=1e-5)
     # TTA of a flipped input equals the flipped TTA (the ensemble is mirror-symmetric).
-    tta_of_flipped = window_outputs(graphdef, params, jnp.flip(x, 1), output="regions", mirror_axes=(0,))
+    tta_of_flipped = outputs(jnp.flip(x, 1), mirror_axes=(0,))
     np.testing.assert_allclose(tta_of_flipped, jnp.flip(tta, 1), atol=1e-5)
 
 

@@ -10,12 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import tiny
 from data_prep import convert, export_nnunet
 from segguided_jax import evaluate, predict
 from segguided_jax.data.brats import EDITIONS, MODALITIES
 from segguided_jax.data.records import CaseSource, load_manifest
-from segguided_jax.train import train_and_evaluate
 
 # The settings conftest's data_dir was converted with.
 CONVERT_ARGS = ["--test-cases", "2", "--val-cases", "2", "--split-seed", "0", "--cases-per-shard", "3"]
@@ -265,13 +263,8 @@ def test_unrecognised_channel_names_convert_with_channels_flag(tmp_path):
 # --- predict and evaluate ---
 
 @pytest.fixture(scope="module")
-def workdir(data_dir, tmp_path_factory):
-    cfg = tiny.get_config()
-    cfg.data.dir = data_dir
-    cfg.train.steps = 2
-    path = str(tmp_path_factory.mktemp("nnunet_run"))
-    train_and_evaluate(cfg, path)
-    return path
+def workdir(tiny_run):
+    return tiny_run  # the session's tiny model (conftest.py), trained once for every predict test
 
 
 def test_predict_and_evaluate_on_nnunet_folders_match_the_brats_path(workdir, exported, raw_dir, data_dir, tmp_path):

@@ -89,7 +89,9 @@ def test_damaged_case_is_reported_and_others_run(workdir, raw_dir, tmp_path, cap
     with open(flair, "wb") as f:
         f.write(data[: len(data) // 2])  # a truncated download
     out = str(tmp_path / "out")
-    assert predict.main(["--workdir", workdir, "--input", str(src), "--out", out, "--no-panels"]) == 1
+    # One pass per case (--no-tta) here and below where mirroring is not what is tested: it is in
+    # test_case_folder, test_tta_and_explicit_files and the sweep/validation identity test.
+    assert predict.main(["--workdir", workdir, "--input", str(src), "--out", out, "--no-panels", "--no-tta"]) == 1
     assert os.path.exists(os.path.join(out, "BraTS2021_00001.nii.gz"))
     assert os.path.exists(os.path.join(out, "BraTS2021_00003.nii.gz"))
     assert not [n for n in os.listdir(out) if n.startswith("BraTS2021_00002")]
@@ -137,7 +139,7 @@ def test_2023_writes_et_as_3(workdir, tmp_path):
     case_dir = synthetic.write_case(str(tmp_path / "raw"), "2023", 0, seed=5, shape=(40, 40, 26))
     out = str(tmp_path / "out")
     assert predict.main(["--workdir", workdir, "--input", case_dir, "--out", out, "--threshold", "0",
-                         "--min-et-voxels", "3"]) == 0
+                         "--min-et-voxels", "3", "--no-tta"]) == 0
     case_id = os.path.basename(case_dir)
     t1 = os.path.join(case_dir, EDITIONS["2023"].file_name(case_id, "t1n"))
     labels = _assert_same_grid(os.path.join(out, f"{case_id}.nii.gz"), t1, np.uint8)
@@ -179,7 +181,7 @@ def test_panel_orientation_is_radiological():
 def test_other_voxel_size_warns_and_spacing_train_resamples(workdir, tmp_path, capsys):
     # 4 mm voxels where the tiny model trained on 6 mm ones.
     case_dir = synthetic.write_case(str(tmp_path / "raw"), "2021", 0, seed=7, shape=(60, 60, 39))
-    args = ["--workdir", workdir, "--input", case_dir, "--no-panels"]
+    args = ["--workdir", workdir, "--input", case_dir, "--no-panels", "--no-tta"]
     assert predict.main(args + ["--out", str(tmp_path / "native"), "--spacing", "none"]) == 0
     assert "but the model was trained at 6 x 6 x 5.96" in capsys.readouterr().err
     out = str(tmp_path / "resampled")

@@ -30,7 +30,10 @@ def test_sweep_runs_evaluate_and_report(tiny_config, tmp_path):
         for key, value in run.overrides:
             section, field = key.split(".")
             setattr(cfg[section], field, value)
-        cfg.train.steps, cfg.train.eval_every = 4, 2
+        # One validation, at the last step and on one val case (it makes best/ and the learned
+        # post-processing): the report is made of the held-out scores (evaluate_run, both test
+        # cases) and of metrics.jsonl; more validations only add sliding-window passes.
+        cfg.train.steps, cfg.train.eval_every, cfg.eval.max_cases = 4, 4, 1
         train_and_evaluate(cfg, os.path.join(root, run.name))
         assert not is_finished(root, run)
         evaluate_run(os.path.join(root, run.name))
