@@ -292,20 +292,29 @@ def test_slurm_sweep_refuses_a_bucket_root():
         launcher.main([f"--config={ROOT}/configs/synthetic.py", "--root=gs://b/sweep", "--mode=slurm"])
 
 
-def test_a_damaged_checkpoint_in_a_bucket_is_set_aside(gcs_dir, tmp_path, monkeypatch):
-    import jax
+def _two_checkpoints(gcs_dir):
+    """Saves checkpoints 1 and 2 (w = arange(6) · step) in the bucket; returns (config, state)."""
     import jax.numpy as jnp
     import ml_collections
 
-    from segguided_jax.checkpointing import CORRUPT_DIR, Checkpointer
+    from segguided_jax.checkpointing import Checkpointer
 
-    monkeypatch.chdir(tmp_path)
     cfg = ml_collections.ConfigDict({"every_steps": 1, "keep": 3, "async_save": False})
     state = {"w": jnp.arange(6.0)}
     ckpt = Checkpointer(gcs_dir, cfg)
     for step in (1, 2):
         ckpt.save(step, {"w": state["w"] * step}, {"iterators": [step]}, {"seed": 0})
     ckpt.close()
+    return cfg, state
+
+
+def test_a_damaged_checkpoint_in_a_bucket_is_set_aside(gcs_dir, tmp_path, monkeypatch):
+    import jax
+
+    from segguided_jax.checkpointing import CORRUPT_DIR, Checkpointer
+
+    monkeypatch.chdir(tmp_path)
+    cfg, state = _two_checkpoints(gcs_dir)
     storage.remove(storage.join(gcs_dir, "checkpoints", "2", "state", "_METADATA"))
 
     warnings = []
@@ -325,18 +334,11 @@ def test_setting_aside_in_a_bucket_is_safe_to_repeat(gcs_dir, tmp_path, monkeypa
     """A set-aside cut short while deleting the damaged checkpoint (a kill) is finished by the next
     run: the copy in corrupt_checkpoints/ is whole, the source gone, the older checkpoint restores."""
     import jax
-    import jax.numpy as jnp
-    import ml_collections
 
     from segguided_jax.checkpointing import CORRUPT_DIR, Checkpointer
 
     monkeypatch.chdir(tmp_path)
-    cfg = ml_collections.ConfigDict({"every_steps": 1, "keep": 3, "async_save": False})
-    state = {"w": jnp.arange(6.0)}
-    ckpt = Checkpointer(gcs_dir, cfg)
-    for step in (1, 2):
-        ckpt.save(step, {"w": state["w"] * step}, {"iterators": [step]}, {"seed": 0})
-    ckpt.close()
+    cfg, state = _two_checkpoints(gcs_dir)
     damaged = storage.join(gcs_dir, "checkpoints", "2")
     storage.remove(storage.join(damaged, "state", "_METADATA"))
     fs, key = storage._gcs(damaged)
