@@ -1,5 +1,8 @@
 """The TPU path compiles: the tiny config's train step, compiled by the real TPU compiler (libtpu,
-no TPU needed) for a v5e:2x2 slice through `python -m segguided_jax.compile_check --topology`."""
+no TPU needed) for a v5e:2x2 slice through `python -m segguided_jax.compile_check --topology`.
+Its widths are doubled to (8, 16, 32) so that the TPU formulation folds W into the channels in
+every stage (by 16, 8 and 4 at 16³, 8³ and 4³), as brats21's stages fold at 128³: the folded
+program, not only the plain one, goes through libtpu."""
 import functools
 import math
 import os
@@ -12,12 +15,14 @@ import pytest
 
 from configs import tiny
 from segguided_jax.compile_check import libtpu_unavailable
+from segguided_jax.models.formulations import fold_factor
 from segguided_jax.optim import make_optimizer
 from segguided_jax.steps import init_state, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNAVAILABLE = libtpu_unavailable()
 BATCH_PER_CHIP = 2
+WIDTHS = (8, 16, 32)
 LOCK_TIMEOUT_S = 1200  # another process's TPU compile (a brats21 one takes minutes) is waited for
 
 
@@ -62,9 +67,11 @@ def _memory_bounds(config):
 
 @pytest.mark.skipif(UNAVAILABLE is not None, reason=f"TPU compiles cannot run here: {UNAVAILABLE}")
 def test_tiny_train_step_compiles_for_four_v5e_chips_within_derived_memory():
+    assert [fold_factor(w, 16 >> i) for i, w in enumerate(WIDTHS)] == [16, 8, 4]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # CPU flags are not libtpu's
     out = subprocess.run([sys.executable, "-m", "segguided_jax.compile_check", "--config=configs/tiny.py",
                           "--topology=v5e:2x2", f"--batch_per_chip={BATCH_PER_CHIP}", "--no_predict",
+                          f"--config.model.widths={WIDTHS}",
                           f"--lock_timeout={LOCK_TIMEOUT_S}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=LOCK_TIMEOUT_S + 900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -74,7 +81,9 @@ def test_tiny_train_step_compiles_for_four_v5e_chips_within_derived_memory():
     assert cells[1] == "4 (1)" and cells[2] == "4×1" and cells[3] == "train", cells  # 4 chips on 1 host
     assert cells[6] == "yes", cells
     peak = float(cells[5].split()[0]) * 2**30
-    lower, upper = _memory_bounds(tiny.get_config())
+    config = tiny.get_config()
+    config.model.widths = WIDTHS
+    lower, upper = _memory_bounds(config)
     assert lower <= peak <= upper, (lower, peak, upper)
     assert "all-reduce" in cells[9], cells  # the 4 data-parallel chips sum their gradients
 

@@ -45,10 +45,9 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 CPU_REWRITES = True
 # Residual blocks with at least this many voxels per sample run under jax.checkpoint on TPU (None:
-# none, 0: all). brats21's 128³ blocks only: with folding, batch 2's temporaries on v5e were 16.25
-# GiB against 15.75 available; rematerialising every block costs 8 % more bytes for the rest of
-# the memory (64³, docs/tpu.md), so only the largest blocks are recomputed.
-TPU_REMAT_MIN_VOXELS = 128 ** 3
+# none, 0: all). With the folded layout brats21's batch 2 takes 10.0 of a v5e's 16 GiB without it
+# (docs/tpu.md); larger patches per chip (192³) may need it, at ~10 % more bytes per step.
+TPU_REMAT_MIN_VOXELS = None
 # None: each backend gets its own formulation (lax.platform_dependent, decided when the program is
 # lowered for its platform). "tpu": the TPU formulations everywhere, so that a CPU test can compare
 # them with the plain ones.
@@ -157,7 +156,7 @@ def conv(layer, x, plain):
     the layer's own nnx.Conv call, used where no other formulation is chosen."""
     f = fold_factor(layer.in_features, x.shape[3]) if TPU_FOLD else 1
     if f > 1 and tuple(layer.kernel_size) == (1, 1, 1) and _tiles(1, layer.strides) and layer.feature_group_count == 1:
-        return _on_tpu(x, lambda x: _unfold(folded_conv(layer, _fold(x, f), f, f), f),
+        return _on_tpu(x, lambda x: _unfold(folded_conv(layer, _fold(x, f), x.shape[0], f, f), f, x.shape[0]),
                        lambda x: _conv_default(layer, x, plain))
     return _conv_default(layer, x, plain)
 
@@ -213,10 +212,13 @@ def conv_transpose(layer, x, plain):
 
 # On TPU an array's minor dimension is laid out in 128-wide lanes: a channels-last activation with
 # C < 128 channels wastes 1 - C/128 of every vector register and HBM tile it touches. Folding f
-# neighbouring voxels along W into the channels ((N, D, H, W, C) -> (N, D, H, W/f, f·C), a
-# row-major reshape) fills the lanes; each convolution then runs on the folded grid with a kernel
-# built from the layer's own (f·C_in x f·C_out blocks, most of them zero along W), so the
-# parameters and the values stay those of the plain network.
+# neighbouring voxels along W into the channels fills the lanes; the W blocks then go into the
+# batch: (N, D, H, W, C) -> (N·W/f, D, H, f·C), "the folded layout". Each 3³ convolution becomes a
+# 2-D (3, 3) convolution over D, H whose input channels also carry the one or two W-neighbour
+# sub-positions that the W taps reach, with a kernel built from the layer's own; so the
+# parameters and the values stay those of the plain network. Keeping W out of the convolution's
+# spatial dimensions also gives XLA a large batch (N·W/f): with batch 2 it rewrote the 3-D
+# convolutions with halo copies of the activation (docs/tpu.md).
 TPU_FOLD_LANES = 128
 TPU_FOLD = True
 
@@ -230,13 +232,15 @@ def fold_factor(channels: int, width: int) -> int:
 
 
 def _fold(x, f):
+    """(N, D, H, W, C) -> the folded layout (N·W/f, D, H, f·C)."""
     n, d, h, w, c = x.shape
-    return x.reshape(n, d, h, w // f, f * c)
+    return x.reshape(n, d, h, w // f, f * c).transpose(0, 3, 1, 2, 4).reshape(n * (w // f), d, h, f * c)
 
 
-def _unfold(x, f):
-    n, d, h, w, fc = x.shape
-    return x.reshape(n, d, h, w * f, fc // f)
+def _unfold(x, f, n):
+    """The folded layout (N·W/f, D, H, f·C) of a batch of n -> (N, D, H, W, C)."""
+    nw, d, h, fc = x.shape
+    return x.reshape(n, nw // n, d, h, fc).transpose(0, 2, 3, 1, 4).reshape(n, d, h, (nw // n) * f, fc // f)
 
 
 def _same_padding(size, kernel, stride):
@@ -263,47 +267,64 @@ def _folded_w(kernel_w: int, stride: int, pad_lo: int, f_in: int, f_out: int):
     return cs, off_min, e
 
 
-def folded_conv(layer, x, f_in, f_out):
-    """layer (an nnx.Conv, SAME or VALID padding, no groups) applied to x folded by f_in along W
-    (N, D, H, W/f_in, f_in·C_in); returns its output folded by f_out: (N, D', H', W'/f_out,
-    f_out·C_out). Equal to _fold(layer(_unfold(x, f_in)), f_out)."""
+def folded_conv(layer, x, n, f_in, f_out):
+    """layer (an nnx.Conv, SAME or VALID padding, no groups) applied to x, a batch of n in the
+    folded layout by f_in (n·W/f_in, D, H, f_in·C_in); returns its output folded by f_out:
+    (n·W'/f_out, D', H', f_out·C_out). Equal to _fold(layer(_unfold(x, f_in, n)), f_out).
+
+    The W blocks of input and output correspond one to one (the caller's folds give
+    stride·f_out = f_in); each output block reads sub-positions of its own input block and of
+    the blocks `off` = ±1 away, which go into the channels (shifted along the batch, zeros past
+    the edge), so the convolution runs over D and H only."""
     x, kernel, bias = _operands(layer, x)
     ks = tuple(kernel.shape[:3])
     strides = (layer.strides,) * 3 if isinstance(layer.strides, int) else tuple(layer.strides)
-    width = x.shape[3] * f_in
+    blocks = x.shape[0] // n
+    width = blocks * f_in
     if layer.padding == "SAME":
-        pads = [_same_padding(n, k, s) for n, k, s in zip((x.shape[1], x.shape[2], width), ks, strides)]
+        pads = [_same_padding(size, k, s) for size, k, s in zip((x.shape[1], x.shape[2], width), ks, strides)]
     elif layer.padding == "VALID":
         pads = [(0, 0)] * 3
     else:
         raise ValueError(f"no folded form for padding {layer.padding!r}")
     cs, off_min, e = _folded_w(ks[2], strides[2], pads[2][0], f_in, f_out)
+    if cs != 1 or ((width + sum(pads[2]) - ks[2]) // strides[2] + 1) != blocks * f_out:
+        raise ValueError(f"no folded form: stride {strides[2]}, fold {f_in} -> {f_out}, width {width}")
     cin, cout = kernel.shape[3], kernel.shape[4]
-    # K[a, b, off, (s, i), (t, o)] = sum over taps of E[off, s, t, tap] · W[a, b, tap, i, o]
-    k = jnp.einsum("pstk,abkio->abpsito", jnp.asarray(e, kernel.dtype), kernel)
-    k = k.reshape(ks[0], ks[1], e.shape[0], f_in * cin, f_out * cout)
-    out_w = (width + sum(pads[2]) - ks[2]) // strides[2] + 1
-    coarse_out = out_w // f_out
-    lo = -off_min
-    hi = max(0, cs * (coarse_out - 1) + (e.shape[0] - 1) + off_min - (x.shape[3] - 1))
-    y = jax.lax.conv_general_dilated(x, k, (strides[0], strides[1], cs), [pads[0], pads[1], (lo, hi)],
-                                     dimension_numbers=_DN, precision=layer.precision)
-    y = y[:, :, :, :coarse_out]
+    xb = x.reshape(n, blocks, *x.shape[1:3], f_in, cin)
+    parts, rows = [], []
+    for i in range(e.shape[0]):
+        used = np.flatnonzero(e[i].any(axis=(1, 2)))
+        if not used.size:
+            continue
+        lo, hi, off = int(used[0]), int(used[-1]) + 1, off_min + i
+        part = xb[..., lo:hi, :]
+        if off:  # the block `off` away; zeros past either end of W
+            part = jax.lax.slice_in_dim(part, max(off, 0), blocks + min(off, 0), axis=1)
+            part = jnp.pad(part, [(0, 0), (max(-off, 0), max(off, 0))] + [(0, 0)] * 4)
+        parts.append(part.reshape(n * blocks, *x.shape[1:3], (hi - lo) * cin))
+        rows.append(e[i, lo:hi])
+    xe = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    sel = np.concatenate(rows)  # (input sub-positions used, f_out, kernel_w)
+    # K[a, b, (r, i), (t, o)] = sum over W taps of sel[r, t, tap] · W[a, b, tap, i, o]
+    k = jnp.einsum("rtk,abkio->abrito", jnp.asarray(sel, kernel.dtype), kernel)
+    k = k.reshape(ks[0], ks[1], sel.shape[0] * cin, f_out * cout)
+    y = jax.lax.conv_general_dilated(xe, k, strides[:2], pads[:2], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=layer.precision)
     return y if bias is None else y + jnp.tile(bias, f_out)
 
 
-def folded_instance_norm(norm, x, f, slope=None):
-    """norm (an nnx.InstanceNorm over the channels) applied to x folded by f along W, followed by
-    a leaky ReLU of that slope when one is given: statistics per channel over every voxel,
-    sub-positions included, in float32 as nnx.InstanceNorm keeps them (E[x²] - E[x]²). Equal to
-    _fold(leaky_relu(norm(_unfold(x, f))), f) within rounding. (A custom VJP that keeps only the
-    bfloat16 input and recomputes the rest moved more bytes on TPU, not fewer: docs/tpu.md.)"""
-    n, c = x.shape[0], x.shape[-1] // f
+def folded_instance_norm(norm, x, n, f, slope=None):
+    """norm (an nnx.InstanceNorm over the channels) applied to x, a batch of n in the folded
+    layout by f, followed by a leaky ReLU of that slope when one is given: statistics per sample
+    and channel over every voxel, sub-positions included, in float32 as nnx.InstanceNorm keeps
+    them (E[x²] - E[x]²). Equal to _fold(leaky_relu(norm(_unfold(x, f, n))), f) within rounding."""
+    c = x.shape[-1] // f
     x, scale, bias = norm.promote_dtype((x, norm.scale[...] if norm.scale else None,
                                          norm.bias[...] if norm.bias else None), dtype=norm.dtype)
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=(1, 2, 3)).reshape(n, f, c).mean(1)
-    mean2 = jnp.mean(jnp.square(xf), axis=(1, 2, 3)).reshape(n, f, c).mean(1)
+    xf = x.astype(jnp.float32).reshape(n, -1, f, c)
+    mean = jnp.mean(xf, axis=(1, 2))
+    mean2 = jnp.mean(jnp.square(xf), axis=(1, 2))
     var = jnp.maximum(0.0, mean2 - jnp.square(mean))
     mul = jax.lax.rsqrt(var + norm.epsilon)
     if scale is not None:
@@ -311,22 +332,22 @@ def folded_instance_norm(norm, x, f, slope=None):
     shift = -mean * mul
     if bias is not None:
         shift = shift + bias
-    y = xf * jnp.tile(mul, (1, f))[:, None, None, None, :] + jnp.tile(shift, (1, f))[:, None, None, None, :]
-    y = y.astype(x.dtype)
+    y = (xf * mul[:, None, None] + shift[:, None, None]).astype(x.dtype).reshape(x.shape)
     return y if slope is None else jax.nn.leaky_relu(y, slope)
 
 
 def _folded_residual_block(block, x):
+    n = x.shape[0]
     f = fold_factor(min(x.shape[-1], block.conv2.out_features), x.shape[3])
     if f == 1:
         return block(x)
     xf = _fold(x, f)
-    h = folded_conv(block.conv1.conv, xf, f, f)
-    h = folded_instance_norm(block.conv1.norm, h, f, block.conv1.slope)
-    y = folded_instance_norm(block.norm2, folded_conv(block.conv2, h, f, f), f)
+    h = folded_conv(block.conv1.conv, xf, n, f, f)
+    h = folded_instance_norm(block.conv1.norm, h, n, f, block.conv1.slope)
+    y = folded_instance_norm(block.norm2, folded_conv(block.conv2, h, n, f, f), n, f)
     skip = xf if block.skip_conv is None else folded_instance_norm(
-        block.skip_norm, folded_conv(block.skip_conv, xf, f, f), f)
-    return _unfold(jax.nn.leaky_relu(y + skip.astype(y.dtype), block.slope), f)
+        block.skip_norm, folded_conv(block.skip_conv, xf, n, f, f), n, f)
+    return _unfold(jax.nn.leaky_relu(y + skip.astype(y.dtype), block.slope), f, n)
 
 
 def _on_tpu(x, tpu, default):
@@ -339,12 +360,11 @@ def _on_tpu(x, tpu, default):
 
 def _fold_pair(cin, cout, stride, width):
     """(f_in, f_out): the folds of a convolution's input and output along W (see fold_factor),
-    (1, 1) where they have no folded form."""
+    with stride·f_out = f_in so that input and output W blocks correspond one to one (the folded
+    layout keeps them in the batch); (1, 1) where neither side is narrower than the lanes."""
     f_out = fold_factor(cout, -(-width // stride))
-    f_in = fold_factor(cin, width)
-    if (stride * f_out) % f_in:
-        f_in = f_out * stride if width % (f_out * stride) == 0 else 1
-    if f_in == 1 and f_out == 1 or (stride * f_out) % f_in:
+    f_in = stride * f_out
+    if (f_out == 1 and fold_factor(cin, width) == 1) or width % f_in:
         return 1, 1
     return f_in, f_out
 
@@ -359,8 +379,9 @@ def conv_norm_act(module, x, plain):
         return plain(x)
 
     def tpu(x):
-        y = folded_instance_norm(module.norm, folded_conv(c, _fold(x, f_in), f_in, f_out), f_out, module.slope)
-        return _unfold(y, f_out)
+        n = x.shape[0]
+        y = folded_instance_norm(module.norm, folded_conv(c, _fold(x, f_in), n, f_in, f_out), n, f_out, module.slope)
+        return _unfold(y, f_out, n)
 
     return _on_tpu(x, tpu, plain)
 
@@ -373,15 +394,16 @@ def attention_gate(gate, x, plain):
         return plain(x)
 
     def tpu(x):
+        n = x.shape[0]
         xf = _fold(x, f)
-        z = folded_conv(gate.to_maps, xf, f, f)
+        z = folded_conv(gate.to_maps, xf, n, f, f)
         if gate.logit_scale != 1.0:
             z = z * gate.logit_scale
         a = jax.nn.sigmoid(z)
         if gate.stop_gradient:
             a = jax.lax.stop_gradient(a)
-        g = jax.nn.sigmoid(folded_conv(gate.to_gate, a, f, f))
-        return _unfold(xf * g + xf, f), _unfold(z, f)
+        g = jax.nn.sigmoid(folded_conv(gate.to_gate, a, n, f, f))
+        return _unfold(xf * g + xf, f, n), _unfold(z, f, n)
 
     return _on_tpu(x, tpu, plain)
 
