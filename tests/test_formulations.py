@@ -21,10 +21,11 @@ def _loss_and_grads(model, x):
 
 def test_tpu_formulation_in_bf16_is_as_accurate_as_the_plain_network(monkeypatch):
     """In bfloat16 the TPU formulation rounds in other places than the plain network (its folded
-    kernels' gradients are sums of per-block bfloat16 gradients), so the two are compared with
-    the float32 network as the reference: per gradient leaf, the TPU formulation's error is at
-    most twice the plain bfloat16 network's plus 1 % of the leaf's largest value (measured: at
-    most 1.9x, most leaves within 1.3x)."""
+    kernels' gradients are sums of per-block bfloat16 gradients, its convolutions reduce in
+    another order), so the two are compared with the float32 network as the reference: the
+    relative (L2) gradient error, averaged over the leaves, is at most 1.25x the plain bfloat16
+    network's, and each leaf's at most 3x plus 1 % (measured: 1.11x on average, 2.7x at worst on
+    a leaf whose plain error is 0.9 %)."""
     monkeypatch.setattr(formulations, "TPU_REMAT_MIN_VOXELS", 0)
     config = tiny.get_config()
     x = jax.random.normal(jax.random.key(1), (2,) + tuple(config.data.patch) + (4,))
@@ -36,12 +37,17 @@ def test_tpu_formulation_in_bf16_is_as_accurate_as_the_plain_network(monkeypatch
     monkeypatch.setattr(formulations, "FORCE_PLATFORM", "tpu")
     tpu = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(tpu[0], plain[0], rtol=1e-2)
-    leaves = zip(jax.tree_util.tree_leaves_with_path(reference[1]), jax.tree.leaves(plain[1]), jax.tree.leaves(tpu[1]))
-    for (path, ref), a, b in leaves:
-        scale = float(jnp.max(jnp.abs(ref)))
-        err_plain = float(jnp.max(jnp.abs(a - ref))) / scale
-        err_tpu = float(jnp.max(jnp.abs(b - ref))) / scale
-        assert err_tpu <= 2 * err_plain + 1e-2, (jax.tree_util.keystr(path), err_tpu, err_plain)
+
+    def error(a, ref):
+        return float(jnp.linalg.norm((a - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
+
+    leaves = list(zip(jax.tree_util.tree_leaves_with_path(reference[1]), jax.tree.leaves(plain[1]),
+                      jax.tree.leaves(tpu[1])))
+    err_plain = [error(a, ref) for (_, ref), a, _ in leaves]
+    err_tpu = [error(b, ref) for (_, ref), _, b in leaves]
+    assert np.mean(err_tpu) <= 1.25 * np.mean(err_plain), (np.mean(err_tpu), np.mean(err_plain))
+    for ((path, _), _, _), e_plain, e_tpu in zip(leaves, err_plain, err_tpu):
+        assert e_tpu <= 3 * e_plain + 1e-2, (jax.tree_util.keystr(path), e_tpu, e_plain)
 
 
 def test_blocks_are_rematerialised_on_tpu_only(monkeypatch):

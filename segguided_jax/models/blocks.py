@@ -29,15 +29,15 @@ class ConvTranspose(nnx.ConvTranspose):
         return formulations.conv_transpose(self, x, super().__call__)
 
 
-def upsample_linear_x2(x):
+def upsample_linear_x2(x, axes=(1, 2, 3)):
     """×2 trilinear upsampling of (N, D, H, W, C), equal to jax.image.resize(x, 2× shape,
     "trilinear") (half-pixel centres; the edge voxel repeats): per axis, output 2i is
     0.75·x[i] + 0.25·x[i-1] and 2i+1 is 0.75·x[i] + 0.25·x[i+1]. jax.image.resize contracts a
     dense (2n × n) weight matrix per axis, O(n) multiply-adds per output value where this takes
-    two; computed in float32, returned in x's dtype."""
+    two; computed in float32, returned in x's dtype. axes: the axes doubled (the others stay)."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    for axis in (1, 2, 3):
+    for axis in axes:
         n = x.shape[axis]
         edge = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
         prev = jnp.concatenate([edge(0, 1), edge(0, n - 1)], axis)
@@ -119,8 +119,11 @@ class Upsample(nnx.Module):
 
     def __call__(self, x):
         if self.mode == "resize":
-            return upsample_linear_x2(self.conv(x))
+            return formulations.upsample(self, x, self.plain, upsample_linear_x2)
         return self.conv(x)
+
+    def plain(self, x):
+        return upsample_linear_x2(self.conv(x))
 
 
 class SegAttentionGate(nnx.Module):

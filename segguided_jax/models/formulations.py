@@ -291,17 +291,19 @@ def folded_conv(layer, x, n, f_in, f_out):
     if cs != 1 or ((width + sum(pads[2]) - ks[2]) // strides[2] + 1) != blocks * f_out:
         raise ValueError(f"no folded form: stride {strides[2]}, fold {f_in} -> {f_out}, width {width}")
     cin, cout = kernel.shape[3], kernel.shape[4]
-    xb = x.reshape(n, blocks, *x.shape[1:3], f_in, cin)
+    # (Only the batch is split, never the lanes: splitting f_in·C_in into (f_in, C_in) would
+    # make XLA lay out C_in-wide arrays, each padded to whole 128-lane tiles.)
+    xb = x.reshape(n, blocks, *x.shape[1:])
     parts, rows = [], []
     for i in range(e.shape[0]):
         used = np.flatnonzero(e[i].any(axis=(1, 2)))
         if not used.size:
             continue
         lo, hi, off = int(used[0]), int(used[-1]) + 1, off_min + i
-        part = xb[..., lo:hi, :]
+        part = xb[..., lo * cin:hi * cin]
         if off:  # the block `off` away; zeros past either end of W
             part = jax.lax.slice_in_dim(part, max(off, 0), blocks + min(off, 0), axis=1)
-            part = jnp.pad(part, [(0, 0), (max(-off, 0), max(off, 0))] + [(0, 0)] * 4)
+            part = jnp.pad(part, [(0, 0), (max(-off, 0), max(off, 0))] + [(0, 0)] * 3)
         parts.append(part.reshape(n * blocks, *x.shape[1:3], (hi - lo) * cin))
         rows.append(e[i, lo:hi])
     xe = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
@@ -339,8 +341,6 @@ def folded_instance_norm(norm, x, n, f, slope=None):
 def _folded_residual_block(block, x):
     n = x.shape[0]
     f = fold_factor(min(x.shape[-1], block.conv2.out_features), x.shape[3])
-    if f == 1:
-        return block(x)
     xf = _fold(x, f)
     h = folded_conv(block.conv1.conv, xf, n, f, f)
     h = folded_instance_norm(block.conv1.norm, h, n, f, block.conv1.slope)
@@ -361,12 +361,10 @@ def _on_tpu(x, tpu, default):
 def _fold_pair(cin, cout, stride, width):
     """(f_in, f_out): the folds of a convolution's input and output along W (see fold_factor),
     with stride·f_out = f_in so that input and output W blocks correspond one to one (the folded
-    layout keeps them in the batch); (1, 1) where neither side is narrower than the lanes."""
+    layout keeps them in the batch); None where W does not divide into such blocks."""
     f_out = fold_factor(cout, -(-width // stride))
     f_in = stride * f_out
-    if (f_out == 1 and fold_factor(cin, width) == 1) or width % f_in:
-        return 1, 1
-    return f_in, f_out
+    return None if width % f_in else (f_in, f_out)
 
 
 def conv_norm_act(module, x, plain):
@@ -374,14 +372,45 @@ def conv_norm_act(module, x, plain):
     full lanes), elsewhere plain(x)."""
     c = module.conv
     stride = (c.strides,) * 3 if isinstance(c.strides, int) else tuple(c.strides)
-    f_in, f_out = _fold_pair(c.in_features, c.out_features, stride[2], x.shape[3]) if TPU_FOLD else (1, 1)
-    if f_out == 1 and f_in == 1:
+    folds = _fold_pair(c.in_features, c.out_features, stride[2], x.shape[3]) if TPU_FOLD else None
+    if folds is None:
         return plain(x)
+    f_in, f_out = folds
 
     def tpu(x):
         n = x.shape[0]
         y = folded_instance_norm(module.norm, folded_conv(c, _fold(x, f_in), n, f_in, f_out), n, f_out, module.slope)
         return _unfold(y, f_out, n)
+
+    return _on_tpu(x, tpu, plain)
+
+
+def upsample(module, x, plain, resize):
+    """module (blocks.Upsample in "resize" mode: a 1³ convolution, then ×2 trilinear upsampling
+    by resize(x, axes)) applied to x (N, d, h, w, C_in): on TPU in the folded layout of the
+    output's fold f (input blocks of f voxels along W, each giving two output blocks), elsewhere
+    plain(x). The same float32 arithmetic as resize, axis by axis: D and H as resize does them,
+    then W across each block's sub-positions and its neighbours' (the edge voxel repeats)."""
+    n, w = x.shape[0], x.shape[3]
+    f = fold_factor(module.conv.out_features, 2 * w) if TPU_FOLD else 1
+    if f == 1 or w % f:
+        return plain(x)
+
+    def tpu(x):
+        c = folded_conv(module.conv, _fold(x, f), n, f, f)  # (n·w/f, d, h, f·C)
+        dtype, lanes = c.dtype, c.shape[-1]
+        ch = lanes // f
+        c = resize(c.astype(jnp.float32), axes=(1, 2))
+        cb = c.reshape(n, -1, *c.shape[1:])
+        sub = lambda v, s: v[..., s * ch:(s + 1) * ch]
+        left = jnp.concatenate([sub(cb[:, :1], 0), sub(cb[:, :-1], f - 1)], axis=1)  # voxel before each block
+        right = jnp.concatenate([sub(cb[:, 1:], 0), sub(cb[:, -1:], f - 1)], axis=1)  # voxel after it
+        at = lambda s: left if s < 0 else right if s >= f else sub(cb, s)
+        # Output voxel 2s is 0.75·x[s] + 0.25·x[s-1], 2s + 1 is 0.75·x[s] + 0.25·x[s+1] (as resize).
+        out = jnp.concatenate([0.75 * at(q // 2) + 0.25 * at(q // 2 + (1 if q % 2 else -1)) for q in range(2 * f)],
+                              axis=-1)
+        out = out.reshape(*cb.shape[:4], 2, lanes).transpose(0, 1, 4, 2, 3, 5)
+        return _unfold(out.reshape(-1, *out.shape[3:]).astype(dtype), f, n)
 
     return _on_tpu(x, tpu, plain)
 
