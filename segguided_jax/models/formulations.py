@@ -1,9 +1,10 @@
 """How each backend runs a convolution or a stage: the one place that chooses a formulation per backend.
 
 The network (blocks.py) is written with plain layers; blocks.Conv and blocks.ConvTranspose hand
-every call to conv() / conv_transpose() here, blocks.ConvNormAct and blocks.SegAttentionGate to
-conv_norm_act() / attention_gate(), and network.py each residual block to residual_block(); each
-returns the same values (same parameters, same math) computed the way the backend runs fastest. The choices, each with its measured reason:
+every call to conv() / conv_transpose() here, blocks.ConvNormAct, blocks.Upsample and
+blocks.SegAttentionGate to conv_norm_act() / upsample() / attention_gate(), and network.py each
+residual block to residual_block(); each returns the same values (same parameters, same math)
+computed the way the backend runs fastest. The choices, each with its measured reason:
 
 | convolution | backend | formulation | why (measured) |
 |---|---|---|---|
@@ -17,8 +18,8 @@ And for whole layers and blocks:
 
 | stage | backend | formulation | why (measured) |
 |---|---|---|---|
-| residual blocks, conv–norm–act (stem, downsampling), gates, 1³ convolutions on fewer than 128 channels (TPU_FOLD) | TPU | W folded into the channels to fill the 128 lanes (fold_factor: 4 at 32 channels, 2 at 64), each convolution on the folded grid with a kernel built from the layer's (folded_conv), instance norm over channels and sub-positions (folded_instance_norm) | a TPU lays the minor dimension out in 128-wide lanes; brats21 at 64³ on v5e: 101.2 → 65.4 GiB accessed per step, peak 6.42 → 3.33 GiB, for 3.4× the FLOPs (multiplies by the kernels' structural zeros); at 128³: docs/tpu.md |
-| residual blocks of ≥ TPU_REMAT_MIN_VOXELS (128³) voxels | TPU | under jax.checkpoint: only the block's input is kept for the backward pass, the rest recomputed | with folding, brats21's batch 2 still needed 16.25 GiB of temporaries on a 15.75 GiB v5e; rematerialising every block costs 8 % more bytes and 29 % more FLOPs (64³), so only the 128³ blocks are (docs/tpu.md) |
+| residual blocks, conv–norm–act (stem, downsampling), resize upsampling; gates and 1³ convolutions on fewer than 128 channels (TPU_FOLD) | TPU | the folded layout: W folded into the channels to fill the 128 lanes (fold_factor: 4 at 32 channels, 2 at 64, 1 from 128) and the W blocks moved into the batch, (N, D, H, W, C) -> (N·W/f, D, H, f·C); each 3³ convolution a 2-D (3, 3) one over D, H whose input channels also carry the W neighbours' sub-positions its taps reach (folded_conv), instance norm over channels and sub-positions (folded_instance_norm) | a TPU lays the minor dimension out in 128-wide lanes, and with a batch of 2 XLA rewrote 3-D convolutions with halo copies of the activation; brats21 at 128³, batch 2, v5p: 270 → 66 GiB accessed per sample, peak 42.4 → 9.4 GiB (docs/tpu.md) |
+| residual blocks of ≥ TPU_REMAT_MIN_VOXELS voxels (default: none) | TPU | under jax.checkpoint: only the block's input is kept for the backward pass, the rest recomputed | for patches too large for a chip's HBM; brats21's batch 2 fits a v5e (16 GiB) without it |
 | all of the above | others | as written | |
 
 Backend choices are made at lowering time with lax.platform_dependent, so each backend runs only
@@ -389,28 +390,41 @@ def upsample(module, x, plain, resize):
     """module (blocks.Upsample in "resize" mode: a 1³ convolution, then ×2 trilinear upsampling
     by resize(x, axes)) applied to x (N, d, h, w, C_in): on TPU in the folded layout of the
     output's fold f (input blocks of f voxels along W, each giving two output blocks), elsewhere
-    plain(x). The same float32 arithmetic as resize, axis by axis: D and H as resize does them,
-    then W across each block's sub-positions and its neighbours' (the edge voxel repeats)."""
+    plain(x). resize's float32 arithmetic, axis by axis, W first (across each block's
+    sub-positions and its neighbours', the edge voxel repeating) while D and H are still at the
+    input's size, then D and H as resize does them: the same values to float32 rounding."""
     n, w = x.shape[0], x.shape[3]
     f = fold_factor(module.conv.out_features, 2 * w) if TPU_FOLD else 1
     if f == 1 or w % f:
         return plain(x)
 
+    # W's interpolation as matmuls of whole lane tiles, one per block read: out = c·A + before·B
+    # + after·B' for the blocks before and after (C-wide sub-position slices would each be
+    # padded to 128 lanes). m[r, s, q]: the weight of input sub-position s of block r (0 before,
+    # 1 own, 2 after) in output voxel q of the two output blocks.
+    m = np.zeros((3, f, 2 * f), np.float32)
+    for q in range(2 * f):
+        for s, weight in ((q // 2, 0.75), (q // 2 + (1 if q % 2 else -1), 0.25)):
+            m[1 + (s >= f) - (s < 0), s % f, q] += weight
+    ch = module.conv.out_features
+
     def tpu(x):
         c = folded_conv(module.conv, _fold(x, f), n, f, f)  # (n·w/f, d, h, f·C)
         dtype, lanes = c.dtype, c.shape[-1]
-        ch = lanes // f
-        c = resize(c.astype(jnp.float32), axes=(1, 2))
-        cb = c.reshape(n, -1, *c.shape[1:])
-        sub = lambda v, s: v[..., s * ch:(s + 1) * ch]
-        left = jnp.concatenate([sub(cb[:, :1], 0), sub(cb[:, :-1], f - 1)], axis=1)  # voxel before each block
-        right = jnp.concatenate([sub(cb[:, 1:], 0), sub(cb[:, -1:], f - 1)], axis=1)  # voxel after it
-        at = lambda s: left if s < 0 else right if s >= f else sub(cb, s)
-        # Output voxel 2s is 0.75·x[s] + 0.25·x[s-1], 2s + 1 is 0.75·x[s] + 0.25·x[s+1] (as resize).
-        out = jnp.concatenate([0.75 * at(q // 2) + 0.25 * at(q // 2 + (1 if q % 2 else -1)) for q in range(2 * f)],
-                              axis=-1)
+        # The products are exact in one bfloat16 pass when c is bfloat16 (weights 0.75 and 0.25),
+        # and the two terms of each output are summed in float32, as resize does.
+        precision = jax.lax.Precision.DEFAULT if dtype == jnp.bfloat16 else jax.lax.Precision.HIGHEST
+        cb = c.astype(jnp.float32).reshape(n, -1, *c.shape[1:])
+        # The edge voxel repeats: before block 0 stands its own sub-position 0, after the last
+        # block its own last one (moved to where the neighbour's would be).
+        to_last = np.kron(np.eye(f, k=f - 1), np.eye(ch)).astype(np.float32)  # sub 0 -> sub f-1
+        before = jnp.concatenate([jnp.dot(cb[:, :1], to_last, precision=precision), cb[:, :-1]], axis=1)
+        after = jnp.concatenate([cb[:, 1:], jnp.dot(cb[:, -1:], to_last.T, precision=precision)], axis=1)
+        out = sum(jnp.dot(v, np.kron(m[r], np.eye(ch)).astype(np.float32), precision=precision)
+                  for r, v in enumerate((before, cb, after)))
         out = out.reshape(*cb.shape[:4], 2, lanes).transpose(0, 1, 4, 2, 3, 5)
-        return _unfold(out.reshape(-1, *out.shape[3:]).astype(dtype), f, n)
+        out = resize(out.reshape(-1, *out.shape[3:]), axes=(1, 2))
+        return _unfold(out.astype(dtype), f, n)
 
     return _on_tpu(x, tpu, plain)
 
