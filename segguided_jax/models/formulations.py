@@ -18,7 +18,7 @@ And for whole layers and blocks:
 
 | stage | backend | formulation | why (measured) |
 |---|---|---|---|
-| residual blocks, conv–norm–act (stem, downsampling), resize upsampling; gates and 1³ convolutions on fewer than 128 channels (TPU_FOLD) | TPU | the folded layout: W folded into the channels to fill the 128 lanes (fold_factor: 4 at 32 channels, 2 at 64, 1 from 128) and the W blocks moved into the batch, (N, D, H, W, C) -> (N·W/f, D, H, f·C); each 3³ convolution a 2-D (3, 3) one over D, H whose input channels also carry the W neighbours' sub-positions its taps reach (folded_conv), instance norm over channels and sub-positions (folded_instance_norm) | a TPU lays the minor dimension out in 128-wide lanes, and with a batch of 2 XLA rewrote 3-D convolutions with halo copies of the activation; brats21 at 128³, batch 2, v5p: 270 → 66 GiB accessed per sample, peak 42.4 → 9.4 GiB (docs/tpu.md) |
+| residual blocks, conv–norm–act (stem, downsampling), resize upsampling; gates and 1³ convolutions on fewer than 128 channels (TPU_FOLD) | TPU | the folded layout: W folded into the channels to fill the 128 lanes (fold_factor: 4 at 32 channels, 2 at 64, 1 from 128) and the W blocks moved into the batch, (N, D, H, W, C) -> (N·W/f, D, H, f·C); each 3³ convolution a 2-D (3, 3) one over D, H whose input channels also carry the W neighbours' sub-positions its taps reach (folded_conv), instance norm over channels and sub-positions (folded_instance_norm) | a TPU lays the minor dimension out in 128-wide lanes, and with a batch of 2 XLA rewrote 3-D convolutions with halo copies of the activation; brats21 at 128³, batch 2, v5p: 270 → 64 GiB accessed per sample, peak 42.4 → 9.5 GiB, cost model 7.9 → 25.2 patches/s (docs/tpu.md) |
 | residual blocks of ≥ TPU_REMAT_MIN_VOXELS voxels (default: none) | TPU | under jax.checkpoint: only the block's input is kept for the backward pass, the rest recomputed | for patches too large for a chip's HBM; brats21's batch 2 fits a v5e (16 GiB) without it |
 | all of the above | others | as written | |
 
@@ -46,8 +46,9 @@ def _tiles(kernel_size, strides, spatial=None) -> bool:
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 CPU_REWRITES = True
 # Residual blocks with at least this many voxels per sample run under jax.checkpoint on TPU (None:
-# none, 0: all). With the folded layout brats21's batch 2 takes 10.0 of a v5e's 16 GiB without it
-# (docs/tpu.md); larger patches per chip (192³) may need it, at ~10 % more bytes per step.
+# none, 0: all): for patches larger than a chip's HBM holds. With the folded layout none is needed
+# for brats21 (batch 2 takes 9.4 of a v5e's 16 GiB; 192³ volumes split over 2 or 4 v5e chips take
+# 8.5 GiB, docs/tpu.md); rematerialising every block cost 8 % more bytes at 64³ (5-D fold).
 TPU_REMAT_MIN_VOXELS = None
 # None: each backend gets its own formulation (lax.platform_dependent, decided when the program is
 # lowered for its platform). "tpu": the TPU formulations everywhere, so that a CPU test can compare
