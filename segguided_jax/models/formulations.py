@@ -135,8 +135,7 @@ def _strided_patches_conv(x, kernel, strides, precision):
     n, *spatial, c = x.shape
     k = kernel.shape[:3]
     out = [-(-size // st) for size, st in zip(spatial, strides)]
-    total = [max((o - 1) * st + kk - size, 0) for o, st, kk, size in zip(out, strides, k, spatial)]
-    x = jnp.pad(x, [(0, 0)] + [(t // 2, t - t // 2) for t in total] + [(0, 0)])
+    x = jnp.pad(x, [(0, 0)] + [_same_padding(size, kk, st) for size, kk, st in zip(spatial, k, strides)] + [(0, 0)])
     patches = jnp.concatenate([
         jax.lax.slice(x, (0, a, b, e, 0),
                       (n, a + (out[0] - 1) * strides[0] + 1, b + (out[1] - 1) * strides[1] + 1,
@@ -253,20 +252,18 @@ def _same_padding(size, kernel, stride):
 
 def _folded_w(kernel_w: int, stride: int, pad_lo: int, f_in: int, f_out: int):
     """A convolution along W (kernel_w taps, stride, pad_lo zeros before the first voxel) between
-    an input folded by f_in and an output folded by f_out, as a convolution on the folded grid:
-    fine output f_out·u + t reads fine input stride·(f_out·u + t) + tap - pad_lo, which is coarse
-    voxel cs·u + off, sub-position s, with cs = stride·f_out/f_in. Returns (cs, off_min,
-    E[off - off_min, s, t, tap] in {0, 1})."""
-    if (stride * f_out) % f_in:
+    an input folded by f_in and an output folded by f_out = f_in / stride, block by block: fine
+    output f_out·u + t reads fine input f_in·u + stride·t + tap - pad_lo, which is sub-position s
+    of input block u + off. Returns (off_min, E[off - off_min, s, t, tap] in {0, 1})."""
+    if stride * f_out != f_in:
         raise ValueError(f"no folded form: stride {stride}, fold {f_in} -> {f_out}")
-    cs = stride * f_out // f_in
     hits = [(t, tap, *divmod(stride * t + tap - pad_lo, f_in)) for t in range(f_out) for tap in range(kernel_w)]
     off_min = min(h[2] for h in hits)
     off_max = max(h[2] for h in hits)
     e = np.zeros((off_max - off_min + 1, f_in, f_out, kernel_w), np.float32)
     for t, tap, off, s in hits:
         e[off - off_min, s, t, tap] = 1.0
-    return cs, off_min, e
+    return off_min, e
 
 
 def folded_conv(layer, x, n, f_in, f_out):
@@ -289,8 +286,8 @@ def folded_conv(layer, x, n, f_in, f_out):
         pads = [(0, 0)] * 3
     else:
         raise ValueError(f"no folded form for padding {layer.padding!r}")
-    cs, off_min, e = _folded_w(ks[2], strides[2], pads[2][0], f_in, f_out)
-    if cs != 1 or ((width + sum(pads[2]) - ks[2]) // strides[2] + 1) != blocks * f_out:
+    off_min, e = _folded_w(ks[2], strides[2], pads[2][0], f_in, f_out)
+    if (width + sum(pads[2]) - ks[2]) // strides[2] + 1 != blocks * f_out:
         raise ValueError(f"no folded form: stride {strides[2]}, fold {f_in} -> {f_out}, width {width}")
     cin, cout = kernel.shape[3], kernel.shape[4]
     # (Only the batch is split, never the lanes: splitting f_in·C_in into (f_in, C_in) would
