@@ -5,23 +5,21 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 
-# The interpreter: SEGGUIDED_PYTHON if given, else the first Python >= 3.12 that runs and can make
-# a venv, else python3. Python 3.12 gets jax 0.12, whose oneDNN convolutions make the CPU train
-# step ~4.5x faster than jax 0.10.2, the newest jax pip resolves on Python 3.11 (synthetic config
-# at 32³, benchmarks/vs_monai.py --ours_python=...: 478 ms against 2335 ms). A pyenv shim such as
+# The interpreter: the lock (lock/*.txt, made by launch/relock.sh) is resolved for CPython 3.12 on
+# x86-64 Linux, so the first Python 3.12 that runs and can make a venv. A pyenv shim such as
 # python3.12 exists even when that version is not selected and then fails, hence the check that
-# each candidate really runs.
+# each candidate really runs. SEGGUIDED_PYTHON forces another interpreter: a 3.12 one installs the
+# lock as well; any other version installs from pyproject.toml's ranges, unlocked, and says so.
 _segguided_python() {
   if [ -n "${SEGGUIDED_PYTHON:-}" ]; then echo "$SEGGUIDED_PYTHON"; return; fi
   local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}" cand
-  for cand in python3.12 python3.13 \
-      $(ls -d "$pyenv_root"/versions/3.12*/bin/python3 "$pyenv_root"/versions/3.13*/bin/python3 2>/dev/null) \
-      python3; do
-    if "$cand" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+  for cand in python3.12 $(ls -d "$pyenv_root"/versions/3.12*/bin/python3 2>/dev/null) python3; do
+    if "$cand" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; then
       echo "$cand"; return
     fi
   done
-  echo python3
+  echo "setup: no Python 3.12 found (the lock's interpreter); set SEGGUIDED_PYTHON to one" >&2
+  return 1
 }
 PYTHON="$(_segguided_python)"
 PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
@@ -31,42 +29,64 @@ if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c 'import sys; print("%
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV with $("$PYTHON" --version) ($PYTHON)"
-  "$PYTHON" -m venv "$VENV"
+  "$PYTHON" -m venv --without-pip "$VENV"
 fi
-EXTRAS="${SEGGUIDED_EXTRAS:-test}"  # test,cuda on NVIDIA GPUs; test,tpu on Cloud TPU VMs
-STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml"; echo "$EXTRAS $PY_VERSION") | sha1sum | cut -c1-12)"
+# Which lock file holds the extras asked for: test (demo, tests, training) by default; test,tpu on
+# a Cloud TPU VM (libtpu inside the venv). Other extras have no lock and resolve unlocked.
+EXTRAS="${SEGGUIDED_EXTRAS:-test}"
+case "$EXTRAS" in
+  test) LOCKFILE="$ROOT/lock/test.txt" ;;
+  test,tpu|tpu,test) LOCKFILE="$ROOT/lock/all.txt" ;;
+  *) LOCKFILE="" ;;
+esac
+if [ "$PY_VERSION" != 3.12 ] || [ "$(uname -s)-$(uname -m)" != Linux-x86_64 ]; then
+  LOCKFILE=""
+fi
+LIBTPU_LOCK="$ROOT/lock/libtpu.txt"
+STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml" "$ROOT/lock/uv.txt" ${LOCKFILE:+"$LOCKFILE"} "$LIBTPU_LOCK";   echo "$EXTRAS $PY_VERSION") | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
-  echo "setup: installing segguided_jax and its dependencies into $VENV (first run only)"
-  if ! { "$VENV/bin/python" -m pip install --upgrade pip \
-         && "$VENV/bin/python" -m pip install -e "$ROOT[$EXTRAS]"; } >"$VENV/install.log" 2>&1; then
-    tail -n 30 "$VENV/install.log"; echo "setup: pip install failed; full log in $VENV/install.log" >&2
+  # uv, itself pinned with its hashes in lock/uv.txt, installs the lock exactly (and in seconds);
+  # it lives beside the venv's packages, not among them, so that syncing never removes it.
+  UV="$VENV/tools/bin/uv"
+  if [ -z "$LOCKFILE" ]; then
+    echo "setup: NO LOCK for Python $PY_VERSION on $(uname -s) $(uname -m) with extras '$EXTRAS' (the lock is" \
+         "for Python 3.12 on x86-64 Linux, extras test or test,tpu): resolving pyproject.toml's ranges" \
+         "instead; package versions, and so the README's figures, may differ" >&2
+  else
+    echo "setup: installing the lock ${LOCKFILE#$ROOT/} into $VENV (first run only)"
+  fi
+  if ! {
+      rm -rf "$VENV/tools"
+      "$PYTHON" -m pip install --disable-pip-version-check --no-deps --require-hashes --target "$VENV/tools" \
+        -r "$ROOT/lock/uv.txt"
+      if [ -n "$LOCKFILE" ]; then
+        "$UV" pip sync --python "$VENV/bin/python" --require-hashes "$LOCKFILE" \
+          && "$UV" pip install --python "$VENV/bin/python" --no-deps -e "$ROOT"
+      else
+        "$UV" pip install --python "$VENV/bin/python" -e "$ROOT[$EXTRAS]"
+      fi
+    } >"$VENV/install.log" 2>&1; then
+    tail -n 30 "$VENV/install.log"; echo "setup: install failed; full log in $VENV/install.log" >&2
     return 1 2>/dev/null || exit 1
   fi
   rm -f "$VENV"/.installed-*
-  touch "$STAMP"
-fi
-# libtpu for deviceless TPU compilation (segguided_jax.compile_check --topology, the TPU compile
-# test) on x86-64 Linux: installed next to the venv, not into it, so that JAX on a CPU machine
-# never finds a TPU plugin at start-up; only code that asks for a TPU topology points
-# TPU_LIBRARY_PATH at it. The version is the one the installed jax's `tpu` extra pins. On a TPU VM
-# (the `tpu` extra) libtpu is a normal dependency and this copy is not used.
-LIBTPU_DIR="$VENV/libtpu"
-if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && [[ ",$EXTRAS," == *,test,* ]] \
-   && [ ! -f "$LIBTPU_DIR/.installed-$(basename "$STAMP")" ]; then
-  LIBTPU_REQ="$("$VENV/bin/python" - <<'PY'
-from importlib.metadata import requires
-print(next((r.split(";")[0].replace(" ", "") for r in requires("jax") or [] if r.startswith("libtpu") and 'extra == "tpu"' in r), ""))
-PY
-)"
-  if [ -n "$LIBTPU_REQ" ]; then
-    echo "setup: installing $LIBTPU_REQ into $LIBTPU_DIR (TPU compiler for deviceless compiles)"
-    rm -rf "$LIBTPU_DIR"
-    if "$VENV/bin/python" -m pip install --no-deps --target "$LIBTPU_DIR" "$LIBTPU_REQ" >>"$VENV/install.log" 2>&1; then
-      touch "$LIBTPU_DIR/.installed-$(basename "$STAMP")"
-    else
-      echo "setup: could not install $LIBTPU_REQ (see $VENV/install.log); TPU compile checks will skip" >&2
+  # libtpu for deviceless TPU compilation (segguided_jax.compile_check --topology, the TPU compile
+  # test) on x86-64 Linux: installed next to the venv, not into it, so that JAX on a CPU machine
+  # never finds a TPU plugin at start-up; only code that asks for a TPU topology points
+  # TPU_LIBRARY_PATH at it. Its version is the lock's (the one the locked jax's `tpu` extra pins).
+  # On a TPU VM (the `tpu` extra) libtpu is a normal dependency and this copy is not used.
+  rm -rf "$VENV/libtpu"
+  if [ -n "$LOCKFILE" ]; then
+    echo "setup: installing $(grep -oE '^libtpu==[^ ]+' "$LIBTPU_LOCK") into $VENV/libtpu (TPU compiler for deviceless compiles)"
+    if ! "$UV" pip install --python "$VENV/bin/python" --no-deps --require-hashes --target "$VENV/libtpu" \
+         -r "$LIBTPU_LOCK" >>"$VENV/install.log" 2>&1; then
+      tail -n 30 "$VENV/install.log"; echo "setup: could not install libtpu (see $VENV/install.log)" >&2
+      return 1 2>/dev/null || exit 1
     fi
+  else
+    echo "setup: no libtpu without the lock: TPU compile checks cannot run (and fail under CI=true)" >&2
   fi
+  touch "$STAMP"
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
