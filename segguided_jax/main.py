@@ -52,6 +52,18 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     # accelerators, whose collectives do not use it).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout)
+    if jax.devices()[0].platform == "cpu":
+        # No persistent compilation cache for multi-process CPU runs. On CPU the cache key covers
+        # the device topology, which holds the process index, so each process has keys of its own;
+        # only process 0 writes entries (jax/_src/compiler.py: "Not writing persistent cache entry
+        # since process_id != 0"; jax-ml/jax#18819 asks for other writers). So on a filled cache
+        # process 0 loads its executables and the others compile theirs, every time: nothing is
+        # gained, and with jax 0.12.1 the loaded and the freshly compiled train step never meet in
+        # their first all-reduce (launch/local.sh 2 --devices 2 hung at step 1 on 3 launches of 3
+        # on a filled cache). On GPU the key leaves the device assignment out for exactly this
+        # (jax/_src/cache_key.py) and a TPU slice has one topology for all its hosts, so there
+        # every process hits or misses together and the cache stays on.
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 def main(argv):
