@@ -98,6 +98,15 @@ def get_config():
     c.train.steps = 1800
     c.train.log_every = 10
     c.train.eval_every = 600
+    # A run whose loop makes no progress (no step, validation case or checkpoint) for this long
+    # stops with a message instead of hanging (segguided_jax/watchdog.py): a collective that a peer
+    # never joins blocks forever otherwise. Above the slowest first step (compilation included)
+    # and the slowest validation case of any config; 0: never.
+    c.train.stall_timeout_s = 1800.0
+    # After SIGTERM (a preemption notice to any process) the run saves at its next step; one that
+    # makes no progress for this long after the notice stops without saving (schedulers send
+    # SIGKILL 30-120 s after SIGTERM). 0: wait for the next step, however long.
+    c.train.preempt_grace_s = 60.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices along the batch; -1: all that the spatial axis leaves

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from segguided_jax import lease, postprocess, sharding, storage
+from segguided_jax.watchdog import Watchdog, preemption_noticed_by_any_process
 from segguided_jax.checkpointing import CheckpointMismatch, Checkpointer, all_process_states
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
@@ -115,8 +116,9 @@ class Validator:
         target = self.source.manifest.get("target_spacing")
         self.spacing = lambda meta: target or meta["spacing"]  # the voxel size of the preprocessed grid
 
-    def __call__(self, params, fit_postprocessing: bool = False) -> tuple[dict, dict | None]:
-        """(validation metrics, the post-processing fitted on these cases if asked, else None)."""
+    def __call__(self, params, fit_postprocessing: bool = False, progress=lambda what: None) -> tuple[dict, dict | None]:
+        """(validation metrics, the post-processing fitted on these cases if asked, else None);
+        progress(what) is called after each case."""
         self.predictor.set_params(params)
         dice_rows, attn, fit = [], {s: [] for s in SUBREGIONS}, 0.0
         for i, meta in enumerate(self.source.cases):
@@ -131,6 +133,7 @@ class Validator:
                         attn[sub].append(soft_dice(out[..., 3 + k], masks[..., k]))
             if fit_postprocessing:
                 fit = fit + postprocess.fit_scores(out, case["label"], self.spacing(meta), self.post)
+            progress(f"validation case {meta.get('case_id', i)}")
         row = {k: float(np.mean([r[k] for r in dice_rows])) for k in dice_rows[0]}
         row["dice_mean"] = float(np.mean(list(row.values())))
         if self.gates:  # a sub-region absent from every case has no fidelity to report
@@ -176,6 +179,10 @@ class Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def noticed(self) -> bool:
+        """Whether a SIGTERM has arrived (at any process of the run); safe from another thread."""
+        return self.requested if jax.process_count() == 1 else preemption_noticed_by_any_process()
 
     def reached(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -240,6 +247,17 @@ def train_and_evaluate(config, workdir: str, force_takeover: bool = False) -> di
 
 def _train(config, workdir: str, held) -> dict:
     """train_and_evaluate's body, run while `held` (process 0's lease; None elsewhere) is held."""
+    preemption = Preemption()
+    watchdog = Watchdog(config.train.stall_timeout_s, config.train.preempt_grace_s, preemption.noticed,
+                        process_index=jax.process_index())
+    try:
+        return _train_loop(config, workdir, held, preemption, watchdog)
+    finally:
+        watchdog.close()
+
+
+def _train_loop(config, workdir: str, held, preemption: Preemption, watchdog: Watchdog) -> dict:
+    """_train's body, watched by `watchdog` (see segguided_jax.watchdog)."""
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
     fns = sharded_steps(config, mesh)
@@ -248,6 +266,7 @@ def _train(config, workdir: str, held) -> dict:
                                    batch_size=config.train.batch_size // jax.process_count()))
     fingerprint = load_manifest(config.data.dir)["fingerprint"]
     state, start = _restore_or_init(config, ckpt, fns, data_iter, fingerprint)
+    watchdog.beat("restoring or initialising the state")
     if jax.process_index() == 0:
         storage.write_text(storage.join(workdir, "config.json"), config.to_json(indent=1))
     log = MetricsLog(workdir, start)
@@ -257,7 +276,7 @@ def _train(config, workdir: str, held) -> dict:
     def validate(step):
         final = step == config.train.steps
         t0 = time.time()
-        metrics, fitted = validator(state.params, fit_postprocessing=final)
+        metrics, fitted = validator(state.params, fit_postprocessing=final, progress=watchdog.beat)
         row = {"step": step, "split": "val", **metrics}
         log.write(row)
         log.flush()  # the row is in the workdir before best/ and the checkpoint of its step
@@ -281,10 +300,12 @@ def _train(config, workdir: str, held) -> dict:
         # keeps those rows, and only rows it drops can be lost by a kill.
         log.flush()
         ckpt.save(step, state, data_state, config.to_dict())
+        watchdog.beat(f"the checkpoint of step {step}")
 
     if start and _is_eval_step(start, config) and not log.validated(start):
         validate(start)  # the run stopped (preempted) after saving this step and before validating it
-    preemption, total = Preemption(), config.train.steps
+    total = config.train.steps
+    watchdog.beat(f"set-up (step {start} of {total})")
     t_last, s_last = time.time(), start
     try:
         for step in range(start + 1, total + 1):
@@ -301,6 +322,7 @@ def _train(config, workdir: str, held) -> dict:
                 log.write(row, steps_per_sec=rate)
                 log.progress(f"step {step}/{total} | loss {row['loss']:.4f} (seg {row['loss_seg']:.4f}, aux "
                              f"{row['loss_aux']:.4f}) | {rate:.2f} steps/s | ETA {_fmt_time((total - step) / rate)}")
+            watchdog.beat(f"step {step}")
             if preemption.reached(step):
                 save(step)
                 log.progress(f"preempted: saved a checkpoint at step {step}; the same command resumes from it")

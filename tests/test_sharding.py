@@ -111,9 +111,15 @@ def test_two_processes_kill_resume_equals_uninterrupted(data_dir, tmp_path):
     digests = _digests(whole.stdout)
     assert len(digests) == 2 and digests[0] == digests[1]  # both processes hold the same parameters
 
+    # Interrupted the hard way: process 1 frozen (SIGSTOP) mid-run, so process 0 is stuck in a
+    # collective that never completes; a SIGTERM to process 0 asks for a checkpoint at a step it
+    # cannot reach, so after train.preempt_grace_s its watchdog ends it (exit 75, a message); then
+    # kill -9 of every process of the run.
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(_two_process_cmd(data_dir, workdir, steps), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    grace = 3
+    proc = subprocess.Popen(_two_process_cmd(data_dir, workdir, steps) + [f"--config.train.preempt_grace_s={grace}"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
     ckpts = workdir / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -121,9 +127,22 @@ def test_two_processes_kill_resume_equals_uninterrupted(data_dir, tmp_path):
             break
         time.sleep(0.05)
     finished_early = proc.poll() is not None
-    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of every process of the run
-    proc.wait()
-    assert not finished_early, "the run ended before it could be killed"
+    try:
+        if not finished_early:
+            first, peer = _pid(0, workdir), _pid(1, workdir)
+            os.kill(peer, signal.SIGSTOP)
+            os.kill(first, signal.SIGTERM)
+            stopped = _wait_for_exit(first, limit=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert not finished_early, "the run ended before it could be interrupted"
+    err = proc.stderr.read()
+    assert stopped < grace + 15, f"process 0 ran on for {stopped:.0f} s after SIGTERM:\n{err[-3000:]}"
+    assert "process 0: preemption notice (SIGTERM)" in err and "the last checkpoint is intact" in err, err[-3000:]
     done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
     assert done, "no checkpoint within 300 s"
     again = subprocess.run(_two_process_cmd(data_dir, workdir, steps), cwd=ROOT, env=_env(),
@@ -175,6 +194,64 @@ def test_a_dead_peer_stops_the_run_within_the_heartbeat_timeout(data_dir, tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert noticed < 45, f"process 0 went on for {noticed:.0f} s after its peer died"
+
+
+def test_a_run_with_a_frozen_peer_stops_within_the_stall_bound(data_dir, tmp_path):
+    """Process 1 frozen (SIGSTOP) mid-run: process 0 waits in a collective that never completes, and
+    the frozen peer's heartbeats stop too, but the heartbeat bound is set out of reach, so only the
+    watchdog can end it, after train.stall_timeout_s without progress. (30 s: three times the
+    tiny run's slowest gap between two pieces of progress, the first train step's compilation,
+    when the two processes share 2 cores.)"""
+    workdir, stall = tmp_path / "run", 30
+    cmd = _two_process_cmd(data_dir, workdir, 100000)
+    cmd[cmd.index("--") + 1:cmd.index("--") + 1] = ["--heartbeat_timeout=900"]
+    # No validation and no checkpoints: the only slow gap left is the train step's compilation.
+    cmd += [f"--config.train.stall_timeout_s={stall}", "--config.train.preempt_grace_s=0",
+            "--config.train.eval_every=1000000", "--config.checkpoint.every_steps=1000000"]
+    log = tmp_path / "stdout"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.PIPE,
+                                start_new_session=True, text=True)
+    try:
+        deadline = time.time() + 300  # metrics.jsonl is written at checkpoints only: watch the progress line
+        while time.time() < deadline and proc.poll() is None and "\nstep 2/" not in log.read_text():
+            time.sleep(0.1)
+        first, peer = _pid(0, workdir), _pid(1, workdir)
+        running = first is not None and peer is not None and "\nstep 2/" in log.read_text()
+        if running:
+            os.kill(peer, signal.SIGSTOP)
+            stopped = _wait_for_exit(first, limit=stall + 90)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the frozen peer (and the launcher)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    err = proc.stderr.read()
+    assert running, f"the run stopped before its second step:\n{err[-3000:]}"
+    assert stopped < stall + 15, f"process 0 ran on for {stopped:.0f} s:\n{err[-3000:]}"
+    assert "process 0: no progress for" in err and "the last checkpoint is intact" in err, err[-3000:]
+
+
+def _pid(index, workdir):
+    """The pid of training process `index` of the run in workdir."""
+    out = subprocess.run(["pgrep", "-f", "--", f"--process_id={index} .*--workdir={workdir}"],
+                         capture_output=True, text=True)
+    return int(out.stdout.split()[0]) if out.stdout.split() else None
+
+
+def _wait_for_exit(pid, limit):
+    """Seconds until process `pid` (a grandchild: the launcher reaps it) has exited, at most limit."""
+    start = time.time()
+    while time.time() - start < limit:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    return time.time() - start
 
 
 LIBTPU = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")  # where launch/env.sh installs it
