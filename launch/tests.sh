@@ -6,4 +6,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # test would compile the train step afresh (tiny train step: 7.5 s to compile, 1.3 s from the
 # cache). The demo and training keep the package's default flags.
 export SEGGUIDED_CPU_FLAGS=cacheable
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
