@@ -1,10 +1,12 @@
-"""The evaluate CLI end to end on tiny NIfTI cases written here."""
+"""The evaluate CLI end to end on tiny NIfTI cases written here (once as `python -m`, as users run it)."""
 from __future__ import annotations
 
 import csv
 import json
 import os
 import re
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from segguided_jax import evaluate
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 12)
 SPACING = (1.0, 1.0, 2.5)
 
@@ -51,7 +54,10 @@ def test_cli_end_to_end(tmp_path):
     # Case 2 has no prediction; case 9 has no reference.
     save(str(pred / "BraTS2021_00009.nii.gz"), seg)
 
-    assert evaluate.main(["--pred", str(pred), "--ref", str(ref), "--out", str(out)]) == 0
+    # As users run it: the command, and the exit status the shell sees.
+    run = subprocess.run([sys.executable, "-m", "segguided_jax.evaluate", "--pred", str(pred), "--ref", str(ref),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
     rows = {r["case_id"]: r for r in read_csv(out / "per_case.csv")}
     assert {c: r["status"] for c, r in rows.items()} == {

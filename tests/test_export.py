@@ -20,8 +20,13 @@ CASE = "BraTS2021_00000"
 
 @pytest.fixture(scope="module")
 def model_file(tiny_run, tmp_path_factory):
+    """The model file of tiny_run, written by the export command as users run it."""
     out = str(tmp_path_factory.mktemp("export") / "tiny.sgm")
-    assert export.main(["--workdir", tiny_run, "--out", out]) == 0
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+    run = subprocess.run([sys.executable, "-m", "segguided_jax.export", "--workdir", tiny_run, "--out", out],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
     return out
 
 

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +17,7 @@ from segguided_jax import evaluate, predict
 from segguided_jax.data.brats import EDITIONS, MODALITIES
 from segguided_jax.data.records import CaseSource, load_manifest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The settings conftest's data_dir was converted with.
 CONVERT_ARGS = ["--test-cases", "2", "--val-cases", "2", "--split-seed", "0", "--cases-per-shard", "3"]
 BRATS_TO_NNUNET = np.array([0, 2, 1, 0, 3], np.uint8)  # BraTS 2021 value -> nnU-Net's BraTS value
@@ -31,8 +34,11 @@ def _rows(path):
 
 @pytest.fixture(scope="module")
 def exported(raw_dir, data_dir, tmp_path_factory):
+    """The dataset the export command writes, run as users run it."""
     out = str(tmp_path_factory.mktemp("nnUNet_raw") / "Dataset137_BraTS2021")
-    export_nnunet.main(["--src", raw_dir, "--out", out, "--splits", os.path.join(data_dir, "splits.json")])
+    run = subprocess.run([sys.executable, "-m", "data_prep.export_nnunet", "--src", raw_dir, "--out", out, "--splits",
+                          os.path.join(data_dir, "splits.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
     return out
 
 

@@ -1,9 +1,12 @@
 """The predict CLI end to end on tiny synthetic cases, with a tiny checkpoint trained once.
 
-`predict.main(argv)` returns the exit status (0 all ok, 1 a case failed) instead of exiting.
+`predict.main(argv)` returns the exit status (0 all ok, 1 a case failed) instead of exiting; one
+test runs `python -m segguided_jax.predict`, as users do, and reads the status the shell sees.
 """
 import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +19,7 @@ from segguided_jax.data import cases as cases_lib
 from segguided_jax.data.preprocess import to_original_grid
 from segguided_jax.panels import VIEWS, displayed, orientation
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUBS = ("NCR", "ED", "ET")
 
@@ -23,6 +27,12 @@ SUBS = ("NCR", "ED", "ET")
 @pytest.fixture(scope="module")
 def workdir(tiny_run):
     return tiny_run
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+    return env
 
 
 def _case_files(case_dir):
@@ -79,7 +89,8 @@ def test_case_folder(workdir, raw_dir, tmp_path):
     assert not [n for n in os.listdir(out) if ".tmp" in n]
 
 
-def test_damaged_case_is_reported_and_others_run(workdir, raw_dir, tmp_path, capsys):
+def test_damaged_case_is_reported_and_others_run(workdir, raw_dir, tmp_path):
+    """As users run it (python -m): the exit status says a case failed."""
     src = tmp_path / "cases"
     for i in (1, 2, 3):
         shutil.copytree(os.path.join(raw_dir, f"BraTS2021_{i:05d}"), src / f"BraTS2021_{i:05d}")
@@ -91,13 +102,15 @@ def test_damaged_case_is_reported_and_others_run(workdir, raw_dir, tmp_path, cap
     out = str(tmp_path / "out")
     # One pass per case (--no-tta) here and below where mirroring is not what is tested: it is in
     # test_case_folder, test_tta_and_explicit_files and the sweep/validation identity test.
-    assert predict.main(["--workdir", workdir, "--input", str(src), "--out", out, "--no-panels", "--no-tta"]) == 1
+    run = subprocess.run([sys.executable, "-m", "segguided_jax.predict", "--workdir", workdir, "--input", str(src),
+                          "--out", out, "--no-panels", "--no-tta"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "BraTS2021_00001.nii.gz"))
     assert os.path.exists(os.path.join(out, "BraTS2021_00003.nii.gz"))
     assert not [n for n in os.listdir(out) if n.startswith("BraTS2021_00002")]
-    captured = capsys.readouterr()
-    assert "BraTS2021_00002" in captured.err and flair in captured.err
-    assert "2 ok, 1 failed" in captured.out
+    assert "BraTS2021_00002" in run.stderr and flair in run.stderr
+    assert "2 ok, 1 failed" in run.stdout
 
 
 def test_full_disk_while_writing_leaves_no_partial_case(workdir, raw_dir, tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -172,39 +173,86 @@ def test_lease_stops_a_second_run_and_is_taken_over_from_a_dead_or_silent_holder
         lease.Lease(lease_dir, _lease_cfg()).acquire()
 
 
-def test_a_second_run_on_the_same_workdir_stops_at_once(trained, data_dir, tmp_path):
-    """The same command started twice: the second stops naming the first, the first is unaffected."""
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           f"--config.data.dir={data_dir}", *ARGS]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# The first run of "the same command twice": 100000 steps, so that it is certainly still running
+# when the second is refused; the test then stops it as a scheduler preempts a job (SIGTERM) once it
+# has trained a step, so it runs only as long as the test needs it.
+LONG_STEPS = 100000
+LONG = [f"--config.train.steps={LONG_STEPS}", "--config.train.log_every=1", f"--config.train.eval_every={LONG_STEPS}",
+        f"--config.checkpoint.every_steps={LONG_STEPS}"]
+# The bound on a refusal, from the second run's start to its exit. A refusal is Python, JAX and the
+# config: about 3 s on an idle 2-core machine, 11-14 s measured on one loaded 2.5 times over with
+# the first run compiling beside it. A refusal that waited would take 30 s more than that: for the
+# holder's next renewal (lease.renew_secs, 30 s), through gcsfs's retries of one request (about 31
+# s), for the lease to go stale (lease.stale_secs, 180 s). (That it stops before the training stack
+# is imported is checked apart, from its import profile.)
+REFUSAL_SECS = 30
+
+
+def _wait_for(ready, what, first, secs=300):
+    """Polls ready() until it is true; fails if the run `first` ended or secs (a hang guard) passed."""
+    deadline = time.time() + secs
+    while not ready():
+        assert first.poll() is None, f"the first run ended (exit {first.returncode}) before {what}"
+        assert time.time() < deadline, f"no {what} within {secs} s"
+        time.sleep(0.05)
+
+
+def run_twice(cmd, workdir, logs, env, second_env=None):
+    """Starts the training command cmd (with LONG) on workdir (local or gs://) and, once the first
+    run holds the workdir's lease, the same command again. Checks that the first run is unaffected:
+    still running after the second returned, its lease as it was, it then trains, and a SIGTERM
+    makes it save a checkpoint and exit 0 after writing the metrics of every step, the lease
+    released (a release deletes the lease only if it is the version this run wrote). Returns the
+    second run's CompletedProcess, the seconds it took and the first run's pid. logs: a local
+    folder for the first run's output."""
+    from segguided_jax import lease, storage
+
+    backend = lease.Lease(workdir, _lease_cfg()).backend
+    out_path, err_path = os.path.join(logs, "first.out"), os.path.join(logs, "first.err")
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
     try:
-        deadline = time.time() + 300  # a hang guard
-        while not (workdir / "lease.json").exists() and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        _wait_for(lambda: backend.read()[0] is not None, "its lease was taken", first)
+        held = backend.read()[0]
         t0 = time.time()
-        # Python lists every module it imports on stderr: the second run must stop before the
-        # training stack is even imported.
-        second = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), PYTHONPROFILEIMPORTTIME="1"), capture_output=True,
-                                text=True, timeout=300)
+        second = subprocess.run(cmd, cwd=ROOT, env=second_env or env, capture_output=True, text=True, timeout=300)
         took = time.time() - t0
-        assert first.poll() is None, "the first run ended before the second started"
-        out, err = first.communicate(timeout=600)
+        assert first.poll() is None, f"the first run ended (exit {first.returncode}) during the second"
+        now = backend.read()[0]
+        assert (now["pid"], now["token"]) == (first.pid, held["token"]), now
+        # A progress line comes after a step: the SIGTERM handler is set by then.
+        _wait_for(lambda: f"step 1/{LONG_STEPS} " in open(out_path).read(), "training step", first)
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
+    stdout, stderr = open(out_path).read(), open(err_path).read()
+    assert first.returncode == 0, stderr[-3000:]
+    assert "preempted: saved a checkpoint at step " in stdout, stdout[-3000:]
+    saved = int(stdout.split("preempted: saved a checkpoint at step ")[1].split(";")[0])
+    assert storage.isdir(storage.join(workdir, "checkpoints", str(saved)))
+    rows = storage.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
+    assert [r["step"] for r in rows] == list(range(1, saved + 1))
+    assert not storage.exists(storage.join(workdir, lease.LEASE))
+    return second, took, first.pid
+
+
+def test_a_second_run_on_the_same_workdir_stops_at_once(data_dir, tmp_path):
+    """The same command started twice: the second stops naming the first, the first is unaffected."""
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+           f"--config.data.dir={data_dir}", *LONG]
+    # Python lists every module it imports on stderr: the second run must stop before the
+    # training stack is even imported.
+    second, took, pid = run_twice(cmd, workdir, str(tmp_path), _env(), dict(_env(), PYTHONPROFILEIMPORTTIME="1"))
     assert second.returncode != 0
-    assert f"is in use by another run (host {os.uname().nodename}, pid {first.pid}, started at" in second.stderr, \
+    assert f"is in use by another run (host {os.uname().nodename}, pid {pid}, started at" in second.stderr, \
         second.stderr[-3000:]
     assert "step " not in second.stdout
     imported = [line.split("|")[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")]
     assert "jax" in imported and "segguided_jax.lease" in imported  # the profile was taken
     assert not [m for m in imported if m.split(".")[0] in ("orbax", "grain", "flax", "optax")]
-    # Python, JAX and the config take about 3 s on an idle 2-core machine; the bound leaves room
-    # for a loaded one (and the first run is compiling meanwhile).
     print(f"the second run stopped {took:.1f} s after it started")
-    assert took < 30
-    assert first.returncode == 0, err[-3000:]
-    assert MetricsFile(str(workdir / "metrics.jsonl")).rows() == MetricsFile(str(trained / "metrics.jsonl")).rows()
-    assert not (workdir / "lease.json").exists()  # released at the end
+    assert took < REFUSAL_SECS
