@@ -134,11 +134,7 @@ def test_two_processes_kill_resume_equals_uninterrupted(data_dir, tmp_path):
             os.kill(first, signal.SIGTERM)
             stopped = _wait_for_exit(first, limit=120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_run(proc)
     assert not finished_early, "the run ended before it could be interrupted"
     err = proc.stderr.read()
     assert stopped < grace + 15, f"process 0 ran on for {stopped:.0f} s after SIGTERM:\n{err[-3000:]}"
@@ -222,15 +218,20 @@ def test_a_run_with_a_frozen_peer_stops_within_the_stall_bound(data_dir, tmp_pat
             os.kill(peer, signal.SIGSTOP)
             stopped = _wait_for_exit(first, limit=stall + 90)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the frozen peer (and the launcher)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_run(proc)
     err = proc.stderr.read()
     assert running, f"the run stopped before its second step:\n{err[-3000:]}"
     assert stopped < stall + 15, f"process 0 ran on for {stopped:.0f} s:\n{err[-3000:]}"
     assert "process 0: no progress for" in err and "the last checkpoint is intact" in err, err[-3000:]
+
+
+def _kill_run(proc):
+    """kill -9 of every process of a run started in its own session (a frozen peer, the launcher)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # all gone already
+        pass
+    proc.wait()
 
 
 def _pid(index, workdir):
