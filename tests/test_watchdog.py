@@ -1,6 +1,6 @@
 """segguided_jax.watchdog: a stalled run stops within its bound; a preempted one that cannot reach
 its next step stops within its grace. The class alone here; through the command, with a peer
-frozen mid-run, in tests/test_sharding.py."""
+frozen mid-run, in tests/test_multiprocess.py."""
 import threading
 import time
 
