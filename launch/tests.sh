@@ -6,4 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # test would compile the train step afresh (tiny train step: 7.5 s to compile, 1.3 s from the
 # cache). The demo and training keep the package's default flags.
 export SEGGUIDED_CPU_FLAGS=cacheable
-python -m pytest -q --durations=15 "$@"
+# Three test processes on 2 cores (pytest-xdist, a file at a time, longest first: tests/conftest.py):
+# many tests spend their time waiting (a bucket outage outlasting gcsfs's retries, a watchdog's
+# stall bound, a peer's heartbeat timeout), and a third process fills those waits. `-n 0` runs the
+# suite in this one process.
+python -m pytest -q --durations=15 -n "${SEGGUIDED_TEST_WORKERS:-3}" --dist loadfile --no-loadscopereorder "$@"

@@ -28,6 +28,21 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI=true, where every proof must run: {reason}"
 
 
+# launch/tests.sh runs the suite in several worker processes (pytest-xdist), a file at a time: a
+# file's module fixtures (a trained run, a 4-device child process) are then made once. Files are
+# handed out longest first, so that no worker is left alone with a long file at the end; the
+# order is by the seconds each file took in one process on the 2-core machine (launch/tests.sh
+# --durations=0): 167, 146, 110, 101, then 52-59 each.
+LONGEST_FIRST = ("test_faults.py", "test_multiprocess.py", "test_storage_faults.py", "test_gcs_runs.py",
+                 "test_gates.py", "test_train.py", "test_sharding.py", "test_sweep.py", "test_workdir_guards.py",
+                 "test_device_augment.py", "test_formulations.py", "test_predict.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
+
+
 from configs import tiny  # noqa: E402
 from data_prep import convert, synthetic  # noqa: E402
 
