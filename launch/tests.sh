@@ -10,4 +10,4 @@ export SEGGUIDED_CPU_FLAGS=cacheable
 # many tests spend their time waiting (a bucket outage outlasting gcsfs's retries, a watchdog's
 # stall bound, a peer's heartbeat timeout), and a third process fills those waits. `-n 0` runs the
 # suite in this one process.
-python -m pytest -q --durations=15 -n "${SEGGUIDED_TEST_WORKERS:-3}" --dist loadfile --no-loadscopereorder "$@"
+python -m pytest -q --durations=15 -n "${SEGGUIDED_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"
