@@ -14,8 +14,10 @@ _segguided_python() {
   if [ -n "${SEGGUIDED_PYTHON:-}" ]; then echo "$SEGGUIDED_PYTHON"; return; fi
   local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}" cand
   for cand in python3.12 $(ls -d "$pyenv_root"/versions/3.12*/bin/python3 2>/dev/null) python3; do
+    # A venv's Python (another project's, activated) stands for the interpreter it was made from:
+    # the new venv is made from that one, whose pip installs uv.
     if "$cand" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; then
-      echo "$cand"; return
+      "$cand" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))'; return
     fi
   done
   echo "setup: no Python 3.12 found (the lock's interpreter); set SEGGUIDED_PYTHON to one" >&2
