@@ -23,6 +23,14 @@ per data-parallel slot, so several topologies give the weak-scaling table. predi
 (inference.window_function: one batch of config.eval.batch_size windows per slot, predict's
 default 8 mirrorings, the finest attention stage) is compiled the same way.
 
+With --gpu h100|h200|a100 [--gpu_topology 1x1x1 --gpu_topology 1x1x8 --gpu_topology 1x2x8 ...] JAX's
+CUDA plugin compiles the same step for that many GPUs on N hosts ("<slices>x<hosts>x<GPUs per host>"),
+no GPU needed (segguided_jax.gpu_compile). One row per topology and function gives per GPU: peak
+memory against the card's (fits; --max_batch), FLOPs and bytes counted from the optimised program,
+the all-reduce bytes with their time at NVLink and at InfiniBand, whether the schedule overlaps
+them with compute, a roofline estimate; under each row, the program's census (cuDNN convolutions
+by kind, Triton and other fusions, transposes, copies, each with the bytes it writes).
+
 libtpu serves one process at a time: every TPU compile holds LIBTPU_LOCK and queues on it.
 """
 from __future__ import annotations
@@ -160,11 +168,15 @@ def _wait_for_lock(fd: int, timeout_s: float, holders, path: str) -> None:
         signal.signal(signal.SIGALRM, previous)
 
 
+if __name__ == "__main__" and any(a == "--gpu" or a.startswith("--gpu=") for a in sys.argv):
+    from segguided_jax import gpu_compile as _gpu  # imports no JAX
+    _gpu.prepare_gpu_environment()  # before JAX is imported: it locates ptxas at import
+
 import jax  # noqa: E402  (after the environment helpers above, which must run before JAX starts)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from segguided_jax import sharding  # noqa: E402
+from segguided_jax import gpu_compile, sharding  # noqa: E402
 from segguided_jax.models.network import abstract_model, parameter_count  # noqa: E402
 from segguided_jax.steps import abstract_batch, sharded_steps  # noqa: E402
 
@@ -334,17 +346,22 @@ def largest_batch(config, topology: str, start: Figures) -> tuple[int, list[Figu
     """The largest per-slot train batch that compiles within the chip's HBM, found by compiling:
     a linear guess from start's per-sample temporaries, then one step at a time to the boundary.
     Returns (batch, every Figures compiled on the way); batch 0 when even 1 does not fit."""
+    return search_batch(lambda b: compile_for_topology(config, topology, b), start.chip.hbm_gib * GIB, start)
+
+
+def search_batch(compile_at, capacity: float, start) -> tuple[int, list]:
+    """largest_batch's search for any device: compile_at(batch) gives figures with .fits, .peak,
+    .temporaries and .batch; capacity is the device's memory in bytes."""
     tried = {start.batch: start}
-    chip_bytes = start.chip.hbm_gib * GIB
     if start.fits:
         per_sample = max(start.temporaries / start.batch, 1.0)
-        guess = max(start.batch + int((chip_bytes - start.peak) // per_sample), start.batch)
+        guess = max(start.batch + int((capacity - start.peak) // per_sample), start.batch)
     else:
         guess = max(start.batch - 1, 1)
 
     def fits(b):
         if b not in tried:
-            tried[b] = compile_for_topology(config, topology, b)
+            tried[b] = compile_at(b)
         return tried[b].fits
 
     b = guess
@@ -357,6 +374,73 @@ def largest_batch(config, topology: str, start: Figures) -> tuple[int, list[Figu
         if fits(b):
             return b, list(tried.values())
     return 0, list(tried.values())
+
+
+def compile_for_gpus(config, gpu: str, topology: str, batch: int, what: str = "train",
+                     mirror_axes=(0, 1, 2)) -> gpu_compile.GpuFigures:
+    """The train step (batch samples per data slot) or predict's window step (batch windows per
+    slot) compiled for a topology of GPUS[gpu] cards, through the mesh and step that train runs."""
+    devices = gpu_compile.gpu_devices(gpu, topology)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    data, spatial = mesh.shape[sharding.DATA_AXIS], mesh.shape[sharding.SPATIAL_AXIS]
+    config = config.copy_and_resolve_references()
+    if what == "train":
+        config.train.batch_size = batch * data
+        compiled = compile_train_step(config, mesh)
+    else:
+        compiled = compile_predict_windows(config, mesh, batch * data, mirror_axes)
+    mem = compiled.memory_analysis()
+    return gpu_compile.GpuFigures(
+        gpu=gpu, topology=topology, what=what, gpus=len(devices), hosts=len({d.process_index for d in devices}),
+        data=data, spatial=spatial, batch=batch, peak=float(mem.peak_memory_in_bytes),
+        temporaries=float(mem.temp_size_in_bytes), arguments=float(mem.argument_size_in_bytes),
+        census=gpu_compile.census(compiled.as_text()))
+
+
+GPU_TABLE_HEAD = ("| GPU | topology | GPUs (hosts) | mesh data×spatial | step | batch per GPU | peak per GPU GiB "
+                  "(temporaries) | fits | FLOPs per GPU | bytes accessed per GPU GiB | collectives per GPU MiB "
+                  "(ms at NVLink / at IB) | async collectives (kernels between start and done) | "
+                  "roofline + exposed all-reduce | patches/s per GPU | vs first row |")
+
+
+def _gpu_row(r: gpu_compile.GpuFigures, first: dict) -> str:
+    unit = "patches" if r.what == "train" else "windows"
+    c = r.census
+    reduced = sum(c.collective_bytes.values())
+    coll = "0"
+    if reduced:
+        coll = (f"{reduced / 2**20:.4g} ({r.collective_s(r.card.nvlink_bytes_per_s) * 1e3:.2f} / "
+                f"{r.collective_s(r.card.ib_bytes_per_s) * 1e3:.2f})")
+    est = r.estimate_s()
+    ref = first.setdefault(r.what, est)
+    return (f"| {r.gpu} | {r.topology} | {r.gpus} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | "
+            f"{r.per_gpu_samples:g} | {_gib(r.peak)} of {r.card.memory_bytes / GIB:.1f} ({_gib(r.temporaries)}) | "
+            f"{'yes' if r.fits else 'no'} | {c.flops / 1e12:.3g} T | {_gib(c.bytes_accessed)} | {coll} | "
+            f"{c.async_collectives} of {c.collectives} ({c.overlapped_kernels}) | {est * 1e3:.1f} ms | "
+            f"{r.per_gpu_samples / est:.1f} {unit} | {est / ref:.2f}× |")
+
+
+def _print_gpu(config, gpu: str, topologies: list, batch: int, max_batch: bool, no_predict: bool) -> None:
+    card = gpu_compile.GPUS[gpu]
+    print(f"{card.name}: {card.bf16_flops_per_s / 1e12:.0f} TFLOP/s bf16 dense, {card.hbm_bytes_per_s / 1e12:.2f} "
+          f"TB/s, {card.memory_bytes / GIB:.1f} GiB, NVLink {card.nvlink_bytes_per_s / 1e9:.0f} GB/s, IB "
+          f"{card.ib_bytes_per_s * 8 / 1e9:.0f} Gb/s per GPU. Deviceless: no autotuning (cuDNN algorithms and "
+          "Triton tiles are defaults), no cost model: FLOPs and bytes are counted from the program.", flush=True)
+    print(GPU_TABLE_HEAD + "\n|" + "---|" * (GPU_TABLE_HEAD.count("|") - 1), flush=True)
+    first = {}
+    for name in topologies:
+        t = time.perf_counter()
+        steps = [("train", batch)] + ([] if no_predict else [("predict", config.eval.batch_size)])
+        for what, b in steps:
+            row = compile_for_gpus(config, gpu, name, b, what)
+            print(_gpu_row(row, first), flush=True)
+            print(f"  {name} {what} census: {row.census.line()}", flush=True)
+            if what == "train" and max_batch:
+                best, tried = search_batch(lambda n: compile_for_gpus(config, gpu, name, n), card.memory_bytes, row)
+                print(f"{name}: largest train batch per GPU that fits: {best} (compiled: "
+                      + ", ".join(f"{f.batch} {'fits' if f.fits else 'does not fit'}"
+                                  for f in sorted(tried, key=lambda f: f.batch)) + ")", flush=True)
+        print(f"{name}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
 
 
 def _gib(x: float) -> str:
@@ -422,6 +506,14 @@ def main(argv):
     del argv
     FLAGS = flags.FLAGS
     config = FLAGS.config
+    if FLAGS.gpu:
+        jax.config.update("jax_enable_compilation_cache", False)  # as for TPU below
+        m = config.model
+        print(f"jax {jax.__version__}, CUDA plugin at {gpu_compile.cuda_plugin_dir()}; patch {tuple(config.data.patch)}, "
+              f"widths {tuple(m.widths)}, {m.compute_dtype}, {parameter_count(abstract_model(m))} parameters", flush=True)
+        _print_gpu(config, FLAGS.gpu, FLAGS.gpu_topology or ["1x1x1"], FLAGS.batch_per_chip or config.train.batch_size,
+                   FLAGS.max_batch, FLAGS.no_predict)
+        return
     if not FLAGS.topology:
         _print_cpu(config)
         return
@@ -469,6 +561,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
     flags.DEFINE_integer("devices", None, "Fake CPU devices to compile for (read before JAX starts).")
     flags.DEFINE_multi_string("topology", [], "TPU topologies to compile for with libtpu, e.g. v5e:1x1 v5p:4x4x4.")
+    flags.DEFINE_enum("gpu", None, sorted(gpu_compile.GPUS), "Compile for this NVIDIA GPU with JAX's CUDA plugin.")
+    flags.DEFINE_multi_string("gpu_topology", [], "GPU topologies: <slices>x<hosts>x<GPUs per host>, e.g. 1x1x8, 1x2x8.")
     flags.DEFINE_integer("batch_per_chip", None, "Train samples per data-parallel slot (default: train.batch_size).")
     flags.DEFINE_bool("max_batch", False, "Also find the largest train batch per chip that fits, by compiling.")
     flags.DEFINE_bool("no_predict", False, "Skip predict's window step.")

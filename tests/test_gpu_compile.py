@@ -1,0 +1,73 @@
+"""Deviceless GPU compiles (JAX's CUDA plugin, no GPU): the census counts what it should on
+programs whose figures are known, and `compile_check --gpu` compiles the tiny config's train and
+predict steps for one and for two H100s through the mesh and step that train runs."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from segguided_jax.gpu_compile import cuda_unavailable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(cuda_unavailable() is not None, reason=f"{cuda_unavailable()}")
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT)
+
+
+def test_census_counts_the_flops_bytes_and_all_reduce_of_known_programs():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_census_checks.py")], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    conv = r["conv"]
+    assert conv["count"]["cuDNN conv forward"] == 1 and conv["count"]["cuDNN conv backward-filter"] == 1, conv
+    assert "cuDNN conv backward-input" not in conv["count"]  # x is not differentiated
+    assert conv["flops"] == conv["expected_flops"]
+    assert conv["all_reduce_bytes"] == conv["expected_all_reduce_bytes"]
+    dot = r["dot"]
+    assert dot["count"] == {"Triton fusion": 1}, dot  # no autotuning without a GPU: a Triton GEMM
+    assert dot["flops"] == dot["expected_flops"]
+    assert dot["bytes_accessed"] == dot["expected_bytes"]
+
+
+def _rows(stdout):
+    """{(topology, step): cells} of compile_check's GPU table."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 15 and cells[0] == "h100":
+            rows[(cells[1], cells[4])] = cells
+    return rows
+
+
+def test_compile_check_gpu_compiles_tiny_for_two_h100s():
+    """Through the command, on one host of two H100s: the train step all-reduces every float32
+    gradient once (the tiny config computes in float32), predict's window step (each GPU its own
+    windows, the parameters replicated) reduces nothing, and both fit."""
+    from configs import tiny
+    from segguided_jax.models.network import abstract_model, parameter_count
+
+    out = subprocess.run([sys.executable, "-m", "segguided_jax.compile_check", "--config=configs/tiny.py", "--gpu=h100",
+                          "--gpu_topology=1x1x2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    print(out.stdout)
+    rows = _rows(out.stdout)
+    assert set(rows) == {("1x1x2", "train"), ("1x1x2", "predict")}, out.stdout
+    train, predict = rows[("1x1x2", "train")], rows[("1x1x2", "predict")]
+    assert train[2] == "2 (1)" and train[3] == "2×1" and train[5] == str(tiny.get_config().train.batch_size)
+    assert train[7] == predict[7] == "yes"  # fits
+    grads = 4 * parameter_count(abstract_model(tiny.get_config().model))
+    reduced = float(train[10].split()[0]) * 2**20
+    assert grads <= reduced <= grads + 4096, (grads, train[10])  # the gradients and a few scalars
+    assert predict[10] == "0"
+    assert float(train[8].split()[0]) > 0 and float(predict[8].split()[0]) > 0  # FLOPs counted
+    census = re.search(r"1x1x2 train census: (.*)", out.stdout).group(1)
+    for kind in ("cuDNN conv forward", "cuDNN conv backward-input", "cuDNN conv backward-filter"):
+        assert re.search(rf"{kind} \d+", census), census
+    assert re.search(r"all-reduce \d+", census) and "all-reduce" not in re.search(r"1x1x2 predict census: (.*)",
+                                                                                  out.stdout).group(1)
