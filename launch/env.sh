@@ -45,7 +45,8 @@ if [ "$PY_VERSION" != 3.12 ] || [ "$(uname -s)-$(uname -m)" != Linux-x86_64 ]; t
   LOCKFILE=""
 fi
 LIBTPU_LOCK="$ROOT/lock/libtpu.txt"
-STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml" "$ROOT/lock/uv.txt" ${LOCKFILE:+"$LOCKFILE"} "$LIBTPU_LOCK";   echo "$EXTRAS $PY_VERSION") | sha1sum | cut -c1-12)"
+CUDA_LOCK="$ROOT/lock/cuda.txt"
+STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml" "$ROOT/lock/uv.txt" ${LOCKFILE:+"$LOCKFILE"} "$LIBTPU_LOCK" "$CUDA_LOCK";   echo "$EXTRAS $PY_VERSION") | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   # uv, itself pinned with its hashes in lock/uv.txt, installs the lock exactly (and in seconds);
   # it lives beside the venv's packages, not among them, so that syncing never removes it.
@@ -87,6 +88,19 @@ if [ ! -f "$STAMP" ]; then
     fi
   else
     echo "setup: no libtpu without the lock: TPU compile checks cannot run (and fail under CI=true)" >&2
+  fi
+  # JAX's CUDA plugin and its ptxas, for deviceless GPU compiles (compile_check --gpu), beside the
+  # venv for the same reason as libtpu: a CUDA plugin found at start-up would look for a GPU.
+  rm -rf "$VENV/cuda"
+  if [ -n "$LOCKFILE" ]; then
+    echo "setup: installing $(grep -oE '^jax-cuda12-plugin==[^ ]+' "$CUDA_LOCK") into $VENV/cuda (GPU compiler for deviceless compiles)"
+    if ! "$UV" pip install --python "$VENV/bin/python" --no-deps --require-hashes --target "$VENV/cuda" \
+         -r "$CUDA_LOCK" >>"$VENV/install.log" 2>&1; then
+      tail -n 30 "$VENV/install.log"; echo "setup: could not install the CUDA plugin (see $VENV/install.log)" >&2
+      return 1 2>/dev/null || exit 1
+    fi
+  else
+    echo "setup: no CUDA plugin without the lock: GPU compile checks cannot run (and fail under CI=true)" >&2
   fi
   touch "$STAMP"
 fi

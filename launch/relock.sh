@@ -26,8 +26,8 @@ compile() {  # compile OUT [uv pip compile arguments...]
      --generate-hashes --no-emit-package segguided-jax --custom-compile-command "bash launch/relock.sh" \
      "$@" -o "$out")
 }
-versions() { grep -hoE '^[A-Za-z0-9_.-]+==[^ ;]+' "$@" 2>/dev/null | sort -u; }
-versions "$LOCK/all.txt" >"$TOOLS/before"
+versions() { cat "$@" 2>/dev/null | grep -oE '^[A-Za-z0-9_.-]+==[^ ;]+' | sort -u || true; }  # a missing file: no versions
+versions "$LOCK/all.txt" "$LOCK/cuda.txt" >"$TOOLS/before"
 # One resolution holds every extra at once, the TPU one included, so that jax is a version whose
 # libtpu the index really has (jax[tpu] pins libtpu exactly); the other files take their versions
 # from it.
@@ -37,8 +37,14 @@ compile lock/predict.txt pyproject.toml -c lock/all.txt
 grep -E '^libtpu==' "$LOCK/all.txt" | cut -d' ' -f1 >"$LOCK/libtpu.in"
 compile lock/libtpu.txt lock/libtpu.in --no-deps
 rm "$LOCK/libtpu.in"
+# JAX's CUDA plugin for deviceless GPU compiles (segguided_jax/gpu_compile.py), at the locked jax's
+# own version, and the ptxas it compiles with; no CUDA runtime libraries, which need a GPU.
+JAX_VERSION="$(grep -oE '^jax==[^ ]+' "$LOCK/all.txt" | cut -d= -f3)"
+printf 'jax-cuda12-plugin==%s\njax-cuda12-pjrt==%s\nnvidia-cuda-nvcc-cu12\n' "$JAX_VERSION" "$JAX_VERSION" >"$LOCK/cuda.in"
+compile lock/cuda.txt lock/cuda.in --no-deps
+rm "$LOCK/cuda.in"
 
-changed="$(diff "$TOOLS/before" <(versions "$LOCK/all.txt") || true)"
+changed="$(diff "$TOOLS/before" <(versions "$LOCK/all.txt" "$LOCK/cuda.txt") || true)"
 if [ -z "$changed" ]; then
   echo "relock: no version changed"
   exit 0
@@ -51,4 +57,5 @@ relock: the lock moved. Before committing it, on this machine kind:
   - bash launch/tests.sh: the whole suite, and its time
   - if jax, jaxlib or libtpu moved: compile_check --topology (docs/tpu.md's tables) and the GPU
     figures (README "One GPU, end to end") belong to the old versions until re-measured
+  - if jax or the CUDA plugin moved: compile_check --gpu (docs/gpu.md's tables)
 MSG
