@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # N training processes on this machine, joined by jax.distributed over localhost (CPU collectives
 # via gloo when the devices are CPUs). Each process gets DEVICES fake CPU devices unless
-# XLA_FLAGS is already set.
+# XLA_FLAGS already names a device count.
 #   bash launch/local.sh N [--devices D] [--port P] -- --config=configs/tiny.py --workdir=runs/mp ...
 set -euo pipefail
 N="$1"; shift
@@ -14,8 +14,8 @@ while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
   esac
 done
 [ "${1:-}" = "--" ] && shift
-if [ -n "$DEVICES" ] && [ -z "${XLA_FLAGS:-}" ]; then
-  export XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES"
+if [ -n "$DEVICES" ] && [[ "${XLA_FLAGS:-}" != *xla_force_host_platform_device_count* ]]; then
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES"
 fi
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
