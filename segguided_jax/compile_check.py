@@ -27,9 +27,13 @@ With --gpu h100|h200|a100 [--gpu_topology 1x1x1 --gpu_topology 1x1x8 --gpu_topol
 CUDA plugin compiles the same step for that many GPUs on N hosts ("<slices>x<hosts>x<GPUs per host>"),
 no GPU needed (segguided_jax.gpu_compile). One row per topology and function gives per GPU: peak
 memory against the card's (fits; --max_batch), FLOPs and bytes counted from the optimised program,
-the all-reduce bytes with their time at NVLink and at InfiniBand, whether the schedule overlaps
-them with compute, a roofline estimate; under each row, the program's census (cuDNN convolutions
-by kind, Triton and other fusions, transposes, copies, each with the bytes it writes).
+the collectives' bytes with their time (one ring at NVLink, one ring at InfiniBand, and NCCL's
+hierarchy: NVLink within a node, each GPU's share over its own NIC across nodes), how many
+kernels the schedule places between each asynchronous collective's start and done, and a roofline
+estimate (the kernels at the bf16 peak or HBM bandwidth, plus the collective time they leave
+exposed); under each row, the program's census (cuDNN convolutions
+by kind, Triton and other fusions, transposes, copies, each with the bytes it writes and its time at
+the roofline). --hlo_dir writes each optimised program's text.
 
 libtpu serves one process at a time: every TPU compile holds LIBTPU_LOCK and queues on it.
 """
@@ -377,9 +381,10 @@ def search_batch(compile_at, capacity: float, start) -> tuple[int, list]:
 
 
 def compile_for_gpus(config, gpu: str, topology: str, batch: int, what: str = "train",
-                     mirror_axes=(0, 1, 2)) -> gpu_compile.GpuFigures:
+                     mirror_axes=(0, 1, 2), hlo_dir: str | None = None) -> gpu_compile.GpuFigures:
     """The train step (batch samples per data slot) or predict's window step (batch windows per
-    slot) compiled for a topology of GPUS[gpu] cards, through the mesh and step that train runs."""
+    slot) compiled for a topology of GPUS[gpu] cards, through the mesh and step that train runs.
+    hlo_dir: where to write the optimised program's text as well."""
     devices = gpu_compile.gpu_devices(gpu, topology)
     mesh = sharding.make_mesh(config.mesh, devices)
     data, spatial = mesh.shape[sharding.DATA_AXIS], mesh.shape[sharding.SPATIAL_AXIS]
@@ -390,16 +395,21 @@ def compile_for_gpus(config, gpu: str, topology: str, batch: int, what: str = "t
     else:
         compiled = compile_predict_windows(config, mesh, batch * data, mirror_axes)
     mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{gpu}_{topology}_{what}_b{batch}.hlo.txt"), "w") as f:
+            f.write(hlo)
     return gpu_compile.GpuFigures(
         gpu=gpu, topology=topology, what=what, gpus=len(devices), hosts=len({d.process_index for d in devices}),
         data=data, spatial=spatial, batch=batch, peak=float(mem.peak_memory_in_bytes),
         temporaries=float(mem.temp_size_in_bytes), arguments=float(mem.argument_size_in_bytes),
-        census=gpu_compile.census(compiled.as_text()))
+        census=gpu_compile.census(hlo))
 
 
 GPU_TABLE_HEAD = ("| GPU | topology | GPUs (hosts) | mesh data×spatial | step | batch per GPU | peak per GPU GiB "
                   "(temporaries) | fits | FLOPs per GPU | bytes accessed per GPU GiB | collectives per GPU MiB "
-                  "(ms at NVLink / at IB) | async collectives (kernels between start and done) | "
+                  "(ms: one ring at NVLink / at IB / hierarchical) | async collectives (kernels between start and done) | "
                   "roofline + exposed all-reduce | patches/s per GPU | vs first row |")
 
 
@@ -410,7 +420,7 @@ def _gpu_row(r: gpu_compile.GpuFigures, first: dict) -> str:
     coll = "0"
     if reduced:
         coll = (f"{reduced / 2**20:.4g} ({r.collective_s(r.card.nvlink_bytes_per_s) * 1e3:.2f} / "
-                f"{r.collective_s(r.card.ib_bytes_per_s) * 1e3:.2f})")
+                f"{r.collective_s(r.card.ib_bytes_per_s) * 1e3:.2f} / {r.hierarchical_s() * 1e3:.2f})")
     est = r.estimate_s()
     ref = first.setdefault(r.what, est)
     return (f"| {r.gpu} | {r.topology} | {r.gpus} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | "
@@ -420,7 +430,8 @@ def _gpu_row(r: gpu_compile.GpuFigures, first: dict) -> str:
             f"{r.per_gpu_samples / est:.1f} {unit} | {est / ref:.2f}× |")
 
 
-def _print_gpu(config, gpu: str, topologies: list, batch: int, max_batch: bool, no_predict: bool) -> None:
+def _print_gpu(config, gpu: str, topologies: list, batch: int, max_batch: bool, no_predict: bool,
+               hlo_dir: str | None) -> None:
     card = gpu_compile.GPUS[gpu]
     print(f"{card.name}: {card.bf16_flops_per_s / 1e12:.0f} TFLOP/s bf16 dense, {card.hbm_bytes_per_s / 1e12:.2f} "
           f"TB/s, {card.memory_bytes / GIB:.1f} GiB, NVLink {card.nvlink_bytes_per_s / 1e9:.0f} GB/s, IB "
@@ -432,9 +443,10 @@ def _print_gpu(config, gpu: str, topologies: list, batch: int, max_batch: bool, 
         t = time.perf_counter()
         steps = [("train", batch)] + ([] if no_predict else [("predict", config.eval.batch_size)])
         for what, b in steps:
-            row = compile_for_gpus(config, gpu, name, b, what)
+            row = compile_for_gpus(config, gpu, name, b, what, hlo_dir=hlo_dir)
             print(_gpu_row(row, first), flush=True)
-            print(f"  {name} {what} census: {row.census.line()}", flush=True)
+            print(f"  {name} {what} census (kernels (MiB written; ms at the roofline)): {row.census.line(card)}",
+                  flush=True)
             if what == "train" and max_batch:
                 best, tried = search_batch(lambda n: compile_for_gpus(config, gpu, name, n), card.memory_bytes, row)
                 print(f"{name}: largest train batch per GPU that fits: {best} (compiled: "
@@ -512,7 +524,7 @@ def main(argv):
         print(f"jax {jax.__version__}, CUDA plugin at {gpu_compile.cuda_plugin_dir()}; patch {tuple(config.data.patch)}, "
               f"widths {tuple(m.widths)}, {m.compute_dtype}, {parameter_count(abstract_model(m))} parameters", flush=True)
         _print_gpu(config, FLAGS.gpu, FLAGS.gpu_topology or ["1x1x1"], FLAGS.batch_per_chip or config.train.batch_size,
-                   FLAGS.max_batch, FLAGS.no_predict)
+                   FLAGS.max_batch, FLAGS.no_predict, FLAGS.hlo_dir)
         return
     if not FLAGS.topology:
         _print_cpu(config)
@@ -563,6 +575,7 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("topology", [], "TPU topologies to compile for with libtpu, e.g. v5e:1x1 v5p:4x4x4.")
     flags.DEFINE_enum("gpu", None, sorted(gpu_compile.GPUS), "Compile for this NVIDIA GPU with JAX's CUDA plugin.")
     flags.DEFINE_multi_string("gpu_topology", [], "GPU topologies: <slices>x<hosts>x<GPUs per host>, e.g. 1x1x8, 1x2x8.")
+    flags.DEFINE_string("hlo_dir", None, "With --gpu: also write each optimised GPU program's text here.")
     flags.DEFINE_integer("batch_per_chip", None, "Train samples per data-parallel slot (default: train.batch_size).")
     flags.DEFINE_bool("max_batch", False, "Also find the largest train batch per chip that fits, by compiling.")
     flags.DEFINE_bool("no_predict", False, "Skip predict's window step.")

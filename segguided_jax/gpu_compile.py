@@ -227,12 +227,27 @@ class Census:
     overlapped_kernels: int  # kernels scheduled between an async collective's start and its done
     compute_kernels: int
     windows: list  # per collective: (bytes, kernels scheduled between its start and done; None if sync)
+    kernels: list  # (kind, FLOPs, bytes read and written) of every kernel but the collectives, in order
 
-    def line(self) -> str:
+    def time_by_kind(self, gpu: Gpu) -> dict:
+        """Seconds per kind at the roofline: each kernel bound by its FLOPs at the bf16 peak or by
+        its bytes at HBM bandwidth (kernels run one after another), summed."""
+        t = collections.Counter({k: 0.0 for k in self.count})
+        for kind, flops, moved in self.kernels:
+            t[kind] += max(flops / gpu.bf16_flops_per_s, moved / gpu.hbm_bytes_per_s)
+        return dict(t)
+
+    def roofline_s(self, gpu: Gpu) -> float:
+        return sum(self.time_by_kind(gpu).values())
+
+    def line(self, gpu: Gpu) -> str:
+        """Per kind: kernels (MiB they write; ms at the roofline on gpu)."""
         order = ["cuDNN conv forward", "cuDNN conv backward-input", "cuDNN conv backward-filter", "Triton fusion",
                  "other fusion", "transpose fusion", "copy"]
         kinds = order + sorted(k for k in self.count if k not in order)
-        return ", ".join(f"{k} {self.count[k]} ({self.written[k] / 2**20:.0f} MiB)" for k in kinds if self.count.get(k))
+        t = self.time_by_kind(gpu)
+        return ", ".join(f"{k} {self.count[k]} ({self.written[k] / 2**20:.0f} MiB; {t[k] * 1e3:.2f} ms)"
+                         for k in kinds if self.count.get(k))
 
 
 def _dims(shape_text: str) -> list[int]:
@@ -304,6 +319,7 @@ def census(hlo_text: str) -> Census:
     for m in re.finditer(r"%([\w.\-]+) = (\S+) parameter\(", hlo_text):
         shapes.setdefault(m.group(1), m.group(2))
     count, written = collections.Counter(), collections.Counter()
+    per_kernel = []
     coll_bytes = collections.Counter()
     accessed = flops = 0.0
     starts, async_n, coll_n, overlapped = {}, 0, 0, 0
@@ -321,11 +337,11 @@ def census(hlo_text: str) -> Census:
         if ins.op.endswith("-start"):  # (operands, results[, context]): the result half
             out = out // 2 if ins.op == "all-reduce-start" else out
         written[kind] += out
-        accessed += out + sum(shape_bytes(_first_shape(shapes.get(o, ""))) for o in ins.operands)
-        if kind.startswith("cuDNN conv"):
-            flops += _conv_flops(ins, shapes)
-        elif ins.op == "fusion":
-            flops += _fused_flops(ins, comps)
+        moved = out + sum(shape_bytes(_first_shape(shapes.get(o, ""))) for o in ins.operands)
+        accessed += moved
+        f = _conv_flops(ins, shapes) if kind.startswith("cuDNN conv") else (
+            _fused_flops(ins, comps) if ins.op == "fusion" else 0.0)
+        flops += f
         is_coll = ins.op.startswith(("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all"))
         if is_coll:
             coll_n += 1
@@ -336,8 +352,9 @@ def census(hlo_text: str) -> Census:
                 starts[ins.name] = (len(windows) - 1, compute_seen)
         else:
             compute_seen += 1
+            per_kernel.append((kind, f, moved))
     return Census(dict(count), dict(written), accessed, flops, dict(coll_bytes), async_n, coll_n, overlapped,
-                  compute_seen, windows)
+                  compute_seen, windows, per_kernel)
 
 
 # ---- one compiled function on one GPU topology -------------------------------------------------
@@ -372,27 +389,38 @@ class GpuFigures:
         return self.batch / self.spatial
 
     def compute_s(self) -> float:
-        """The roofline of the kernels: FLOPs at the dense bf16 peak or bytes at HBM bandwidth."""
-        c = self.census
-        return max(c.flops / self.card.bf16_flops_per_s, c.bytes_accessed / self.card.hbm_bytes_per_s)
+        """The kernels at the roofline, one after another: each bound by its FLOPs at the dense
+        bf16 peak or its bytes at HBM bandwidth."""
+        return self.census.roofline_s(self.card)
 
     def collective_s(self, link_bytes_per_s: float) -> float:
-        """A ring all-reduce sends and receives 2(n-1)/n of the reduced bytes per GPU."""
+        """One ring over all n GPUs at one link's bandwidth: each GPU sends and receives 2(n-1)/n
+        of the reduced bytes (at InfiniBand: every GPU's whole share through its own NIC, an upper
+        bound across nodes)."""
         n = self.data * self.spatial
         if n <= 1:
             return 0.0
         return sum(self.census.collective_bytes.values()) * 2 * (n - 1) / n / link_bytes_per_s
 
-    def link(self) -> float:
-        """The link the step's all-reduces cross: NVLink within a node, InfiniBand across nodes."""
-        return self.card.nvlink_bytes_per_s if self.hosts == 1 else self.card.ib_bytes_per_s
+    def hierarchical_s(self) -> float:
+        """The all-reduces as NCCL runs them on nodes with one NIC per GPU: a ring within each
+        node over NVLink, and each GPU's 1/g share across the h nodes over its own NIC,
+        2(g-1)/g x bytes at NVLink + 2(h-1)/h x bytes/g at InfiniBand (g GPUs per node)."""
+        n = self.data * self.spatial
+        if n <= 1:
+            return 0.0
+        total = sum(self.census.collective_bytes.values())
+        g, h = n // self.hosts, self.hosts
+        within = total * 2 * (g - 1) / g / self.card.nvlink_bytes_per_s if g > 1 else 0.0
+        across = total / g * 2 * (h - 1) / h / self.card.ib_bytes_per_s if h > 1 else 0.0
+        return within + across
 
     def exposed_collective_s(self) -> float:
-        """Collective time the schedule does not hide: each asynchronous all-reduce overlaps the
-        kernels XLA scheduled between its start and done (each counted at the step's mean kernel
-        time); a synchronous one is all exposed."""
+        """Collective time (hierarchical_s) the schedule does not hide: each asynchronous
+        collective overlaps the kernels XLA scheduled between its start and done (each counted at
+        the step's mean kernel time); a synchronous one is all exposed."""
         c = self.census
-        total = self.collective_s(self.link())
+        total = self.hierarchical_s()
         if not c.collectives or total == 0:
             return 0.0
         per_byte = total / max(sum(b for b, _ in c.windows), 1)
