@@ -63,6 +63,9 @@ def get_config():
     c.model.output = "regions"  # sigmoid ET/TC/WT, or "labels" for softmax over 0..3
     c.model.leaky_slope = 0.01
     c.model.compute_dtype = "float32"
+    # The layout XLA hands cuDNN's convolutions on GPU: "default" (channels-first for 3D, with
+    # transposes around each) or "channels_last" (docs/gpu.md). Other backends ignore it.
+    c.model.gpu_conv_layout = "default"
 
     c.loss = ml_collections.ConfigDict()
     # λ of the auxiliary attention loss; 0 turns it off. With the gate settings above, λ = 1 gave

@@ -31,8 +31,10 @@ COMMIT_MARKER = "commit_success.txt"  # Orbax marks a checkpoint complete with i
 # is another experiment. The rest of the config (steps, logging, validation, checkpointing, mesh)
 # and the data settings below (where the data is read from, and how fast) may change between runs.
 COMPARED = ("seed", "model", "loss", "optim", "data", "train.batch_size")
+# How the run is executed, not what it computes: free to change on resume (the GPU convolution
+# layout changes the program's layouts, not its math).
 NOT_COMPARED = ("data.dir", "data.allow_fingerprint_mismatch", "data.num_workers", "data.read_threads",
-                "data.prefetch")
+                "data.prefetch", "model.gpu_conv_layout")
 
 
 class CheckpointMismatch(ValueError):

@@ -71,3 +71,20 @@ def test_compile_check_gpu_compiles_tiny_for_two_h100s():
         assert re.search(rf"{kind} \d+", census), census
     assert re.search(r"all-reduce \d+", census) and "all-reduce" not in re.search(r"1x1x2 predict census \(.*?\): (.*)",
                                                                                   out.stdout).group(1)
+
+
+def test_channels_last_gpu_convolutions_take_the_transposes_out_through_the_config():
+    """model.gpu_conv_layout reaches the compiled GPU train step: channels-last convolutions leave
+    fewer transposes, writing fewer bytes, than XLA's default channels-first layout (the tiny
+    config on one H100; brats21's figures are in docs/gpu.md)."""
+    def transposes(*flags):
+        out = subprocess.run([sys.executable, "-m", "segguided_jax.compile_check", "--config=configs/tiny.py",
+                              "--gpu=h100", "--gpu_topology=1x1x1", "--no_predict", *flags], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        m = re.search(r"transpose fusion (\d+) \((\d+) MiB", out.stdout)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+    default, channels_last = transposes(), transposes("--config.model.gpu_conv_layout=channels_last")
+    print(f"transpose fusions (count, MiB written): default {default}, channels_last {channels_last}")
+    assert channels_last[0] < default[0] and channels_last[1] < default[1]
