@@ -45,19 +45,34 @@ def _rows(stdout):
     return rows
 
 
-def test_compile_check_gpu_compiles_tiny_for_two_h100s():
+def _compile_check(*flags):
+    out = subprocess.run([sys.executable, "-m", "segguided_jax.compile_check", "--config=configs/tiny.py", "--gpu=h100",
+                          "--gpu_topology=1x1x2", *flags], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    print(out.stdout)
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def two_h100s():
+    """compile_check's output for the tiny config on one host of two H100s, train and predict."""
+    return _compile_check()
+
+
+def _census(stdout, step):
+    return re.search(rf"1x1x2 {step} census \(.*?\): (.*)", stdout).group(1)
+
+
+def test_compile_check_gpu_compiles_tiny_for_two_h100s(two_h100s):
     """Through the command, on one host of two H100s: the train step all-reduces every float32
     gradient once (the tiny config computes in float32), predict's window step (each GPU its own
     windows, the parameters replicated) reduces nothing, and both fit."""
     from configs import tiny
     from segguided_jax.models.network import abstract_model, parameter_count
 
-    out = subprocess.run([sys.executable, "-m", "segguided_jax.compile_check", "--config=configs/tiny.py", "--gpu=h100",
-                          "--gpu_topology=1x1x2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    print(out.stdout)
-    rows = _rows(out.stdout)
-    assert set(rows) == {("1x1x2", "train"), ("1x1x2", "predict")}, out.stdout
+    rows = _rows(two_h100s)
+    assert set(rows) == {("1x1x2", "train"), ("1x1x2", "predict")}, two_h100s
     train, predict = rows[("1x1x2", "train")], rows[("1x1x2", "predict")]
     assert train[2] == "2 (1)" and train[3] == "2×1" and train[5] == str(tiny.get_config().train.batch_size)
     assert train[7] == predict[7] == "yes"  # fits
@@ -66,25 +81,21 @@ def test_compile_check_gpu_compiles_tiny_for_two_h100s():
     assert grads <= reduced <= grads + 4096, (grads, train[10])  # the gradients and a few scalars
     assert predict[10] == "0"
     assert float(train[8].split()[0]) > 0 and float(predict[8].split()[0]) > 0  # FLOPs counted
-    census = re.search(r"1x1x2 train census \(.*?\): (.*)", out.stdout).group(1)
+    census = _census(two_h100s, "train")
     for kind in ("cuDNN conv forward", "cuDNN conv backward-input", "cuDNN conv backward-filter"):
         assert re.search(rf"{kind} \d+", census), census
-    assert re.search(r"all-reduce \d+", census) and "all-reduce" not in re.search(r"1x1x2 predict census \(.*?\): (.*)",
-                                                                                  out.stdout).group(1)
+    assert re.search(r"all-reduce \d+", census) and "all-reduce" not in _census(two_h100s, "predict")
 
 
-def test_channels_last_gpu_convolutions_take_the_transposes_out_through_the_config():
+def test_channels_last_gpu_convolutions_take_the_transposes_out_through_the_config(two_h100s):
     """model.gpu_conv_layout reaches the compiled GPU train step: channels-last convolutions leave
     fewer transposes, writing fewer bytes, than XLA's default channels-first layout (the tiny
-    config on one H100; brats21's figures are in docs/gpu.md)."""
-    def transposes(*flags):
-        out = subprocess.run([sys.executable, "-m", "segguided_jax.compile_check", "--config=configs/tiny.py",
-                              "--gpu=h100", "--gpu_topology=1x1x1", "--no_predict", *flags], cwd=ROOT, env=_env(),
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        m = re.search(r"transpose fusion (\d+) \((\d+) MiB", out.stdout)
+    config; brats21's figures are in docs/gpu.md)."""
+    def transposes(stdout):
+        m = re.search(r"transpose fusion (\d+) \((\d+) MiB", _census(stdout, "train"))
         return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
-    default, channels_last = transposes(), transposes("--config.model.gpu_conv_layout=channels_last")
+    default = transposes(two_h100s)
+    channels_last = transposes(_compile_check("--no_predict", "--config.model.gpu_conv_layout=channels_last"))
     print(f"transpose fusions (count, MiB written): default {default}, channels_last {channels_last}")
     assert channels_last[0] < default[0] and channels_last[1] < default[1]
