@@ -46,7 +46,7 @@ if [ "$PY_VERSION" != 3.12 ] || [ "$(uname -s)-$(uname -m)" != Linux-x86_64 ]; t
 fi
 LIBTPU_LOCK="$ROOT/lock/libtpu.txt"
 CUDA_LOCK="$ROOT/lock/cuda.txt"
-STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml" "$ROOT/lock/uv.txt" ${LOCKFILE:+"$LOCKFILE"} "$LIBTPU_LOCK" "$CUDA_LOCK";   echo "$EXTRAS $PY_VERSION") | sha1sum | cut -c1-12)"
+STAMP="$VENV/.installed-$( (cat "$ROOT/pyproject.toml" "$ROOT/lock/uv.txt" ${LOCKFILE:+"$LOCKFILE"};   echo "$EXTRAS $PY_VERSION") | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   # uv, itself pinned with its hashes in lock/uv.txt, installs the lock exactly (and in seconds);
   # it lives beside the venv's packages, not among them, so that syncing never removes it.
@@ -73,6 +73,13 @@ if [ ! -f "$STAMP" ]; then
     return 1 2>/dev/null || exit 1
   fi
   rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
+# The deviceless compilers, for the test command (which sets SEGGUIDED_DEVICELESS=1) and for
+# compile_check --topology / --gpu; the demo and training do not need them (330 MB of downloads).
+DEVICELESS_STAMP="$VENV/.deviceless-$(cat "$LIBTPU_LOCK" "$CUDA_LOCK" | sha1sum | cut -c1-12)"
+if [ "${SEGGUIDED_DEVICELESS:-0}" = 1 ] && [ ! -f "$DEVICELESS_STAMP" ]; then
+  UV="$VENV/tools/bin/uv"
   # libtpu for deviceless TPU compilation (segguided_jax.compile_check --topology, the TPU compile
   # test) on x86-64 Linux: installed next to the venv, not into it, so that JAX on a CPU machine
   # never finds a TPU plugin at start-up; only code that asks for a TPU topology points
@@ -102,7 +109,10 @@ if [ ! -f "$STAMP" ]; then
   else
     echo "setup: no CUDA plugin without the lock: GPU compile checks cannot run (and fail under CI=true)" >&2
   fi
-  touch "$STAMP"
+  if [ -n "$LOCKFILE" ]; then
+    rm -f "$VENV"/.deviceless-*
+    touch "$DEVICELESS_STAMP"
+  fi
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh clone: set up .venv, then pytest (extra arguments go to pytest).
+# The deviceless TPU and GPU compilers too (libtpu, JAX's CUDA plugin): the compile tests need them.
+export SEGGUIDED_DEVICELESS=1
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # Without the oneDNN custom-call flag (segguided_jax/runtime.py): programs compiled with it cannot be
 # written to the persistent compilation cache, and the tests' tiny steps are compile-bound, so every

@@ -82,8 +82,8 @@ def libtpu_unavailable() -> str | None:
     if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
         return f"libtpu runs on x86-64 Linux only, not {platform.system()} {platform.machine()}"
     if libtpu_path() is None:
-        return (f"libtpu is not installed (launch/env.sh puts it at {os.path.join(sys.prefix, 'libtpu')}; "
-                "its install log is .venv/install.log)")
+        return (f"libtpu is not installed (`SEGGUIDED_DEVICELESS=1 source launch/env.sh` puts it at "
+                f"{os.path.join(sys.prefix, 'libtpu')}, as the test command does; its install log is .venv/install.log)")
     return None
 
 

@@ -9,8 +9,8 @@ fusions, layouts and collectives; kernel choices are not (autotuning needs a dev
 algorithms are left at -1 with no workspace, every GEMM goes to Triton with default tiles), and
 the compiler gives no cost analysis, so FLOPs and bytes are counted here from the program.
 
-The plugin is installed beside the venv, not into it (launch/env.sh: <venv>/cuda, from
-lock/cuda.txt), as libtpu is: JAX on a CPU machine must not find a CUDA plugin at start-up. Its
+The plugin is installed beside the venv, not into it (`SEGGUIDED_DEVICELESS=1 source
+launch/env.sh`, which the test command does: <venv>/cuda, from lock/cuda.txt), as libtpu is: JAX on a CPU machine must not find a CUDA plugin at start-up. Its
 own ptxas (the nvidia-cuda-nvcc-cu12 wheel) comes with it, so the compile does not depend on a
 CUDA toolkit on the machine.
 """
@@ -66,8 +66,8 @@ def cuda_unavailable() -> str | None:
     if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
         return f"the CUDA plugin's wheels are for x86-64 Linux, not {platform.system()} {platform.machine()}"
     if not os.path.isdir(os.path.join(cuda_plugin_dir(), "jax_plugins")):
-        return (f"the CUDA plugin is not installed (launch/env.sh puts it at {cuda_plugin_dir()}; its install log "
-                "is .venv/install.log)")
+        return (f"the CUDA plugin is not installed (`SEGGUIDED_DEVICELESS=1 source launch/env.sh` puts it at "
+                f"{cuda_plugin_dir()}, as the test command does; its install log is .venv/install.log)")
     return None
 
 
