@@ -85,30 +85,23 @@ if [ "${SEGGUIDED_DEVICELESS:-0}" = 1 ] && [ ! -f "$DEVICELESS_STAMP" ]; then
   # never finds a TPU plugin at start-up; only code that asks for a TPU topology points
   # TPU_LIBRARY_PATH at it. Its version is the lock's (the one the locked jax's `tpu` extra pins).
   # On a TPU VM (the `tpu` extra) libtpu is a normal dependency and this copy is not used.
-  rm -rf "$VENV/libtpu"
-  if [ -n "$LOCKFILE" ]; then
-    echo "setup: installing $(grep -oE '^libtpu==[^ ]+' "$LIBTPU_LOCK") into $VENV/libtpu (TPU compiler for deviceless compiles)"
-    if ! "$UV" pip install --python "$VENV/bin/python" --no-deps --require-hashes --target "$VENV/libtpu" \
-         -r "$LIBTPU_LOCK" >>"$VENV/install.log" 2>&1; then
-      tail -n 30 "$VENV/install.log"; echo "setup: could not install libtpu (see $VENV/install.log)" >&2
-      return 1 2>/dev/null || exit 1
+  _install_beside() {  # _install_beside DIR LOCK WHAT: LOCK's packages into $VENV/DIR, off the venv
+    rm -rf "$VENV/$1"
+    if [ -z "$LOCKFILE" ]; then
+      echo "setup: no $3 without the lock: its compile checks cannot run (and fail under CI=true)" >&2
+      return 0
     fi
-  else
-    echo "setup: no libtpu without the lock: TPU compile checks cannot run (and fail under CI=true)" >&2
-  fi
+    echo "setup: installing $(grep -m1 -oE '^[A-Za-z0-9_.-]+==[^ ]+' "$2") into $VENV/$1 ($3 for deviceless compiles)"
+    if ! "$UV" pip install --python "$VENV/bin/python" --no-deps --require-hashes --target "$VENV/$1" \
+         -r "$2" >>"$VENV/install.log" 2>&1; then
+      tail -n 30 "$VENV/install.log"; echo "setup: could not install $3 (see $VENV/install.log)" >&2
+      return 1
+    fi
+  }
+  _install_beside libtpu "$LIBTPU_LOCK" "the TPU compiler (libtpu)" || { return 1 2>/dev/null || exit 1; }
   # JAX's CUDA plugin and its ptxas, for deviceless GPU compiles (compile_check --gpu), beside the
   # venv for the same reason as libtpu: a CUDA plugin found at start-up would look for a GPU.
-  rm -rf "$VENV/cuda"
-  if [ -n "$LOCKFILE" ]; then
-    echo "setup: installing $(grep -oE '^jax-cuda12-plugin==[^ ]+' "$CUDA_LOCK") into $VENV/cuda (GPU compiler for deviceless compiles)"
-    if ! "$UV" pip install --python "$VENV/bin/python" --no-deps --require-hashes --target "$VENV/cuda" \
-         -r "$CUDA_LOCK" >>"$VENV/install.log" 2>&1; then
-      tail -n 30 "$VENV/install.log"; echo "setup: could not install the CUDA plugin (see $VENV/install.log)" >&2
-      return 1 2>/dev/null || exit 1
-    fi
-  else
-    echo "setup: no CUDA plugin without the lock: GPU compile checks cannot run (and fail under CI=true)" >&2
-  fi
+  _install_beside cuda "$CUDA_LOCK" "the GPU compiler (JAX's CUDA plugin)" || { return 1 2>/dev/null || exit 1; }
   if [ -n "$LOCKFILE" ]; then
     rm -f "$VENV"/.deviceless-*
     touch "$DEVICELESS_STAMP"

@@ -184,7 +184,6 @@ from segguided_jax import gpu_compile, sharding  # noqa: E402
 from segguided_jax.models.network import abstract_model, parameter_count  # noqa: E402
 from segguided_jax.steps import abstract_batch, sharded_steps  # noqa: E402
 
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1}
 COLLECTIVES = ("all-reduce", "collective-permute", "all-gather", "reduce-scatter", "all-to-all")
 GIB = 2 ** 30
 
@@ -208,22 +207,12 @@ CHIPS = {  # by jax's device_kind
 }
 
 
-def _shape_bytes(shape_text: str) -> int:
-    total = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape_text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES.get(dtype, 4)
-    return total
-
-
 def collective_bytes(hlo_text: str, op: str = "all-reduce") -> int:
     """Bytes of the results of every `op` collective (e.g. all-reduce, collective-permute) in an
     optimised HLO module: one device's share. An asynchronous pair counts once, at its -done (a
     -start's result also holds the operands and a context)."""
     pattern = re.compile(rf"= (.*?) {re.escape(op)}(-done)?\(")
-    return sum(_shape_bytes(m.group(1)) for line in hlo_text.splitlines() if (m := pattern.search(line)))
+    return sum(gpu_compile.shape_bytes(m.group(1)) for line in hlo_text.splitlines() if (m := pattern.search(line)))
 
 
 def all_reduce_bytes(hlo_text: str) -> int:

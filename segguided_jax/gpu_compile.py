@@ -108,14 +108,13 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
 
 
 def shape_bytes(shape_text: str) -> int:
+    """Bytes of every array in an HLO shape (a tuple's included); an unknown element type counts 4."""
     total = 0
-    for dtype, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", shape_text):
-        if dtype not in _DTYPE_BYTES:
-            continue
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape_text):
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
-        total += n * _DTYPE_BYTES[dtype]
+        total += n * _DTYPE_BYTES.get(dtype, 4)
     return total
 
 
@@ -224,10 +223,14 @@ class Census:
     collective_bytes: dict  # result bytes per collective kind (one device's share)
     async_collectives: int
     collectives: int
-    overlapped_kernels: int  # kernels scheduled between an async collective's start and its done
     compute_kernels: int
     windows: list  # per collective: (bytes, kernels scheduled between its start and done; None if sync)
     kernels: list  # (kind, FLOPs, bytes read and written) of every kernel but the collectives, in order
+
+    @property
+    def overlapped_kernels(self) -> int:
+        """Kernels scheduled between the asynchronous collectives' starts and their dones."""
+        return sum(k for _, k in self.windows if k)
 
     def time_by_kind(self, gpu: Gpu) -> dict:
         """Seconds per kind at the roofline: each kernel bound by its FLOPs at the bf16 peak or by
@@ -322,14 +325,13 @@ def census(hlo_text: str) -> Census:
     per_kernel = []
     coll_bytes = collections.Counter()
     accessed = flops = 0.0
-    starts, async_n, coll_n, overlapped = {}, 0, 0, 0
+    starts, async_n, coll_n = {}, 0, 0
     compute_seen, windows = 0, []
     for ins in kernels:
         kind = _kind(ins)
         if ins.op.endswith("-done") and ins.operands and ins.operands[0] in starts:
             index, seen = starts.pop(ins.operands[0])
             windows[index] = (windows[index][0], compute_seen - seen)
-            overlapped += compute_seen - seen
         if kind is None:
             continue
         count[kind] += 1
@@ -353,7 +355,7 @@ def census(hlo_text: str) -> Census:
         else:
             compute_seen += 1
             per_kernel.append((kind, f, moved))
-    return Census(dict(count), dict(written), accessed, flops, dict(coll_bytes), async_n, coll_n, overlapped,
+    return Census(dict(count), dict(written), accessed, flops, dict(coll_bytes), async_n, coll_n,
                   compute_seen, windows, per_kernel)
 
 
