@@ -55,9 +55,15 @@ def _compile_check(*flags):
 
 
 @pytest.fixture(scope="module")
-def two_h100s():
-    """compile_check's output for the tiny config on one host of two H100s, train and predict."""
-    return _compile_check()
+def two_h100s(tmp_path_factory):
+    """compile_check's output for the tiny config on one host of two H100s, train and predict
+    (the optimised programs written to an --hlo_dir beside it)."""
+    hlo = tmp_path_factory.mktemp("hlo")
+    stdout = _compile_check(f"--hlo_dir={hlo}")
+    written = sorted(os.listdir(hlo))
+    assert written == ["h100_1x1x2_predict_b4.hlo.txt", "h100_1x1x2_train_b2.hlo.txt"], written
+    assert all("ENTRY" in (hlo / n).read_text() for n in written)
+    return stdout
 
 
 def _census(stdout, step):
