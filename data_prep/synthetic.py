@@ -1,11 +1,13 @@
 """A synthetic BraTS-like set, in the real folder layout and naming of either edition.
 
-    python -m data_prep.synthetic --out DIR --cases N --edition 2021|2023 --seed S [--shape X Y Z]
+    python -m data_prep.synthetic --out DIR --cases N --edition 2021|2023 --seed S [--shape X Y Z] [--lesions K]
 
 Each case is a skull-stripped brain (grey matter, white matter, ventricles and sulcal CSF) with a
 glioma: an enhancing rim (ET) on T1ce around a dark necrotic core (NCR), surrounded by oedema (ED)
 that is bright on T2 and FLAIR. About one case in five has no enhancing tumour. Every case varies
-in brain shape, tumour size, shape and location, bias field, noise and intensity scale.
+in brain shape, tumour size, shape and location, bias field, noise and intensity scale. With
+--lesions K each case has K - 1 smaller satellite tumours besides the main one (multifocal glioma:
+the case for BraTS 2023's lesion-wise metrics).
 
 The field of view is always the BraTS one (240 x 240 x 155 mm); a smaller --shape gives coarser
 voxels (the header's spacing says so), not a smaller head. Same seed -> identical files.
@@ -41,6 +43,9 @@ INTENSITY = np.array([
     [0.55, 1.25, 0.72, 0.80],  # enhancing tumour: bright on T1ce
 ], np.float32)
 NO_ET_PROBABILITY = 0.2
+# Radius range (mm) of the satellite tumours of a multifocal case (--lesions > 1).
+SATELLITE_RADIUS_MM = (6.0, 14.0)
+SATELLITE_GAP_MM = 10.0
 
 
 def _smooth_field(rng, shape, coarse=(6, 6, 5)):
@@ -60,8 +65,9 @@ def _grid_mm(shape, spacing):
         [-1 if i == a else 1 for i in range(3)]) for a, (n, s) in enumerate(zip(shape, spacing))]
 
 
-def synth_case(rng: np.random.Generator, shape=BRATS_SHAPE):
-    """Returns (images (4, X, Y, Z) float32 in MODALITIES order, internal labels uint8, spacing)."""
+def synth_case(rng: np.random.Generator, shape=BRATS_SHAPE, lesions: int = 1):
+    """Returns (images (4, X, Y, Z) float32 in MODALITIES order, internal labels uint8, spacing);
+    `lesions` separate tumours (1: the single glioma of most BraTS cases)."""
     shape = tuple(int(s) for s in shape)
     spacing = FIELD_OF_VIEW_MM / np.array(shape)
     x, y, z = _grid_mm(shape, spacing)
@@ -84,22 +90,36 @@ def synth_case(rng: np.random.Generator, shape=BRATS_SHAPE):
         tissue[brain & (v < 1)] = TISSUES.index("csf")
 
     # Glioma: a lumpy ball (WT) containing a lumpy core (TC) that has a necrotic centre (NCR)
-    # and, in most cases, an enhancing rim (ET).
-    radius = rng.uniform(14, 34)
-    while True:
-        c = centre + rng.uniform(-0.55, 0.55, 3) * axes
-        if np.sum(((c - centre) / axes) ** 2) < 0.55 ** 2:
-            break
-    d = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / radius
-    d = d * (1 + 0.25 * _smooth_field(rng, shape, coarse=(10, 10, 8)))
-    core = rng.uniform(0.45, 0.7)
-    necrotic = core * rng.uniform(0.45, 0.75)
-    has_et = rng.uniform() >= NO_ET_PROBABILITY
-    dc = d * (1 + 0.15 * _smooth_field(rng, shape, coarse=(12, 12, 10)))
+    # and, in most cases, an enhancing rim (ET). With lesions > 1, smaller satellite tumours of the
+    # same anatomy (multifocal glioma) at least one radius apart from the main one's surface.
     labels = np.zeros(shape, np.uint8)
-    labels[brain & (d < 1.0)] = 2
-    labels[brain & (dc < core)] = 3 if has_et else 1
-    labels[brain & (dc < necrotic)] = 1
+    main = None
+    for k in range(lesions):
+        radius = rng.uniform(14, 34) if k == 0 else rng.uniform(*SATELLITE_RADIUS_MM)
+        # The main tumour within 0.55 of the brain's semi-axes; satellites within 0.8, their
+        # surfaces (lumpy: up to 1.3 radii) at least SATELLITE_GAP_MM from the main one's, so that
+        # BraTS's lesion grouping (3 dilations) keeps them apart; a satellite with no room left in
+        # this brain is left out.
+        reach = 0.55 if k == 0 else 0.8
+        for _ in range(1000):
+            c = centre + rng.uniform(-reach, reach, 3) * axes
+            if np.sum(((c - centre) / axes) ** 2) < reach ** 2 and (
+                    main is None or np.linalg.norm(c - main[0]) > 1.3 * (main[1] + radius) + SATELLITE_GAP_MM):
+                break
+        else:
+            continue
+        main = main or (c, radius)
+        d = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / radius
+        d = d * (1 + 0.25 * _smooth_field(rng, shape, coarse=(10, 10, 8)))
+        core = rng.uniform(0.45, 0.7)
+        necrotic = core * rng.uniform(0.45, 0.75)
+        has_et = rng.uniform() >= NO_ET_PROBABILITY
+        dc = d * (1 + 0.15 * _smooth_field(rng, shape, coarse=(12, 12, 10)))
+        # A satellite never overwrites the tumour already drawn (labels only grow inwards).
+        free = labels == 0
+        labels[brain & free & (d < 1.0)] = 2
+        labels[brain & (free | (labels == 2)) & (dc < core)] = 3 if has_et else 1
+        labels[brain & (free | (labels == 2)) & (dc < necrotic)] = 1
     tissue[labels == 2] = TISSUES.index("ed")
     tissue[labels == 1] = TISSUES.index("ncr")
     tissue[labels == 3] = TISSUES.index("et")
@@ -125,12 +145,12 @@ def brats_affine(shape, spacing):
     return affine
 
 
-def write_case(out_dir: str, edition_name: str, index: int, seed: int, shape=BRATS_SHAPE) -> str:
+def write_case(out_dir: str, edition_name: str, index: int, seed: int, shape=BRATS_SHAPE, lesions: int = 1) -> str:
     """Writes one case folder; returns its path. Case `index` of seed `seed` is the same whatever
     the other cases are."""
     edition = EDITIONS[edition_name]
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    images, labels, spacing = synth_case(rng, shape)
+    images, labels, spacing = synth_case(rng, shape, lesions)
     case_id = case_id_for(edition_name, index)
     case_dir = os.path.join(out_dir, case_id)
     os.makedirs(case_dir, exist_ok=True)
@@ -157,9 +177,14 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", type=int, nargs=3, default=BRATS_SHAPE, metavar=("X", "Y", "Z"))
     parser.add_argument("--workers", type=int, default=1, help="cases generated in parallel processes")
+    parser.add_argument("--lesions", type=int, default=1,
+                        help="separate tumours per case: the main one and LESIONS - 1 smaller satellites")
     args = parser.parse_args(argv)
+    if args.lesions < 1:
+        parser.error(f"--lesions must be at least 1, got {args.lesions}")
     os.makedirs(args.out, exist_ok=True)
-    job = functools.partial(write_case, args.out, args.edition, seed=args.seed, shape=tuple(args.shape))
+    job = functools.partial(write_case, args.out, args.edition, seed=args.seed, shape=tuple(args.shape),
+                            lesions=args.lesions)
     tty = sys.stdout.isatty()  # one updating line on a terminal, one line per case in a log
     with concurrent.futures.ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as ex:
         results = ex.map(job, range(args.cases)) if ex else map(job, range(args.cases))

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 
@@ -11,6 +12,7 @@ from segguided_jax.data import splits as splits_lib
 from segguided_jax.data.brats import EDITIONS, MODALITIES, labels_to_regions, regions_to_labels
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.transforms import enlarged_start, final_start, foreground_rows, outside_fraction
+from segguided_jax.metrics import lesion_wise
 
 SHAPE = (40, 40, 26)
 
@@ -30,6 +32,26 @@ def test_synthetic_same_seed_same_bytes_and_layout(tmp_path):
         assert (a / case / n).read_bytes() == (b / case / n).read_bytes()
     synthetic.write_case(str(tmp_path / "c"), "2023", 7, seed=12, shape=SHAPE)
     assert (tmp_path / "c" / case / f"{case}-t1c.nii.gz").read_bytes() != (a / case / f"{case}-t1c.nii.gz").read_bytes()
+
+
+def test_synthetic_single_tumour_cases_did_not_move_with_the_lesions_option():
+    images, labels, _ = synthetic.synth_case(np.random.default_rng(0), SHAPE)
+    # This case's bytes before --lesions existed: the demo's data, and so its figures, stay put.
+    assert hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16] == "91c18b5ab337db0c"
+
+
+def test_synthetic_multifocal_cases_hold_separate_lesions():
+    """--lesions 3: the main tumour and two satellites, apart (26-connected) and, at 2.5 mm, far
+    enough apart to stay separate lesions under BraTS's grouping (3 dilations) in most cases."""
+    from scipy import ndimage
+
+    groups = []
+    for seed in range(4):
+        _, labels, spacing = synthetic.synth_case(np.random.default_rng(seed), (96, 96, 62), lesions=3)
+        assert ndimage.label(labels > 0, np.ones((3, 3, 3)))[1] == 3, seed
+        assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+        groups.append(len(lesion_wise(labels > 0, labels > 0, spacing)["lesions"]))
+    assert groups == [3, 2, 1, 3], groups
 
 
 def test_synthetic_anatomy_follows_brats(raw_dir):
