@@ -23,12 +23,15 @@ from scipy import ndimage
 
 from segguided_jax import storage
 from segguided_jax.data.brats import REGIONS, labels_to_regions, regions_to_labels
-from segguided_jax.metrics import lesion_wise
+from segguided_jax.metrics import LESION_MIN_VOLUME_MM3, lesion_wise
 
 FILE = "postprocessing.json"
 _CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
-# Candidate minimum component volumes (mm³) that `fit` chooses from, per region.
+# Default candidate minimum component volumes (mm³) that `choose` picks from, per region (configs:
+# eval.postprocess_candidates_mm3), about evenly spaced in log volume.
 CANDIDATES_MM3 = (0, 10, 25, 50, 100, 250, 500, 1000, 2500)
+# How `choose` picks among the candidates that tie on the val cases (configs: eval.postprocess_rule).
+CHOICE_RULES = ("plateau_middle", "smallest", "largest")
 # Label a removed component of each region becomes (see the module docstring).
 _REMOVED_TO = {"WT": 0, "TC": 2, "ET": 1}
 
@@ -113,14 +116,45 @@ def fit_scores(probs: np.ndarray, ref_labels: np.ndarray, spacing, base: PostPro
     return scores
 
 
-def choose(total_scores: np.ndarray, num_cases: int, candidates=CANDIDATES_MM3) -> dict:
-    """The learned rule from the summed fit_scores of the validation cases: per region the
-    candidate with the highest mean lesion-wise Dice (the smallest among ties). Returns the JSON-able
-    record stored as postprocessing.json."""
+def choose(total_scores: np.ndarray, num_cases: int, candidates=CANDIDATES_MM3, rule: str = "plateau_middle",
+           floor_mm3: float = LESION_MIN_VOLUME_MM3) -> dict:
+    """The learned rule from the summed fit_scores of the validation cases. Per region, the
+    candidates whose mean lesion-wise Dice ties the best form the plateau; `rule` picks in it:
+    "smallest" (the smallest tied candidate), "largest" (the largest removal that does not lower
+    val lesion-wise Dice) or "plateau_middle" (the middle of the widest run of tied candidates).
+    With a handful of val cases a wide plateau is the normal case: its ends are the largest false
+    positive and the smallest true lesion those cases happen to have, so its middle keeps the
+    widest margin to both (the candidates are about evenly spaced in log volume), where "smallest"
+    sits against the false positives the val cases showed and "largest" against the lesions.
+    Then `floor_mm3` (0: none) where the val cases cannot decide, i.e. a pick below it moves up to it
+    when the pick's run reaches it: BraTS's lesion-wise metric does not count reference lesions of
+    at most 50 mm³, so removing smaller components costs a counted lesion only by deleting a gross
+    under-segmentation of it.
+    Returns the JSON-able record stored as postprocessing.json."""
+    if rule not in CHOICE_RULES:
+        raise ValueError(f"eval.postprocess_rule must be one of {CHOICE_RULES}, got {rule!r}")
+    candidates = [float(c) for c in candidates]
     mean = total_scores / max(num_cases, 1)
-    chosen = {r: float(candidates[int(np.flatnonzero(np.isclose(mean[i], mean[i].max()))[0])])
-              for i, r in enumerate(REGIONS)}
-    return {"min_volume_mm3": chosen, "cases": num_cases, "candidates_mm3": list(candidates),
+    chosen = {}
+    for i, region in enumerate(REGIONS):
+        index = np.flatnonzero(np.isclose(mean[i], mean[i].max()))
+        # Contiguous runs of tied candidates, as (first, last) indices.
+        runs = [(int(r[0]), int(r[-1])) for r in np.split(index, np.flatnonzero(np.diff(index) > 1) + 1)]
+        if rule == "smallest":
+            run = runs[0]
+            pick = run[0]
+        elif rule == "largest":
+            run = runs[-1]
+            pick = run[1]
+        else:
+            run = max(runs, key=lambda r: r[1] - r[0])  # the widest; the first among equals
+            pick = (run[0] + run[1]) // 2
+        above = [j for j in range(run[0], run[1] + 1) if candidates[j] >= floor_mm3]
+        if candidates[pick] < floor_mm3 and above:
+            pick = above[0]
+        chosen[region] = candidates[pick]
+    return {"min_volume_mm3": chosen, "cases": num_cases, "candidates_mm3": candidates, "rule": rule,
+            "floor_mm3": float(floor_mm3),
             "lesion_dice_by_candidate": {r: [float(v) for v in mean[i]] for i, r in enumerate(REGIONS)},
             "lesion_dice_without": {r: float(mean[i, 0]) for i, r in enumerate(REGIONS)}}
 

@@ -27,7 +27,8 @@ if __name__ == "__main__":
 
     run()
 
-import hashlib  # noqa: E402
+import functools  # noqa: E402
+import hashlib
 import signal
 import sys
 import time
@@ -113,6 +114,10 @@ class Validator:
         self.gates = bool(config.model.gates)
         self.predictor = VolumePredictor.from_config(config, graphdef, params, mesh)
         self.post = postprocess.PostProcessing.from_config(config.eval)
+        self.candidates = tuple(config.eval.postprocess_candidates_mm3)
+        self.choose = functools.partial(postprocess.choose, candidates=self.candidates,
+                                        rule=config.eval.postprocess_rule,
+                                        floor_mm3=config.eval.postprocess_floor_mm3)
         target = self.source.manifest.get("target_spacing")
         self.spacing = lambda meta: target or meta["spacing"]  # the voxel size of the preprocessed grid
 
@@ -132,13 +137,14 @@ class Validator:
                     if masks[..., k].any():  # fidelity is measured where the sub-region exists
                         attn[sub].append(soft_dice(out[..., 3 + k], masks[..., k]))
             if fit_postprocessing:
-                fit = fit + postprocess.fit_scores(out, case["label"], self.spacing(meta), self.post)
+                fit = fit + postprocess.fit_scores(out, case["label"], self.spacing(meta), self.post,
+                                                   self.candidates)
             progress(f"validation case {meta.get('case_id', i)}")
         row = {k: float(np.mean([r[k] for r in dice_rows])) for k in dice_rows[0]}
         row["dice_mean"] = float(np.mean(list(row.values())))
         if self.gates:  # a sub-region absent from every case has no fidelity to report
             row.update({f"attn_dice_{s.lower()}": float(np.mean(v)) for s, v in attn.items() if v})
-        return row, postprocess.choose(fit, len(self.source)) if fit_postprocessing else None
+        return row, self.choose(fit, len(self.source)) if fit_postprocessing else None
 
 
 class NonFiniteGuard:

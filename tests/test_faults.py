@@ -16,8 +16,10 @@ from segguided_jax.storage import MetricsFile
 from segguided_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The post-processing rule and floor go through the command too (test_the_command_learns_...).
 ARGS = ["--config.train.steps=8", "--config.train.log_every=2", "--config.train.eval_every=4",
-        "--config.checkpoint.every_steps=4"]
+        "--config.checkpoint.every_steps=4", "--config.eval.postprocess_rule=largest",
+        "--config.eval.postprocess_floor_mm3=0"]
 
 
 def _env():
@@ -32,11 +34,26 @@ def _cmd(data_dir, workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
+def uninterrupted_workdir(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("whole")
     out = subprocess.run(_cmd(data_dir, workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return MetricsFile(str(workdir / "metrics.jsonl")).rows()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_workdir):
+    return MetricsFile(str(uninterrupted_workdir / "metrics.jsonl")).rows()
+
+
+def test_the_command_learns_post_processing_by_the_configured_rule(uninterrupted_workdir):
+    """ARGS ask for the largest tied candidate without a floor: postprocessing.json records that
+    rule and, per region, the largest candidate whose val lesion-wise Dice ties the best."""
+    learned = json.load(open(uninterrupted_workdir / "postprocessing.json"))
+    assert (learned["rule"], learned["floor_mm3"], learned["cases"]) == ("largest", 0.0, 2)
+    for region, scores in learned["lesion_dice_by_candidate"].items():
+        tied = [c for c, s in zip(learned["candidates_mm3"], scores) if np.isclose(s, max(scores))]
+        assert learned["min_volume_mm3"][region] == tied[-1], (region, scores)
 
 
 def _rows_at(workdir):

@@ -70,7 +70,8 @@ def test_fit_chooses_the_size_that_removes_false_positive_specks():
     pred[18:20, 2:4, 2:4] = 3  # a false-positive ET blob: 8 voxels = 32 mm³
     spacing = (1.0, 2.0, 2.0)
     scores = fit_scores(_probs(pred), ref, spacing, PostProcessing())
-    learned = choose(scores + fit_scores(_probs(ref), ref, spacing, PostProcessing()), 2)
+    total = scores + fit_scores(_probs(ref), ref, spacing, PostProcessing())
+    learned = choose(total, 2, rule="smallest", floor_mm3=0.0)
     # ET: one true lesion and one false one give 1/2 without removal; 50 mm³ removes the blob.
     assert learned["lesion_dice_without"]["ET"] == pytest.approx((0.5 + 1.0) / 2)
     # the speck (4 mm³) and the blob (32 mm³, also WT and TC) both go at 50 mm³, not before
@@ -78,3 +79,39 @@ def test_fit_chooses_the_size_that_removes_false_positive_specks():
     assert len(learned["lesion_dice_by_candidate"]["TC"]) == len(CANDIDATES_MM3)
     cleaned = PostProcessing(min_volume_mm3=learned["min_volume_mm3"]).labels(_probs(pred), spacing)
     np.testing.assert_array_equal(cleaned, ref)
+    # The default rule takes the middle of each plateau: ET and TC tie from 50 (the blob gone) to
+    # 500 mm³ (the true ET, 864 mm³, goes at 1000), WT from 50 to 2500 (its lesion is 4,000 mm³).
+    middle = choose(total, 2)
+    assert middle["rule"] == "plateau_middle" and middle["floor_mm3"] == 50.0
+    assert middle["min_volume_mm3"] == {"ET": 100.0, "TC": 100.0, "WT": 250.0}
+
+
+# Mean val lesion-wise Dice per candidate (rows ET, TC, WT) with known plateaus.
+_SCORES = np.array([
+    [1.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9, 0.8, 0.8],  # ET: tied on 0-25 (a true 30 mm³ lesion at 50)
+    [0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.8, 0.8],  # TC: tied on 50-500
+    [0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7],  # WT: the val cases cannot decide
+])
+
+
+@pytest.mark.parametrize("rule, floor, expected", [
+    ("smallest", 0.0, {"ET": 0.0, "TC": 50.0, "WT": 0.0}),
+    ("smallest", 50.0, {"ET": 0.0, "TC": 50.0, "WT": 50.0}),  # the floor only where the run reaches it
+    ("largest", 0.0, {"ET": 25.0, "TC": 500.0, "WT": 2500.0}),
+    ("plateau_middle", 0.0, {"ET": 10.0, "TC": 100.0, "WT": 100.0}),
+    ("plateau_middle", 50.0, {"ET": 10.0, "TC": 100.0, "WT": 100.0}),
+    ("plateau_middle", 250.0, {"ET": 10.0, "TC": 250.0, "WT": 250.0}),
+])
+def test_choose_picks_by_rule_and_floor(rule, floor, expected):
+    learned = choose(_SCORES * 3, 3, rule=rule, floor_mm3=floor)
+    assert learned["min_volume_mm3"] == expected
+    assert learned["lesion_dice_without"] == pytest.approx({"ET": 1.0, "TC": 0.5, "WT": 0.7})
+
+
+def test_choose_takes_the_widest_of_separate_plateaus():
+    scores = np.array([[1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0, 0.9, 0.9]] * 3)
+    assert choose(scores, 1, floor_mm3=0.0)["min_volume_mm3"] == {"ET": 100.0, "TC": 100.0, "WT": 100.0}
+    scores[:, 3:7] = 0.95  # now the first run holds the best alone
+    assert choose(scores, 1, floor_mm3=0.0)["min_volume_mm3"] == {"ET": 0.0, "TC": 0.0, "WT": 0.0}
+    with pytest.raises(ValueError, match="postprocess_rule"):
+        choose(scores, 1, rule="median")
