@@ -55,7 +55,7 @@ def evaluate(workdir: str) -> dict:
     chosen = {name: ({r: 0.0 for r in REGIONS} if rule is None else
                      postprocess.choose(fit, num_val, candidates, rule, floor)["min_volume_mm3"])
               for name, rule, floor in VARIANTS}
-    scores = {name: {f"{k}_{r}": [] for k in ("dice", "lesion_dice") for r in REGIONS} for name in chosen}
+    scores = {name: {f"{k}_{r.lower()}": [] for k in ("dice", "lesion_dice") for r in REGIONS} for name in chosen}
     oracle = np.zeros((len(REGIONS), len(candidates)))
     test_ids = []
     for case_id, out, label, spacing in cases("test", mirror_axes=(0, 1, 2)):
@@ -65,8 +65,8 @@ def evaluate(workdir: str) -> dict:
             pred = labels_to_regions(postprocess.PostProcessing(
                 base.threshold, base.et_rule, base.min_et_voxels, sizes).labels(out, spacing))
             for i, r in enumerate(REGIONS):
-                scores[name][f"dice_{r}"].append(dice(pred[..., i], ref[..., i]))
-                scores[name][f"lesion_dice_{r}"].append(lesion_wise(pred[..., i], ref[..., i], spacing)["dice"])
+                scores[name][f"dice_{r.lower()}"].append(dice(pred[..., i], ref[..., i]))
+                scores[name][f"lesion_dice_{r.lower()}"].append(lesion_wise(pred[..., i], ref[..., i], spacing)["dice"])
         oracle += postprocess.fit_scores(out, label, spacing, base, candidates)
     oracle_pick = {r: float(candidates[int(np.argmax(oracle[i]))]) for i, r in enumerate(REGIONS)}
     return {"workdir": workdir, "val_cases": num_val, "test_cases": test_ids, "chosen": chosen,
