@@ -120,11 +120,46 @@ def window_function(forward, mesh, *, mirror_axes=(), attention_stages=()):
     """mirrored_outputs of forward(params, windows) jitted for a mesh: (params, windows (B, D, H,
     W, 4)) -> outputs, the parameters replicated, the windows split over the mesh's data axis (and
     their first spatial axis over its spatial axis). The one form every prediction runs, and the
-    one compile_check compiles."""
-    return jax.jit(functools.partial(mirrored_outputs, forward, mirror_axes=tuple(mirror_axes),
-                                     attention_stages=tuple(attention_stages)),
+    one compile_check compiles.
+
+    Equal arguments give the same jitted function, so a process traces and compiles a network's
+    window step once however many VolumePredictors it makes: training makes one per run, a sweep
+    one per run and validation and evaluation, and tracing the step costs seconds (it traces the
+    TPU formulations too). `forward` counts as equal when it is a functools.partial of the same
+    function with equal arguments (network.forward with equal graphdefs: the same network)."""
+    key = _Forward(forward)
+    try:
+        hash(key)
+    except TypeError:  # an argument without a value hash: no sharing
+        return _jit_window_function(forward, mesh, tuple(mirror_axes), tuple(attention_stages))
+    return _shared_window_function(key, mesh, tuple(mirror_axes), tuple(attention_stages))
+
+
+class _Forward:
+    """A forward function compared by value when it is a functools.partial, else by identity."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.key = ((fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+                    if isinstance(fn, functools.partial) else fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _Forward) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+def _jit_window_function(forward, mesh, mirror_axes, attention_stages):
+    return jax.jit(functools.partial(mirrored_outputs, forward, mirror_axes=mirror_axes,
+                                     attention_stages=attention_stages),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.batch_sharding(mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_window_function(forward: _Forward, mesh, mirror_axes, attention_stages):
+    return _jit_window_function(forward.fn, mesh, mirror_axes, attention_stages)
 
 
 def sliding_window(predict_windows, image: np.ndarray, window, overlap: float, batch_size: int,

@@ -1,5 +1,6 @@
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -129,3 +130,32 @@ def test_volume_predictor_equals_window_outputs_on_the_host():
         acc[x:x + 16, y:y + 16, z:z + 16] += out * g[..., None]
         norm[x:x + 16, y:y + 16, z:z + 16] += g
     np.testing.assert_allclose(got, (acc / norm[..., None])[:30, :21, :17], rtol=1e-5, atol=1e-6)
+
+
+def test_predictors_of_the_same_network_share_one_jitted_window_function():
+    """Equal networks (equal graphdefs, other parameters) get the same jitted window step, so a
+    process traces and compiles it once; another network, mirroring or mesh gets its own."""
+    from configs import tiny
+    from segguided_jax import sharding
+    from segguided_jax.inference import window_function
+    from segguided_jax.models.network import forward
+    from segguided_jax.optim import make_optimizer
+    from segguided_jax.steps import init_state
+
+    cfg = tiny.get_config()
+    tx = make_optimizer(cfg.optim, 8)
+    a, b = init_state(0, cfg.model, tx), init_state(1, cfg.model, tx)
+    cfg.model.widths = (4, 8, 32)
+    other = init_state(0, cfg.model, tx)
+    mesh = sharding.make_mesh()
+
+    def fn(state, mirror=()):
+        return window_function(functools.partial(forward, state.graphdef, output="regions"), mesh, mirror_axes=mirror)
+
+    assert fn(a) is fn(b)
+    assert fn(a) is not fn(other) and fn(a) is not fn(a, (0,))
+    x = np.random.default_rng(0).standard_normal((1, 16, 16, 16, 4)).astype(np.float32)
+    # The shared function computes with the parameters it is given.
+    direct = jax.jit(lambda p, v: forward(b.graphdef, p, v, output="regions")[0])(b.params, x)
+    np.testing.assert_allclose(np.asarray(fn(b)(b.params, x)), np.asarray(direct), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(fn(a)(a.params, x)), np.asarray(direct))
