@@ -309,6 +309,10 @@ def _out_of_memory(e: Exception) -> bool:
 
 def topology_devices(name: str):
     from jax.experimental import topologies
+
+    from segguided_jax.models import formulations
+
+    formulations.may_lower_for("tpu")  # what is traced from now on may run on these chips
     return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
 
 

@@ -62,6 +62,7 @@ def export_model(workdir: str, out: str, checkpoint: str = "last", platforms=PLA
     from segguided_jax import model_artefact, postprocess, storage
     from segguided_jax.checkpointing import load_checkpoint_params
     from segguided_jax.data.brats import EDITIONS, MODALITIES, REGIONS, SUBREGIONS
+    from segguided_jax.models import formulations
     from segguided_jax.models.network import forward
     from segguided_jax.predict import _training_spacing
 
@@ -84,7 +85,8 @@ def export_model(workdir: str, out: str, checkpoint: str = "last", platforms=PLA
     (batch,) = jax.export.symbolic_shape("b")
     specs = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
              jax.ShapeDtypeStruct((batch, *window, int(config.model.in_channels)), np.float32))
-    exported = jax.export.export(jax.jit(window_fn), platforms=tuple(platforms))(*specs)
+    with formulations.lowering_for(*platforms):  # each platform's formulations are traced
+        exported = jax.export.export(jax.jit(window_fn), platforms=tuple(platforms))(*specs)
     serialized = exported.serialize()
     learned = postprocess.load_learned(workdir)
     try:

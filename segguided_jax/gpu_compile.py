@@ -92,6 +92,10 @@ def prepare_gpu_environment() -> None:
 def gpu_devices(gpu: str, topology: str):
     """The devices of `topology` (e.g. "1x1x1", "1x1x8", "1x2x8") of GPUS[gpu] cards."""
     from jax.experimental import topologies
+
+    from segguided_jax.models import formulations
+
+    formulations.may_lower_for("cuda")  # what is traced from now on may run on these GPUs
     return topologies.get_topology_desc(platform="cuda", target_config=GPUS[gpu].target_config(),
                                         topology=topology).devices
 

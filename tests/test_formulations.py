@@ -179,7 +179,8 @@ def test_blocks_are_rematerialised_on_tpu_only(monkeypatch):
         logits, attention = nnx.merge(graphdef, params)(x)
         return jnp.mean(logits ** 2) + sum(jnp.mean(z) for z in attention)
 
-    traced = jax.jit(jax.grad(loss)).trace(params)
+    with formulations.lowering_for("tpu", "cuda"):  # traced for every platform it is lowered for
+        traced = jax.jit(jax.grad(loss)).trace(params)
     text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
     assert "optimization_barrier" in text["tpu"]
     assert "optimization_barrier" not in text["cpu"] and "optimization_barrier" not in text["cuda"]
@@ -220,3 +221,27 @@ def test_folded_formulation_is_the_plain_network(reference):
         np.testing.assert_allclose(values["smooth"][0], ref["smooth"][0], rtol=5e-6, err_msg=name)
         paths, errors = _errors(values["smooth"][1], ref["smooth"][1])
         assert errors.max() <= 5e-5, (name, paths[errors.argmax()], errors.max())
+
+
+def test_only_the_platforms_a_trace_can_be_lowered_for_are_traced():
+    """On a CPU-only process the TPU branches are not traced (tracing them cost as much as the
+    network); where a TPU lowering may follow (lowering_for, may_lower_for) they are, and each
+    platform gets its own branch."""
+    calls = []
+
+    def branch(name):
+        return lambda v: calls.append(name) or v + {"tpu": 1.0, "default": 2.0}[name]
+
+    def f(v):
+        return formulations._on_tpu(v, branch("tpu"), branch("default"))
+
+    x = jnp.zeros(())
+    assert float(jax.jit(f)(x)) == 2.0 and calls == ["default"]
+    calls.clear()
+    with formulations.lowering_for("tpu"):
+        traced = jax.jit(lambda v: f(v)).trace(x)  # a new function: traced anew
+    assert sorted(calls) == ["default", "tpu"]
+    assert "tpu" not in formulations._OTHER_PLATFORMS  # undone on exit
+    cpu = traced.lower(lowering_platforms=("cpu",)).compile()
+    assert float(cpu(x)) == 2.0
+    assert "add" in traced.lower(lowering_platforms=("tpu",)).as_text()
