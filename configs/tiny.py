@@ -5,6 +5,7 @@ from configs import synthetic
 def get_config():
     c = synthetic.get_config()
     c.data.patch = (16, 16, 16)
+    c.data.num_workers = 0  # a worker process costs more start-up than a few tiny steps save
     c.model.widths = (4, 8, 16)
     c.model.encoder_blocks = (1, 1, 1)
     c.model.decoder_blocks = (1, 1)
