@@ -123,25 +123,27 @@ def window_function(forward, mesh, *, mirror_axes=(), attention_stages=()):
     one compile_check compiles.
 
     Equal arguments give the same jitted function, so a process traces and compiles a network's
-    window step once however many VolumePredictors it makes: training makes one per run, a sweep
-    one per run and validation and evaluation, and tracing the step costs seconds (it traces the
-    TPU formulations too). `forward` counts as equal when it is a functools.partial of the same
-    function with equal arguments (network.forward with equal graphdefs: the same network)."""
-    key = _Forward(forward)
-    try:
-        hash(key)
-    except TypeError:  # an argument without a value hash: no sharing
-        return _jit_window_function(forward, mesh, tuple(mirror_axes), tuple(attention_stages))
-    return _shared_window_function(key, mesh, tuple(mirror_axes), tuple(attention_stages))
+    window step once however many VolumePredictors it makes (training one per run, a sweep one per
+    run and validation and evaluation). `forward` counts as equal when it is a functools.partial
+    of the same function with equal arguments (network.forward with equal graphdefs: the same
+    network)."""
+    return _shared_window_function(_Forward(forward), mesh, tuple(mirror_axes), tuple(attention_stages))
 
 
 class _Forward:
-    """A forward function compared by value when it is a functools.partial, else by identity."""
+    """A forward function compared by value when it is a functools.partial with hashable
+    arguments, else by identity."""
 
     def __init__(self, fn):
         self.fn = fn
-        self.key = ((fn.func, fn.args, tuple(sorted(fn.keywords.items())))
-                    if isinstance(fn, functools.partial) else fn)
+        self.key = fn
+        if isinstance(fn, functools.partial):
+            key = (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+            try:
+                hash(key)
+                self.key = key
+            except TypeError:
+                pass
 
     def __eq__(self, other):
         return isinstance(other, _Forward) and self.key == other.key
@@ -150,16 +152,12 @@ class _Forward:
         return hash(self.key)
 
 
-def _jit_window_function(forward, mesh, mirror_axes, attention_stages):
-    return jax.jit(functools.partial(mirrored_outputs, forward, mirror_axes=mirror_axes,
+@functools.lru_cache(maxsize=16)
+def _shared_window_function(forward: _Forward, mesh, mirror_axes, attention_stages):
+    return jax.jit(functools.partial(mirrored_outputs, forward.fn, mirror_axes=mirror_axes,
                                      attention_stages=attention_stages),
                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.batch_sharding(mesh))
-
-
-@functools.lru_cache(maxsize=16)
-def _shared_window_function(forward: _Forward, mesh, mirror_axes, attention_stages):
-    return _jit_window_function(forward.fn, mesh, mirror_axes, attention_stages)
 
 
 def sliding_window(predict_windows, image: np.ndarray, window, overlap: float, batch_size: int,
