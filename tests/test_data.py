@@ -312,3 +312,22 @@ def test_region_label_conversions_are_inverse():
     regions = labels_to_regions(labels)
     assert regions.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 1]]
     assert regions_to_labels(regions).tolist() == [0, 1, 2, 3]
+
+
+def test_synthetic_command_writes_multifocal_cases_and_refuses_zero_lesions(tmp_path):
+    """`python -m data_prep.synthetic --lesions 3`, as users run it: the case's segmentation holds
+    separate tumours; --lesions 0 is refused with a message naming the flag."""
+    import subprocess
+    import sys
+
+    from scipy import ndimage
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "data_prep.synthetic", "--out", str(tmp_path / "raw"), "--cases", "1",
+           "--edition", "2023", "--seed", "0", "--shape", "96", "96", "62"]
+    out = subprocess.run(cmd + ["--lesions", "3"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seg = _read(str(tmp_path / "raw" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz"))
+    assert ndimage.label(seg > 0, np.ones((3, 3, 3)))[1] == 3
+    bad = subprocess.run(cmd + ["--lesions", "0"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--lesions must be at least 1" in bad.stderr
