@@ -7,8 +7,9 @@ FLOPs and bytes accessed from XLA's TPU analyses.
 
 libtpu is the one launch/env.sh installs beside the venv (.venv/libtpu; a TPU VM's own libtpu
 otherwise); one process at a time may hold it, hence the lock. A brats21 compile takes minutes.
-With augment_on_device the step's input is the batch of enlarged crops (augment.initial_patch_size)
-with their draws, and the augmentation to data.patch is part of the compiled step.
+With augment_on_device the step's input is, per row, a slot of the enlarged crop's size (augment.initial_patch_size)
+holding the box its draws can read, as stored (data.device_crop_dtype), with the draws; the augmentation
+to data.patch is part of the compiled step.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def main(argv):
         config = base.copy_and_resolve_references()
         config.unlock().data.augment_on_device = on_device
         size = initial_patch_size(config.data.patch, config.data.augment) if on_device else tuple(config.data.patch)
-        what = f"augment_on_device={on_device} (input {tuple(size)})"
+        what = (f"augment_on_device={on_device} (input: {config.data.device_crop_dtype} slots of {tuple(size)} voxels)"
+                if on_device else f"augment_on_device={on_device} (input {tuple(size)})")
         t = time.time()
         try:
             compiled = compile_step(config, devices)

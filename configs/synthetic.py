@@ -37,9 +37,14 @@ def get_config():
     c.data.augment.rotation_probability = 0.0
     c.data.augment.scale_probability = 0.0
     c.data.augment.lowres_probability = 0.0
-    # True: the pipeline ships the enlarged crops with their random draws and the train step
-    # augments them on the accelerator (segguided_jax.data.device_augment.augment_batch).
+    # True: the pipeline ships, of each row's enlarged crop, the box its random draws can read, as
+    # the records store it, with the draws, and the train step augments on the accelerator
+    # (segguided_jax.data.device_augment.augment_boxes).
     c.data.augment_on_device = False
+    # How the boxes travel with augment_on_device: "int16", the records' raw intensities (half the
+    # bytes of float32; normalised on the device), or "float32", which also takes records stored
+    # as float32 (intensities that are not integers, e.g. after resampling). The same patches.
+    c.data.device_crop_dtype = "int16"
     # Grain worker processes; 0 = in the training process. One worker augments beside the step: the
     # demo's steps 6.3 -> 6.9 per second on 2 cores, the same parameters bit for bit (the draws
     # follow the records, not the workers).

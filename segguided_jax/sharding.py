@@ -7,7 +7,12 @@ A spatial group never spans processes (make_mesh).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -74,14 +79,65 @@ def check_batch(global_batch: int, patch, mesh: Mesh, downsampling: int) -> None
                          f"network's downsampling {downsampling}, so every device holds whole coarse voxels")
 
 
+@dataclasses.dataclass(frozen=True)
+class RaggedRows:
+    """How a batch key whose rows arrive as one host array (N, ...), the rows one after another,
+    goes to the devices: as (rows, slot, ...) with each row at the start of a slot of its own (the
+    rest 0), laid out by `sharding`. Rows' offsets come from the batch's "box"[:, 0] and their
+    lengths are the products of "box"[:, 4:7] (data.augment_on_device's boxes). Only the rows' own
+    bytes cross to the device, in pieces of a multiple of `slot / 64` elements, so that a few
+    small programs place any row without a compile per length."""
+    sharding: NamedSharding
+    slot: int
+
+
 def global_batch(host_batch: dict, mesh: Mesh, shardings: dict | None = None) -> dict:
     """This process's numpy batch (its share of the rows of the global batch, whole along every
     other axis) -> global jax.Arrays, each key with its sharding in `shardings` (default
-    batch_sharding). The global shape is stated rather than inferred from the sharding: every
-    process holds batch / process_count whole rows, and a batch that does not fit that fails here."""
+    batch_sharding; a RaggedRows for keys whose rows arrive concatenated). The global shape is
+    stated rather than inferred from the sharding: every process holds batch / process_count whole
+    rows, and a batch that does not fit that fails here."""
     out = {}
     for key, value in host_batch.items():
         sharding = batch_sharding(mesh) if shardings is None else shardings[key]
+        if isinstance(sharding, RaggedRows):
+            box = np.asarray(host_batch["box"])
+            out[key] = _ragged_rows(np.asarray(value), box[:, 0], np.prod(box[:, 4:7], axis=1), sharding)
+            continue
         shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
     return out
+
+
+def _ragged_rows(data: np.ndarray, offsets, lengths, spec: RaggedRows) -> jax.Array:
+    rows = len(offsets)
+    if np.any(lengths > spec.slot) or np.any(offsets + lengths > len(data)):
+        raise ValueError(f"rows of lengths {lengths.tolist()} at offsets {offsets.tolist()} do not fit slots of "
+                         f"{spec.slot} in an array of {len(data)}")
+    trailing = data.shape[1:]
+    shape = (rows * jax.process_count(), spec.slot) + trailing
+    index = spec.sharding.addressable_devices_indices_map(shape)
+    first = min(idx[0].indices(shape[0])[0] for idx in index.values())  # this process's first row
+    piece = -(-spec.slot // 64)
+    arrays = []
+    for device, idx in index.items():
+        start, stop, _ = idx[0].indices(shape[0])
+        buf = jnp.zeros((stop - start, spec.slot) + trailing, data.dtype, device=device)
+        for j, r in enumerate(range(start - first, stop - first)):
+            row = data[offsets[r]: offsets[r] + lengths[r]]
+            whole = len(row) // piece * piece
+            parts = [(row[:whole], 0)] if whole else []
+            if whole < len(row):  # the tail, padded to one piece
+                tail = np.zeros((piece,) + trailing, data.dtype)
+                tail[: len(row) - whole] = row[whole:]
+                parts.append((tail, whole))
+            for part, at in parts:
+                buf = _place(buf, jax.device_put(part, device), np.int32(j), np.int32(at))
+        arrays.append(buf)
+    return jax.make_array_from_single_device_arrays(shape, spec.sharding, arrays)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _place(buf, part, row, at):
+    """buf (rows, slot, ...) with part (n, ...) written into row `row` from element `at`."""
+    return jax.lax.dynamic_update_slice(buf, part[None], (row, at) + (0,) * (buf.ndim - 2))

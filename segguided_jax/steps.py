@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ from flax import nnx, struct
 
 from segguided_jax import sharding
 from segguided_jax.data.augment import initial_patch_size
-from segguided_jax.data.device_augment import augment_batch, draws_size
+from segguided_jax.data.device_augment import augment_boxes, draws_size
 from segguided_jax.losses import total_loss
 from segguided_jax.models.network import build_model
 from segguided_jax.optim import make_optimizer
@@ -68,16 +69,24 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg, output: str):
 
 
 def augmented_train_step(state: TrainState, batch: dict, *, data_cfg, patch_sharding=None, **step_kw):
-    """train_step on a batch of enlarged crops (data.augment_on_device): {"image": (N, I, I, I, 4)
-    float32, "label": (N, I, I, I) uint8, "augment": (N, A) float32 draws} are augmented on the
-    device to data.patch (device_augment.augment_batch) first. patch_sharding: where the patches
-    go (the mesh's batch sharding), so that the network's activations are split as on the CPU
-    path's batches. Returns train_step's (new state, metrics)."""
-    image, label = augment_batch(batch["image"], batch["label"], batch["augment"], data_cfg)
+    """train_step on what the host ships with data.augment_on_device: {"image": (N, S, C) and
+    "label": (N, S) each row's box of its enlarged crop as stored, in a slot of its own; "box": (N,
+    7) int32; "norm": (N, C, 2) float32; "augment": (N, A) float32 draws} are made into augmented
+    patches of data.patch on the device first (device_augment.augment_boxes). patch_sharding: where
+    the patches go (the mesh's batch sharding), so that the network's activations are split as on
+    the CPU path's batches. Returns train_step's (new state, metrics)."""
+    image, label = augment_boxes(batch["image"], batch["label"], batch["box"], batch["norm"], batch["augment"],
+                                 data_cfg)
     if patch_sharding is not None:
         image = jax.lax.with_sharding_constraint(image, patch_sharding)
         label = jax.lax.with_sharding_constraint(label, patch_sharding)
     return train_step(state, {"image": image, "label": label}, **step_kw)
+
+
+def crop_slot(data_cfg) -> int:
+    """Voxels of the largest box a row can ship with data.augment_on_device: the whole enlarged
+    crop (augment.initial_patch_size)."""
+    return math.prod(int(s) for s in initial_patch_size(data_cfg.patch, data_cfg.augment))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +104,13 @@ class ShardedSteps:
 
 def batch_shardings(config, mesh) -> dict:
     """Per key of a training batch: patches split over data and spatial; with
-    data.augment_on_device the crops and draws over data only (each device of a spatial group
-    holds its rows' whole crops: the rotation reads across the spatial split)."""
+    data.augment_on_device the boxes (each row in a slot of its own: sharding.RaggedRows), their
+    geometry and draws over data only (each device of a spatial group holds its rows' whole boxes:
+    the rotation reads across the spatial split)."""
     if config.data.augment_on_device:
         rows = sharding.rows_sharding(mesh)
-        return {"image": rows, "label": rows, "augment": rows}
+        slots = sharding.RaggedRows(rows, crop_slot(config.data))
+        return {"image": slots, "label": slots, "box": rows, "norm": rows, "augment": rows}
     patches = sharding.batch_sharding(mesh)
     return {"image": patches, "label": patches}
 
@@ -115,7 +126,8 @@ def sharded_steps(config, mesh) -> ShardedSteps:
         step_fn = functools.partial(augmented_train_step, data_cfg=config.data.copy_and_resolve_references(),
                                     patch_sharding=sharding.batch_sharding(mesh), loss_cfg=config.loss,
                                     output=config.model.output)
-    step = jax.jit(step_fn, in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
+    placed = {k: v.sharding if isinstance(v, sharding.RaggedRows) else v for k, v in batch.items()}
+    step = jax.jit(step_fn, in_shardings=(replicated, placed), out_shardings=(replicated, replicated),
                    donate_argnums=0, compiler_options=compiler_options(config.model))
     return ShardedSteps(jax.jit(init, out_shardings=replicated), abstract, step, batch)
 
@@ -137,15 +149,23 @@ def compiler_options(model_cfg) -> dict | None:
 
 
 def abstract_batch(config, mesh) -> dict:
-    """ShapeDtypeStructs of one global training batch, sharded over the mesh (the enlarged crops
-    and their draws with data.augment_on_device)."""
+    """ShapeDtypeStructs of one global training batch, sharded over the mesh (with
+    data.augment_on_device the boxes' slots, geometry, statistics and draws)."""
     shardings = batch_shardings(config, mesh)
-    size = tuple(config.data.patch)
+    rows, channels = config.train.batch_size, config.model.in_channels
     if config.data.augment_on_device:
-        size = initial_patch_size(size, config.data.augment)
-    shape = (config.train.batch_size,) + tuple(int(s) for s in size)
-    batch = {"image": jax.ShapeDtypeStruct(shape + (config.model.in_channels,), jnp.float32),
-             "label": jax.ShapeDtypeStruct(shape, jnp.uint8)}
-    if config.data.augment_on_device:
-        batch["augment"] = jax.ShapeDtypeStruct((shape[0], draws_size(config.model.in_channels)), jnp.float32)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+        slot = crop_slot(config.data)
+        dtype = jnp.dtype(config.data.get("device_crop_dtype", "int16"))
+        batch = {"image": jax.ShapeDtypeStruct((rows, slot, channels), dtype),
+                 "label": jax.ShapeDtypeStruct((rows, slot), jnp.uint8),
+                 "box": jax.ShapeDtypeStruct((rows, 7), jnp.int32),
+                 "norm": jax.ShapeDtypeStruct((rows, channels, 2), jnp.float32),
+                 "augment": jax.ShapeDtypeStruct((rows, draws_size(channels)), jnp.float32)}
+    else:
+        shape = (rows,) + tuple(int(s) for s in config.data.patch)
+        batch = {"image": jax.ShapeDtypeStruct(shape + (channels,), jnp.float32),
+                 "label": jax.ShapeDtypeStruct(shape, jnp.uint8)}
+    placed = {k: v.sharding if isinstance(v, sharding.RaggedRows) else v for k, v in shardings.items()}
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k]) for k, v in batch.items()}
+
+

@@ -90,9 +90,14 @@ def main(ckpt_dir):
     aug_cfg.data.augment_on_device = True
     aug_cfg.data.augment.rotation_probability = aug_cfg.data.augment.scale_probability = 1.0
     size = initial_patch_size(aug_cfg.data.patch, aug_cfg.data.augment)
-    crops = {"image": rng.standard_normal((2,) + size + (4,)).astype(np.float32),
-             "label": rng.integers(0, 4, (2,) + size).astype(np.uint8),
-             "augment": np.stack([device_augment.draw(rng, aug_cfg.data.augment, 4) for _ in range(2)])}
+    draws = np.stack([device_augment.draw(rng, aug_cfg.data.augment, 4) for _ in range(2)])
+    reach = [device_augment.reach(d, aug_cfg.data.patch, size, 4) for d in draws]
+    lengths = [int(np.prod(edges)) for _, edges in reach]
+    crops = {"image": rng.integers(-500, 3000, (sum(lengths), 4)).astype(np.int16),
+             "label": rng.integers(0, 4, sum(lengths)).astype(np.uint8),
+             "box": np.array([[sum(lengths[:i]), *lo, *edges] for i, (lo, edges) in enumerate(reach)], np.int32),
+             "norm": np.tile(np.array([[800.0, 200.0]], np.float32), (2, 4, 1)),
+             "augment": draws}
     out["augment_on_device_step"] = {}
     for name, m in (("one", one), ("spatial", mesh(2, 2))):
         fns = sharded_steps(aug_cfg, m)

@@ -213,8 +213,9 @@ def _all_but_noise(cfg):
 
 
 def test_train_step_on_device_sees_the_cpu_paths_patches(tiny_config):
-    """The same seed through the pipeline with and without data.augment_on_device: the patches the
-    device makes inside the train step equal the CPU path's (same draws; within float32
+    """The same seed through the pipeline with and without data.augment_on_device: the host ships
+    int16 boxes that hold every voxel the draws read, placed in slots by sharding.global_batch; the
+    patches the device makes from them equal the CPU path's (same draws; within float32
     interpolation), and the real sharded train step gives the same loss and gradient norm."""
     from segguided_jax import sharding
     from segguided_jax.data.pipeline import train_dataset
@@ -230,25 +231,90 @@ def test_train_step_on_device_sees_the_cpu_paths_patches(tiny_config):
     cpu_steps, dev_steps = sharded_steps(cpu_cfg, mesh), sharded_steps(dev_cfg, mesh)
     cpu = iter(train_dataset(cfg.data.dir, cpu_cfg.data, seed=3, batch_size=2))
     dev_it = iter(train_dataset(cfg.data.dir, dev_cfg.data, seed=3, batch_size=2))
-    augment = jax.jit(functools.partial(dev.augment_batch, data_cfg=dev_cfg.data))
+    augment = jax.jit(functools.partial(dev.augment_boxes, data_cfg=dev_cfg.data))
     half = (np.asarray(cfg.data.patch) - 1) / 2
-    centre = (np.asarray(initial) - cfg.data.patch) // 2 + half  # augment_batch's
+    centre = (np.asarray(initial) - cfg.data.patch) // 2 + half  # augment_boxes'
     grid = np.stack(np.meshgrid(*[np.arange(p) for p in cfg.data.patch], indexing="ij"), -1).reshape(-1, 3)
     for _ in range(2):
         want, got = next(cpu), next(dev_it)
-        assert got["image"].shape == (2,) + initial + (4,) and got["augment"].shape == (2, dev.draws_size(4))
+        boxes = got["box"]
+        assert got["image"].dtype == np.int16 and got["image"].shape == (np.prod(boxes[:, 4:], axis=1).sum(), 4)
+        assert got["label"].shape == got["image"].shape[:1] and got["augment"].shape == (2, dev.draws_size(4))
         assert list(got.pop("case_id")) == list(want.pop("case_id"))
-        for row in got["augment"]:
+        for row, box in zip(got["augment"], boxes):
             points = (grid - half) @ dev.unpack(row, 4)["matrix"].reshape(3, 3).T + centre
             assert points.min() >= 0 and points.max() <= initial[0] - 1  # every read inside the crop
-        image, label = augment(got["image"], got["label"], got["augment"])
+            assert (np.floor(points.min(0)) >= box[1:4]).all()  # and inside the box shipped
+            assert (np.minimum(np.floor(points.max(0)) + 1, initial[0] - 1) <= box[1:4] + box[4:] - 1).all()
+        placed = sharding.global_batch(got, mesh, dev_steps.batch)
+        assert placed["image"].shape == (2, 17 ** 3, 4) and placed["image"].dtype == jnp.int16
+        for r, box in enumerate(boxes):  # each row at the start of its slot, the rest 0
+            n = int(np.prod(box[4:]))
+            np.testing.assert_array_equal(np.asarray(placed["image"][r, :n]), got["image"][box[0]: box[0] + n])
+            assert not np.asarray(placed["image"][r, n:]).any()
+        image, label = augment(placed["image"], placed["label"], placed["box"], placed["norm"], placed["augment"])
         assert (np.asarray(label) == want["label"]).mean() > 0.99  # float32 against float64 at rounding ties
         np.testing.assert_allclose(np.asarray(image), want["image"], atol=1e-4)
-        assert np.abs(np.asarray(image) - got["image"][:, :16, :16, :16]).max() > 0.1  # it did transform
         _, cpu_metrics = cpu_steps.step(cpu_steps.init(), sharding.global_batch(want, mesh, cpu_steps.batch))
-        _, dev_metrics = dev_steps.step(dev_steps.init(), sharding.global_batch(got, mesh, dev_steps.batch))
+        _, dev_metrics = dev_steps.step(dev_steps.init(), placed)
         for key in ("loss", "loss_seg", "loss_aux", "grad_norm"):
             assert float(dev_metrics[key]) == pytest.approx(float(cpu_metrics[key]), rel=1e-5), key
+
+
+def _label_box(case, first, edges):
+    out = np.zeros(tuple(edges), np.uint8)
+    a, b = np.maximum(first, 0), np.minimum(first + edges, case.shape)
+    out[tuple(slice(x - f, y - f) for x, y, f in zip(a, b, first))] = case.label[tuple(slice(x, y) for x, y in zip(a, b))]
+    return out.reshape(-1)
+
+
+def test_boxes_give_the_whole_crops_patches():
+    """An int16 case: the boxes `reach` ships (int16, or float32 raw) give the patches that the
+    whole enlarged crop, normalised on the host, gives (labels exactly; images to float32
+    rounding: XLA may contract the normalisation and the interpolation differently in the two
+    programs), for rotations and scalings up to the config's limits; the boxes are smaller."""
+    from segguided_jax.data import records
+    from segguided_jax.data.transforms import enlarged_start
+
+    rng = np.random.default_rng(5)
+    raw = rng.integers(-300, 3000, (30, 28, 26, 2)).astype(np.int16)
+    raw[:4] = 0  # background: all channels 0
+    norm = np.array([[400.5, 123.25], [900.0, 250.5]])
+    case = records.read_case(records.encode_case("c0", records.normalise(raw, norm),
+                                                 rng.integers(0, 4, raw.shape[:3]).astype(np.uint8), norm=norm))
+    assert case.stored_dtype == "int16"
+    cfg = _data_cfg(rotation_probability=0.7, scale_probability=0.7, mirror_probability=0.5)
+    initial = aug.initial_patch_size(PATCH, cfg.augment)
+    whole, boxes = jax.jit(functools.partial(dev.augment_batch, data_cfg=cfg)), jax.jit(
+        functools.partial(dev.augment_boxes, data_cfg=cfg))
+    slot, shipped = int(np.prod(initial)), []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        start = enlarged_start(case.shape, PATCH, initial, rng)
+        draws = dev.draw(rng, cfg.augment, 2)
+        lo, edges = dev.reach(draws, PATCH, initial, 2)
+        shipped.append(np.prod(edges) / slot)
+        crop = np.moveaxis(np.stack(case.channel_boxes(np.maximum(start, 0), np.minimum(start + initial, case.shape))), 0, -1)
+        full = np.zeros(initial + (2,), np.float32)
+        full[tuple(slice(a - s, b - s) for a, b, s in zip(np.maximum(start, 0), np.minimum(start + initial, case.shape), start))] = crop
+        label_full = np.zeros(initial, np.uint8)
+        label_full[:] = _label_box(case, start, np.asarray(initial)).reshape(initial)
+        ref = whole(full[None], label_full[None], draws[None])
+        for dtype in ("int16", "float32"):
+            box, stats = case.stored_box(start + lo, start + lo + edges, dtype)
+            image = np.zeros((1, slot, 2), dtype)
+            image[0, : box[..., 0].size] = box.reshape(-1, 2)
+            geometry = np.concatenate([[0], lo, edges]).astype(np.int32)[None]
+            label = np.zeros((1, slot), np.uint8)
+            label[0, : box[..., 0].size] = _label_box(case, start + lo, edges)
+            out = boxes(image, label, geometry, stats[None], draws[None])
+            np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), rtol=4e-6, atol=1e-6,
+                                       err_msg=f"seed {seed} {dtype}")
+            np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(ref[1]))
+    assert max(shipped) < 1 and np.mean(shipped) < 0.7
+    with pytest.raises(ValueError, match="case c1 is stored as float32.*device_crop_dtype=float32"):
+        records.read_case(records.encode_case("c1", np.full((4, 4, 4, 2), 0.3, np.float32), None)).stored_box(
+            (0, 0, 0), (2, 2, 2), "int16")
 
 
 def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp_path):

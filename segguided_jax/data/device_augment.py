@@ -1,17 +1,24 @@
 """The augmentation of segguided_jax.data.augment in JAX, applied on the accelerator inside the
 jitted train step, so that CPU cores do not bound throughput on big hosts.
 
-With data.augment_on_device = True the pipeline ships, per row, the enlarged crop (the box the
-rotation and scaling may read, edge I = augment.initial_patch_size(data.patch, data.augment),
-placed as on the CPU path) and the row's random draws (`draw`: the same numpy draws, in the same
-order, from the same Generator as the CPU path's, packed into one float32 vector), and the train
-step (segguided_jax.steps.augmented_train_step) calls
+With data.augment_on_device = True the pipeline ships, per row, the part of its enlarged crop (the
+box the rotation and scaling may read, edge I = augment.initial_patch_size(data.patch,
+data.augment), placed as on the CPU path) that the row's own draws can read (`reach`), as the
+records store it (int16 raw intensities and the case's mean and std, or float32), and the row's
+random draws (`draw`: the same numpy draws, in the same order, from the same Generator as the CPU
+path's, packed into one float32 vector). sharding.global_batch puts each row's box at the start
+of a slot of I³ voxels on its device, and the train step (segguided_jax.steps.augmented_train_step)
+calls
 
-    image, label = augment_batch(batch["image"], batch["label"], batch["augment"], data_cfg)
+    image, label = augment_boxes(batch["image"], batch["label"], batch["box"], batch["norm"],
+                                 batch["augment"], data_cfg)
 
-So every random number still comes from the pipeline's Generator, i.e. from the seed and the
-position in the stream, and a resumed run draws the same. `augment_batch` is pure and jittable;
-data_cfg (config.data) is read while tracing (Python numbers): close over it.
+which normalises only the voxels it reads. So every random number still comes from the
+pipeline's Generator, i.e. from the seed and the position in the stream, and a resumed run draws
+the same; and a row without rotation or scaling (most rows, at nnU-Net's probabilities) ships only
+its final patch. `augment_boxes` is pure and jittable; data_cfg (config.data) is read while
+tracing (Python numbers): close over it. `augment_batch` does the same from whole crops made
+elsewhere (tests, benchmarks).
 
 The transforms and their order are those of the numpy version (see its docstring), with these
 differences, all forced by static shapes or by what is worth shipping:
@@ -25,6 +32,8 @@ differences, all forced by static shapes or by what is worth shipping:
   differ from the CPU path's for the same Generator; their distributions are the same.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -86,11 +95,54 @@ def unpack(draws, channels: int) -> dict:
     return out
 
 
+def reach(draws: np.ndarray, patch, initial, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The box of a row's enlarged crop (edge `initial`, the final patch centred in it as in
+    `augment_boxes`) that its drawn spatial transform can read: (lower corner (3,), edges (3,))
+    int64, inside [0, initial). Every source point of the final patch and both of its linear
+    interpolation neighbours lie in it, with a margin for float32 against float64 rounding; without
+    a spatial transform it is the final patch itself. What the host ships instead of the whole crop."""
+    patch, initial = np.asarray(patch, np.int64), np.asarray(initial, np.int64)
+    first = (initial - patch) // 2
+    matrix = unpack(np.asarray(draws), channels)["matrix"].reshape(3, 3).astype(np.float64)
+    if np.array_equal(matrix, np.eye(3)):
+        return first, patch.copy()
+    half = (patch - 1) / 2
+    corners = np.array(np.meshgrid(*[(-h, h) for h in half], indexing="ij")).reshape(3, -1).T
+    points = corners @ matrix.T + first + half
+    lo = np.clip(np.floor(points.min(0) - 1e-3), 0, initial - 1).astype(np.int64)
+    hi = np.clip(np.floor(points.max(0) + 1e-3) + 1, lo, initial - 1).astype(np.int64)
+    return lo, hi - lo + 1
+
+
+def augment_boxes(image: jax.Array, label: jax.Array, box: jax.Array, norm: jax.Array, draws: jax.Array,
+                  data_cfg) -> tuple[jax.Array, jax.Array]:
+    """The train step's augmentation from what the host ships (data.augment_on_device): per row the
+    part of its enlarged crop that its draws can read (`reach`), as stored in the records.
+
+    image (B, S, C) int16 or float32: row i's box flattened (C order) at the start of its slot, the
+    rest ignored; label (B, S) integer, likewise; box (B, 7) int32: [offset (unused here), lower
+    corner (3), edges (3)] in the enlarged crop's coordinates (edge I =
+    augment.initial_patch_size(data.patch, data.augment)); norm (B, C, 2) float32 (mean, std): the
+    image is (x - mean) / std where any channel is non-zero, 0 elsewhere (records.normalise);
+    draws (B, A) float32 (`draw` per row). Returns the augmented final patches: image (B, P, P, P,
+    C) float32, label (B, P, P, P) of label's dtype, P = data_cfg.patch, the patch's centre at the
+    crop's voxel (I - P) // 2 + (P - 1) / 2 as on the CPU path."""
+    patch = tuple(int(p) for p in data_cfg.patch)
+    initial = tuple(int(s) for s in cpu.initial_patch_size(patch, data_cfg.augment))
+    if draws.shape[-1] != draws_size(image.shape[-1]):
+        raise ValueError(f"augment_boxes wants {draws_size(image.shape[-1])} draws per row for "
+                         f"{image.shape[-1]} channels; got {draws.shape[-1]}")
+    if image.shape[1] < math.prod(patch):
+        raise ValueError(f"augment_boxes wants slots of at least the patch's {math.prod(patch)} voxels; got {image.shape[1]}")
+    centre = tuple((i - p) // 2 + (p - 1) / 2 for i, p in zip(initial, patch))
+    one = lambda x, y, b, n, d: _augment_one(x, y, b[1:], n, d, data_cfg.augment, patch, initial, centre)
+    return jax.vmap(one)(image, label, box, norm, draws)
+
+
 def augment_batch(image: jax.Array, label: jax.Array, draws: jax.Array, data_cfg) -> tuple[jax.Array, jax.Array]:
-    """image (B, I, I, I, C) float32 enlarged crops, label (B, I, I, I) integer, draws (B, A)
-    float32 (`draw` per row) -> the augmented final patches: image (B, P, P, P, C) float32, label
-    (B, P, P, P) of label's dtype, P = data_cfg.patch. The final patch's centre is the crop's voxel
-    (I - P) // 2 + (P - 1) / 2, as on the CPU path."""
+    """augment_boxes on whole crops already normalised: image (B, I, I, I, C) float32, label (B, I,
+    I, I), draws (B, A); the crop's edge is the image's (at least the patch). For crops made
+    elsewhere (tests, benchmarks); the train step takes the shipped boxes."""
     patch = tuple(int(p) for p in data_cfg.patch)
     initial = tuple(int(s) for s in image.shape[1:4])
     if any(i < p for i, p in zip(initial, patch)):
@@ -98,48 +150,81 @@ def augment_batch(image: jax.Array, label: jax.Array, draws: jax.Array, data_cfg
     if draws.shape[-1] != draws_size(image.shape[-1]):
         raise ValueError(f"augment_batch wants {draws_size(image.shape[-1])} draws per row for "
                          f"{image.shape[-1]} channels; got {draws.shape[-1]}")
+    if not (data_cfg.augment.rotation_probability > 0 or data_cfg.augment.scale_probability > 0):
+        first = [(i - p) // 2 for i, p in zip(initial, patch)]  # the box `reach` ships: the centre patch
+        centre_box = (slice(None),) + tuple(slice(f, f + p) for f, p in zip(first, patch))
+        image, label, initial = image[centre_box], label[centre_box], patch
+    rows, channels = image.shape[0], image.shape[-1]
+    box = jnp.broadcast_to(jnp.asarray((0, 0, 0, 0) + initial, jnp.int32), (rows, 7))
+    norm = jnp.broadcast_to(jnp.asarray([[0.0, 1.0]] * channels, jnp.float32), (rows, channels, 2))
     centre = tuple((i - p) // 2 + (p - 1) / 2 for i, p in zip(initial, patch))
-    return jax.vmap(lambda x, y, d: augment_one(x, y, d, data_cfg.augment, patch, centre))(image, label, draws)
+    one = lambda x, y, b, n, d: _augment_one(x, y, b[1:], n, d, data_cfg.augment, patch, initial, centre)
+    return jax.vmap(one)(image.reshape(rows, -1, channels), label.reshape(rows, -1), box, norm, draws)
 
 
-def augment_one(image, label, draws, cfg, patch, centre):
-    """One row: image (I, I, I, C), label (I, I, I), draws (A,) -> (P, P, P, C) float32, (P, P, P)."""
-    d = unpack(draws, image.shape[-1])
+def _augment_one(slot, label_slot, box, norm, draws, cfg, patch, initial, centre):
+    """One row: slot (S, C), label_slot (S,), box (6,) [lower corner, edges], norm (C, 2), draws
+    (A,) -> (P, P, P, C) float32, (P, P, P)."""
+    d = unpack(draws, slot.shape[-1])
     if cfg.rotation_probability > 0 or cfg.scale_probability > 0:
-        image, label = resample(image, label, d["matrix"].reshape(3, 3), jnp.asarray(centre, jnp.float32), patch)
-    else:  # no spatial transform can happen: the centre crop
-        lo = [int(round(c - (p - 1) / 2)) for c, p in zip(centre, patch)]
-        box = tuple(slice(a, a + p) for a, p in zip(lo, patch))
-        image, label = image[box], label[box]
-    image = augment_intensity(image.astype(jnp.float32), d, cfg)
+        image, label = resample_box(slot, label_slot, box, norm, d["matrix"].reshape(3, 3),
+                                    jnp.asarray(centre, jnp.float32), patch, initial)
+    else:  # no spatial transform can happen: the box is the final patch (`reach`)
+        n = math.prod(patch)
+        image = normalise(slot[:n], norm).reshape(patch + (slot.shape[-1],))
+        label = label_slot[:n].reshape(patch)
+    image = augment_intensity(image, d, cfg)
     return mirror(image, label, d["mirror"] > 0.5)
 
 
+def normalise(raw, norm):
+    """raw (..., C) as stored -> float32 (raw - mean) / std where any channel is non-zero, 0
+    elsewhere: records.normalise's float32 arithmetic, norm (C, 2) already float32."""
+    x = raw.astype(jnp.float32)
+    brain = jnp.any(raw != 0, axis=-1, keepdims=True)
+    return jnp.where(brain, (x - norm[:, 0]) / norm[:, 1], jnp.float32(0))
+
+
 def resample(image, label, matrix, centre, patch):
-    """Output voxel p reads the source at matrix @ (p - (patch - 1) / 2) + centre: image (X, Y, Z, C)
-    trilinear, label (X, Y, Z) nearest (ties up), 0 outside [0, n - 1] on any axis (scipy.ndimage's
-    mode 'constant', as the numpy version). Returns (P, P, P, C) float32 and (P, P, P)."""
-    shape = jnp.asarray(image.shape[:3], jnp.int32)
+    """resample_box on a whole crop already normalised: image (X, Y, Z, C) float32, label (X, Y, Z)."""
+    shape = tuple(int(s) for s in image.shape[:3])
+    channels = image.shape[-1]
+    box = jnp.asarray((0, 0, 0) + shape, jnp.int32)
+    norm = jnp.asarray([[0.0, 1.0]] * channels, jnp.float32)
+    return resample_box(image.reshape(-1, channels), label.reshape(-1), box, norm, matrix, centre, patch, shape)
+
+
+def resample_box(slot, label_slot, box, norm, matrix, centre, patch, initial):
+    """Output voxel p reads the crop (edge `initial`) at matrix @ (p - (patch - 1) / 2) + centre:
+    image trilinear, label nearest (ties up), 0 outside [0, n - 1] on any axis (scipy.ndimage's
+    mode 'constant', as the numpy version). The crop is known only inside box = (lower corner,
+    edges), flattened in slot (S, C) as stored (normalised here, with norm) and label_slot (S,):
+    `reach` makes it hold every voxel read. Returns (P, P, P, C) float32 and (P, P, P)."""
+    shape = jnp.asarray(initial, jnp.int32)
+    lo, edges = box[:3].astype(jnp.int32), box[3:].astype(jnp.int32)
     axes = [jnp.arange(p, dtype=jnp.float32) - (p - 1) / 2 for p in patch]
     grid = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
     points = grid @ matrix.T + centre  # (P, P, P, 3)
     valid = jnp.all((points >= 0) & (points <= (shape - 1).astype(jnp.float32)), axis=-1)
     i0 = jnp.clip(jnp.floor(points).astype(jnp.int32), 0, jnp.maximum(shape - 2, 0))
     w = points - i0
-    flat = image.reshape(-1, image.shape[-1])
-    out = jnp.zeros(patch + (image.shape[-1],), jnp.float32)
+
+    def flat(idx):  # crop coordinates -> the slot's index, clamped into the box
+        local = jnp.clip(idx - lo, 0, edges - 1)
+        return (local[..., 0] * edges[1] + local[..., 1]) * edges[2] + local[..., 2]
+
+    out = jnp.zeros(patch + (slot.shape[-1],), jnp.float32)
     for dx in (0, 1):
         for dy in (0, 1):
             for dz in (0, 1):
                 d = jnp.array([dx, dy, dz], jnp.int32)
                 idx = jnp.minimum(i0 + d, shape - 1)
-                flat_idx = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
                 weight = jnp.prod(jnp.where(d == 1, w, 1 - w), axis=-1)
-                out = out + flat[flat_idx] * weight[..., None]
+                out = out + normalise(slot[flat(idx)], norm) * weight[..., None]
     out = jnp.where(valid[..., None], out, 0.0)
     nearest = jnp.clip(jnp.floor(points + 0.5).astype(jnp.int32), 0, shape - 1)
-    lab = label[nearest[..., 0], nearest[..., 1], nearest[..., 2]]
-    return out, jnp.where(valid, lab, jnp.zeros((), label.dtype))
+    lab = label_slot[flat(nearest)]
+    return out, jnp.where(valid, lab, jnp.zeros((), label_slot.dtype))
 
 
 def augment_intensity(img, d, cfg):

@@ -23,8 +23,6 @@ import grain
 import jax
 import numpy as np
 
-from segguided_jax.data.augment import initial_patch_size
-from segguided_jax.data.device_augment import draws_size
 from segguided_jax.data.records import CaseSource
 from segguided_jax.data.transforms import enlarged_crop, foreground_rows, train_patch
 
@@ -33,13 +31,19 @@ _RNG_TAG = 0x5E6  # keeps these streams apart from other uses of the same seed
 
 def train_dataset(data_dir: str, data_cfg, *, seed: int, batch_size: int) -> grain.IterDataset:
     """Batches for this process (batch_size is the per-process batch):
-      image    (B, P, P, P, C) float32 augmented patches (P = data.patch), or with
-               data.augment_on_device the enlarged crops (B, I, I, I, C), I =
-               augment.initial_patch_size, for segguided_jax.data.device_augment.augment_batch;
-      label    (B, P, P, P) uint8 (or (B, I, I, I));
-      augment  with data.augment_on_device only: (B, A) float32, each row's packed random draws
-               (device_augment.draw, drawn as the CPU path draws them);
-      case_id  (B,) numpy str: which case each row comes from (not for the device: strip it).
+      image    (B, P, P, P, C) float32 augmented patches (P = data.patch);
+      label    (B, P, P, P) uint8;
+      case_id  (B,) numpy str: which case each row comes from (not for the device: strip it);
+    or with data.augment_on_device, for segguided_jax.data.device_augment.augment_boxes (through
+    sharding.global_batch, which puts each row's box in a slot of its own on the devices):
+      image    (N, C) data.device_crop_dtype, label (N,) uint8: rows' boxes, flattened, one after
+               another (of each row only the part of its enlarged crop that its draws can read);
+      box      (B, 7) int32: each row's offset into image and label, its box's lower corner in
+               the enlarged crop and its edges;
+      norm     (B, C, 2) float32: each row's (mean, std) per channel;
+      augment  (B, A) float32: each row's packed random draws (device_augment.draw, drawn as the
+               CPU path draws them);
+      case_id  as above.
     """
     if batch_size < 1 or data_cfg.patches_per_case < 1:
         raise ValueError(f"batch_size {batch_size} and data.patches_per_case {data_cfg.patches_per_case} "
@@ -58,35 +62,45 @@ def train_dataset(data_dir: str, data_cfg, *, seed: int, batch_size: int) -> gra
                                                  prefetch_buffer_size=data_cfg.prefetch))
     if data_cfg.num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
-    return grain.experimental.FlatMapIterDataset(it_ds, _SplitGroup(data_cfg.patches_per_case))
+    shared = ("image", "label") if data_cfg.augment_on_device else ()
+    return grain.experimental.FlatMapIterDataset(it_ds, _SplitGroup(data_cfg.patches_per_case, shared))
 
 
 def make_group(index: int, cases: list, *, data_cfg, seed: int, process: int = 0) -> dict:
-    """Group `index` of B decoded cases -> patches_per_case batches, stacked:
-    {"image": (K, B, ...) float32, "label": (K, B, ...) uint8, ["augment": (K, B, A) float32,]
-    "case_id": (K, B) str}. Row i of
-    every batch comes from cases[i]; the last foreground_rows(B, data.foreground_fraction) rows of
-    each batch are forced onto foreground."""
+    """Group `index` of B decoded cases -> patches_per_case (K) batches. Row i of every batch comes
+    from cases[i]; the last foreground_rows(B, data.foreground_fraction) rows of each batch are
+    forced onto foreground. Returns, stacked over the K batches:
+      CPU augmentation: {"image": (K, B, P, P, P, C) float32, "label": (K, B, P, P, P) uint8,
+      "case_id": (K, B) str};
+      data.augment_on_device (transforms.enlarged_crop per row): {"image": (N, C) and "label": (N,)
+      the K * B rows' boxes one after another, shared by the K batches; "box": (K, B, 7) int32,
+      each row's offset into them, then its box; "norm": (K, B, C, 2); "augment": (K, B, A);
+      "case_id": (K, B)}."""
     k, b = int(data_cfg.patches_per_case), len(cases)
     forced = foreground_rows(b, data_cfg.foreground_fraction)
-    cut = enlarged_crop if data_cfg.augment_on_device else train_patch
-    size = initial_patch_size(data_cfg.patch, data_cfg.augment) if data_cfg.augment_on_device else data_cfg.patch
-    size = tuple(int(s) for s in size)
+    case_ids = np.array([[c.case_id for c in cases]] * k)
+    rngs = [[np.random.default_rng((_RNG_TAG, seed, process, index, j, i)) for i in range(b)] for j in range(k)]
+    if data_cfg.augment_on_device:
+        rows = [[enlarged_crop(case, rngs[j][i], data_cfg, force_foreground=i >= b - forced)
+                 for i, case in enumerate(cases)] for j in range(k)]
+        sizes = np.array([[len(r["label"]) for r in batch] for batch in rows], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).reshape(k, b)
+        flat = [r for batch in rows for r in batch]
+        return {"image": np.concatenate([r["image"] for r in flat]),
+                "label": np.concatenate([r["label"] for r in flat]),
+                "box": np.concatenate([offsets[..., None], [[r["box"] for r in batch] for batch in rows]],
+                                      axis=-1).astype(np.int32),
+                "norm": np.array([[r["norm"] for r in batch] for batch in rows], np.float32),
+                "augment": np.array([[r["augment"] for r in batch] for batch in rows], np.float32),
+                "case_id": case_ids}
+    size = tuple(int(s) for s in data_cfg.patch)
     images = np.empty((k, b) + size + (cases[0].channels,), np.float32)
     labels = np.empty((k, b) + size, np.uint8)
-    draws = np.empty((k, b, draws_size(cases[0].channels)), np.float32)
     for j in range(k):
         for i, case in enumerate(cases):
-            rng = np.random.default_rng((_RNG_TAG, seed, process, index, j, i))
-            sample = cut(case, rng, data_cfg, force_foreground=i >= b - forced, out=images[j, i])
+            sample = train_patch(case, rngs[j][i], data_cfg, force_foreground=i >= b - forced, out=images[j, i])
             labels[j, i] = sample["label"]
-            if data_cfg.augment_on_device:
-                draws[j, i] = sample["augment"]
-    case_ids = np.array([[c.case_id for c in cases]] * k)
-    group = {"image": images, "label": labels, "case_id": case_ids}
-    if data_cfg.augment_on_device:
-        group["augment"] = draws
-    return group
+    return {"image": images, "label": labels, "case_id": case_ids}
 
 
 class _LazyCases(Sequence):
@@ -103,10 +117,14 @@ class _LazyCases(Sequence):
 
 
 class _SplitGroup(grain.experimental.FlatMapTransform):
-    """A group of K stacked batches -> the K batches, in order."""
+    """A group of K stacked batches -> the K batches, in order. The keys in `shared` (the boxes
+    of augment_on_device) are the group's whole arrays, which every batch takes along: the rows'
+    offsets index into them, and only the rows' own bytes go on to the device."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, shared=()):
         self.max_fan_out = int(k)
+        self.shared = tuple(shared)
 
     def flat_map(self, element):
-        return [{key: value[j] for key, value in element.items()} for j in range(self.max_fan_out)]
+        return [{key: value if key in self.shared else value[j] for key, value in element.items()}
+                for j in range(self.max_fan_out)]

@@ -206,6 +206,33 @@ class Case:
         return out
 
 
+    def stored_box(self, lo, hi, dtype: str = "int16") -> tuple[np.ndarray, np.ndarray]:
+        """image[lo:hi] as stored, for normalising elsewhere (the accelerator): (box (hi - lo) + (C,)
+        of `dtype`, 0 outside the case, and (C, 2) float32 (mean, std) such that the image is
+        (box - mean) / std where any channel is non-zero, 0 elsewhere (`normalise`, with its
+        float32 rounding of both numbers). lo may be negative and hi beyond the shape. dtype
+        "int16" needs an int16 record; "float32" takes either (a float32 record ships its image
+        with mean 0, std 1)."""
+        lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+        if dtype not in ("int16", "float32"):
+            raise ValueError(f"dtype must be int16 or float32, got {dtype!r}")
+        if dtype == "int16" and self._raw is None:
+            raise ValueError(f"case {self.case_id} is stored as float32 (its intensities are not integers, e.g. "
+                             "after resampling), so its crops cannot ship as int16: set "
+                             "data.device_crop_dtype=float32")
+        stored = self._raw if self._raw is not None else self._image
+        out = np.zeros(tuple(hi - lo) + (self.channels,), dtype)
+        a, b = np.maximum(lo, 0), np.minimum(hi, self.shape)
+        if np.all(b > a):
+            out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = stored[tuple(slice(x, y) for x, y in zip(a, b))]
+        if self._raw is None:
+            norm = np.tile(np.array([0.0, 1.0], np.float32), (self.channels, 1))
+        else:
+            norm = np.stack([self._norm[:, 0].astype(np.float32),
+                             np.maximum(self._norm[:, 1], 1e-8).astype(np.float32)], axis=1)
+        return out, norm
+
+
 def normalise(raw: np.ndarray, norm: np.ndarray) -> np.ndarray:
     """raw (..., C) int16 and norm (C, 2) (mean, std) -> float32 (raw - mean) / max(std, 1e-8)
     where any channel is non-zero (the brain), 0 elsewhere: segguided_jax.data.preprocess's float32

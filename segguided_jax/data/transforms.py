@@ -85,24 +85,34 @@ def train_patch(case: Case, rng: np.random.Generator, data_cfg, *, force_foregro
     return {"image": image, "label": label}
 
 
-def enlarged_crop(case: Case, rng: np.random.Generator, data_cfg, *, force_foreground: bool, out=None) -> dict:
-    """The enlarged box of a training patch and the patch's random draws, for augmentation on the
-    accelerator (segguided_jax.data.device_augment): {"image": (I, I, I, C) float32, "label":
-    (I, I, I) uint8, "augment": (A,) float32 packed draws} with I = augment.initial_patch_size, 0
-    outside the case (the image written into `out` when given). The draws are train_patch's, in its
-    order, from the same Generator: placement, spatial transform, intensity, mirroring (only the
-    noise field is left to the accelerator); the final patch is the box's centre (offset
-    (I - P) // 2)."""
+def enlarged_crop(case: Case, rng: np.random.Generator, data_cfg, *, force_foreground: bool) -> dict:
+    """What the host ships for one training patch augmented on the accelerator
+    (segguided_jax.data.device_augment.augment_boxes): of the enlarged box (edge I =
+    augment.initial_patch_size, the final patch at its centre, offset (I - P) // 2), only the part
+    that this patch's drawn spatial transform can read (device_augment.reach), as the record
+    stores it:
+      image  (n, C) data.device_crop_dtype ("int16": the raw intensities; "float32": those, or a
+             float32 record's normalised image), the box flattened in C order, 0 outside the case;
+      label  (n,) uint8 likewise;
+      box    (6,) int32: the box's lower corner in the enlarged box's coordinates, then its edges;
+      norm   (C, 2) float32 (mean, std) that normalise it (records.Case.stored_box);
+      augment (A,) float32 packed draws.
+    The draws are train_patch's, in its order, from the same Generator: placement, spatial
+    transform, intensity, mirroring (only the noise field is left to the accelerator)."""
     patch = tuple(int(p) for p in data_cfg.patch)
     initial = initial_patch_size(patch, data_cfg.augment)
     voxel = choose_voxel(case, data_cfg.foreground_classes, rng) if force_foreground else None
     start = enlarged_start(case.shape, patch, initial, rng, voxel)
-    centre = start + (np.asarray(initial) - 1) / 2
-    image, label = resample(case.channel_boxes, _label(case), case.shape, None, centre, initial)
-    if out is None:
-        out = np.empty(image.shape[1:] + image.shape[:1], np.float32)
-    np.copyto(out, np.moveaxis(image, 0, -1))
-    return {"image": out, "label": label, "augment": device_augment.draw(rng, data_cfg.augment, case.channels)}
+    draws = device_augment.draw(rng, data_cfg.augment, case.channels)
+    lo, edges = device_augment.reach(draws, patch, initial, case.channels)
+    first, last = start + lo, start + lo + edges
+    image, norm = case.stored_box(first, last, data_cfg.get("device_crop_dtype", "int16"))
+    label = np.zeros(tuple(edges), np.uint8)
+    a, b = np.maximum(first, 0), np.minimum(last, case.shape)
+    if np.all(b > a):
+        label[tuple(slice(x - f, y - f) for x, y, f in zip(a, b, first))] = _label(case)[tuple(slice(x, y) for x, y in zip(a, b))]
+    return {"image": image.reshape(-1, case.channels), "label": label.reshape(-1),
+            "box": np.concatenate([lo, edges]).astype(np.int32), "norm": norm, "augment": draws}
 
 
 def outside_fraction(shape, matrix, centre, patch, step: int = 1) -> float:
