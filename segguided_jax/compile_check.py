@@ -348,7 +348,10 @@ def largest_batch(config, topology: str, start: Figures) -> tuple[int, list[Figu
 
 def search_batch(compile_at, capacity: float, start) -> tuple[int, list]:
     """largest_batch's search for any device: compile_at(batch) gives figures with .fits, .peak,
-    .temporaries and .batch; capacity is the device's memory in bytes."""
+    .temporaries and .batch; capacity is the device's memory in bytes. The first guess follows
+    from start's temporaries per sample; from it, steps doubling away bracket the boundary and a
+    bisection closes it: a few compiles, however large the batch (a small model's can be
+    thousands, where a linear estimate off by 1 % is tens of batches off)."""
     tried = {start.batch: start}
     if start.fits:
         per_sample = max(start.temporaries / start.batch, 1.0)
@@ -361,16 +364,25 @@ def search_batch(compile_at, capacity: float, start) -> tuple[int, list]:
             tried[b] = compile_at(b)
         return tried[b].fits
 
-    b = guess
-    if fits(b):
-        while fits(b + 1):
-            b += 1
-        return b, list(tried.values())
-    while b > 1:
-        b -= 1
-        if fits(b):
-            return b, list(tried.values())
-    return 0, list(tried.values())
+    step = max(1, guess // 64)
+    if fits(guess):  # lo fits; find an hi that does not
+        lo, hi = guess, guess + step
+        while fits(hi):
+            lo, step = hi, step * 2
+            hi = lo + step
+    else:  # hi does not fit; find a lo that does (0: not even one)
+        hi, lo = guess, guess - step
+        while lo >= 1 and not fits(lo):
+            hi, step = lo, step * 2
+            lo = hi - step
+        lo = max(lo, 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, list(tried.values())
 
 
 def compile_for_gpus(config, gpu: str, topology: str, batch: int, what: str = "train",

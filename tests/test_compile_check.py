@@ -56,3 +56,15 @@ def test_largest_batch_search_finds_the_boundary_from_either_side(monkeypatch):
             best, tried = cc.largest_batch(None, "v5e:1x1", cc.compile_for_topology(None, "v5e:1x1", start))
             assert best == limit, (limit, start, best)
             assert any(f.batch == limit + 1 and not f.fits for f in tried)  # the boundary was compiled
+    # A small model: thousands per chip, with memory that grows slower than the first compile's
+    # temporaries per sample suggest (the guess is 20 % short) or faster (it is 30 % over).
+    for growth in (0.8, 1.3):
+        def compile_for_topology(config, topology, batch, what="train", growth=growth):
+            peak = 2**30 + batch * growth * 2**20
+            return cc.Figures(topology=topology, what=what, chips=1, hosts=1, data=1, spatial=1, batch=batch,
+                              chip=cc.CHIPS["TPU v5 lite"], error=None if peak <= 16 * 2**30 else "out of HBM",
+                              peak=peak, temporaries=batch * 2**20 if batch == 2 else peak)
+        monkeypatch.setattr(cc, "compile_for_topology", compile_for_topology)
+        best, tried = cc.largest_batch(None, "v5e:1x1", compile_for_topology(None, "v5e:1x1", 2))
+        assert best == int(15 * 1024 / growth), (growth, best)
+        assert len(tried) <= 24, (growth, len(tried))  # bracket and bisect, not one batch at a time
