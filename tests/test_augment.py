@@ -52,6 +52,40 @@ def test_default_config_has_nnunet_values():
     assert (cfg.noise_probability, cfg.noise_std) == (0.1, 0.1)  # nnU-Net's code: a std in [0, 0.1]
     assert (cfg.blur_probability, tuple(cfg.blur_sigma_range)) == (0.2, (0.5, 1.0))
     assert (cfg.lowres_probability, tuple(cfg.lowres_zoom_range)) == (0.25, (0.5, 1.0))
+    assert cfg.bias_field_probability == 0.0  # not nnU-Net's; MONAI's range when on
+    assert tuple(cfg.bias_field_coeff_range) == (0.0, 0.1)
+
+
+def test_bias_field_known_values_and_off_draws_nothing():
+    """A constant term alone is exp(c) everywhere, a linear one exp(c x) over x in [-1, 1]; at
+    probability 0 the draws are those of a config without the key (the bits of every run before
+    it), at 1 it draws 20 coefficients in the range and multiplies every channel by one field."""
+    coeffs = np.zeros(len(aug.BIAS_FIELD_TERMS))
+    coeffs[aug.BIAS_FIELD_TERMS.index((0, 0, 0))] = 0.3
+    np.testing.assert_allclose(aug.bias_field((3, 4, 5), coeffs), np.exp(0.3), rtol=1e-6)
+    coeffs[:] = 0
+    coeffs[aug.BIAS_FIELD_TERMS.index((1, 0, 0))] = 0.5
+    field = aug.bias_field((5, 2, 3), coeffs)
+    np.testing.assert_allclose(field, np.exp(0.5 * np.linspace(-1, 1, 5))[:, None, None] * np.ones((5, 2, 3)), rtol=1e-6)
+    coeffs[:] = 0
+    coeffs[aug.BIAS_FIELD_TERMS.index((0, 2, 1))] = 0.2  # P2(y) P1(z)
+    y, z = np.linspace(-1, 1, 4), np.linspace(-1, 1, 6)
+    want = np.exp(0.2 * ((3 * y ** 2 - 1) / 2)[:, None] * z[None, :])
+    np.testing.assert_allclose(aug.bias_field((2, 4, 6), coeffs), np.broadcast_to(want, (2, 4, 6)), rtol=1e-6)
+
+    old, off, on = aug.default_augment_config(), aug.default_augment_config(), aug.default_augment_config()
+    del old["bias_field_probability"]
+    on.bias_field_probability = 1.0
+    rngs = [np.random.default_rng(4) for _ in range(3)]
+    draws = [aug.draw_intensity(r, c, 4, noise_shape=(2, 2, 2)) for r, c in zip(rngs, (old, off, on))]
+    assert rngs[0].random() == rngs[1].random() != rngs[2].random()
+    assert draws[1]["bias"] is None and len(draws[2]["bias"]) == 20
+    assert (draws[2]["bias"] >= 0).all() and (draws[2]["bias"] < 0.1).all()
+    img = np.ones((2, 6, 7, 8), np.float32)
+    only_bias = {**{k: None for k in draws[2]}, "blur": [None] * 2, "lowres": [None] * 2, "bias": draws[2]["bias"]}
+    aug.apply_intensity(img, only_bias, on)
+    np.testing.assert_allclose(img[0], aug.bias_field((6, 7, 8), draws[2]["bias"]), rtol=1e-6)
+    np.testing.assert_array_equal(img[0], img[1])  # one field for every channel
 
 
 def test_all_probabilities_zero_is_identity():

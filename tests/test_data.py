@@ -331,3 +331,37 @@ def test_synthetic_command_writes_multifocal_cases_and_refuses_zero_lesions(tmp_
     assert ndimage.label(seg > 0, np.ones((3, 3, 3)))[1] == 3
     bad = subprocess.run(cmd + ["--lesions", "0"], cwd=root, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--lesions must be at least 1" in bad.stderr
+
+
+def test_the_pipeline_multiplies_its_patches_by_a_bias_field_when_configured(tiny_config):
+    """data.augment.bias_field_probability through train_dataset (what the train command reads):
+    with every other transform off, a patch at probability 1 is the same patch at 0 times a field
+    whose logarithm is a degree-3 Legendre polynomial over the patch with coefficients in MONAI's
+    range, one field for all channels."""
+    import itertools
+
+    from segguided_jax.data import augment as aug
+
+    cfgs = []
+    for p in (0.0, 1.0):
+        cfg = tiny_config.copy_and_resolve_references()
+        for key in list(cfg.data.augment.keys()):
+            if key.endswith("_probability"):
+                cfg.data.augment[key] = 0.0
+        cfg.data.augment.bias_field_probability = p
+        cfgs.append(cfg)
+    plain, biased = (next(iter(train_dataset(c.data.dir, c.data, seed=1, batch_size=2))) for c in cfgs)
+    np.testing.assert_array_equal(plain["label"], biased["label"])
+    patch = plain["image"].shape[1:4]
+    axes = [np.linspace(-1, 1, n) for n in patch]
+    legendre = [np.polynomial.legendre.legvander(a, aug.BIAS_FIELD_DEGREE) for a in axes]
+    basis = np.stack([np.einsum("x,y,z->xyz", legendre[0][:, i], legendre[1][:, j], legendre[2][:, k]).ravel()
+                      for i, j, k in aug.BIAS_FIELD_TERMS], axis=1)
+    for row, c in itertools.product(range(2), range(plain["image"].shape[-1])):
+        x, y = plain["image"][row, ..., c], biased["image"][row, ..., c]
+        inside = np.abs(x) > 0.05
+        assert inside.mean() > 0.3
+        log_ratio = np.log(y[inside] / x[inside])
+        coeffs, *_ = np.linalg.lstsq(basis[inside.ravel()], log_ratio, rcond=None)
+        assert np.abs(basis[inside.ravel()] @ coeffs - log_ratio).max() < 1e-4  # exactly such a field
+        assert (coeffs > -1e-4).all() and (coeffs < 0.1 + 1e-4).all() and coeffs.max() > 0.01

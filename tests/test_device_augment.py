@@ -60,6 +60,14 @@ def test_rotation_by_90_degrees_is_rot90():
     np.testing.assert_allclose(np.asarray(out_image), np.rot90(image, k=-1, axes=(1, 2)), atol=1e-5)
 
 
+def test_bias_field_matches_numpy():
+    rng = np.random.default_rng(2)
+    for shape in ((16, 16, 16), (5, 9, 1)):
+        coeffs = rng.uniform(-0.3, 0.3, len(aug.BIAS_FIELD_TERMS))
+        np.testing.assert_allclose(np.asarray(jax.jit(dev.bias_field, static_argnums=0)(shape, coeffs)),
+                                   aug.bias_field(shape, coeffs), rtol=2e-6)
+
+
 def test_low_resolution_blur_gamma_contrast_match_numpy():
     image, _ = _volume(seed=1)
     x = image[..., 0]
@@ -332,7 +340,7 @@ def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     overrides = {"data.augment_on_device": True, "data.augment.rotation_probability": 0.5,
-                 "data.augment.scale_probability": 0.5, "train.steps": 12, "train.log_every": 1,
+                 "data.augment.scale_probability": 0.5, "data.augment.bias_field_probability": 0.5, "train.steps": 12, "train.log_every": 1,
                  "train.eval_every": 12, "checkpoint.every_steps": 1000}
     cfg = tiny.get_config()
     cfg.data.dir = tiny_config.data.dir

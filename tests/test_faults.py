@@ -16,10 +16,11 @@ from segguided_jax.storage import MetricsFile
 from segguided_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The post-processing rule and floor go through the command too (test_the_command_learns_...).
+# The post-processing rule and floor go through the command too (test_the_command_learns_...), and
+# so does the bias-field augmentation, whose draws a resumed run must replay like every other.
 ARGS = ["--config.train.steps=8", "--config.train.log_every=2", "--config.train.eval_every=4",
         "--config.checkpoint.every_steps=4", "--config.eval.postprocess_rule=largest",
-        "--config.eval.postprocess_floor_mm3=0"]
+        "--config.eval.postprocess_floor_mm3=0", "--config.data.augment.bias_field_probability=0.5"]
 
 
 def _env():

@@ -17,8 +17,14 @@ The order, the sampling and the defaults follow nnU-Net v2's `nnUNetTrainer.get_
 (MIC-DKFZ/nnUNet, nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py, read at commit 017de4ad) and
 the batchgeneratorsv2 transforms it builds:
 
-    rotation + scaling (one resampling) -> Gaussian noise -> Gaussian blur -> brightness ->
-    contrast -> low resolution -> gamma on the inverted image -> gamma -> mirroring
+    rotation + scaling (one resampling) -> [bias field] -> Gaussian noise -> Gaussian blur ->
+    brightness -> contrast -> low resolution -> gamma on the inverted image -> gamma -> mirroring
+
+The bias field is not nnU-Net's (off in its defaults): MONAI's RandBiasField, a smooth
+multiplicative field exp(sum of Legendre products P_i(x) P_j(y) P_k(z), i + j + k <= 3) over the
+patch's [-1, 1]³, one field for all channels, the 20 coefficients uniform in
+bias_field_coeff_range; it is drawn last of the intensity draws, and only where its probability is
+above 0, so that configs without it draw exactly what they drew before.
 
 `cfg` (an ml_collections.ConfigDict, under `config.data.augment`; `default_augment_config()` gives
 nnU-Net's values). Each `*_probability` without "per_channel" is drawn once per sample:
@@ -48,6 +54,9 @@ nnU-Net's values). Each `*_probability` without "per_channel" is drawn once per 
     lowres_per_channel_probability   ... downsample this channel (nearest) by a zoom ...
     lowres_zoom_range                ... uniform in (lo, hi), same on all axes, then upsample back
                                      (linear) to the exact original shape
+    bias_field_probability           multiply every channel by one smooth field (MONAI's
+                                     RandBiasField; 0 in nnU-Net's defaults)
+    bias_field_coeff_range           (lo, hi): each Legendre coefficient uniform in it (MONAI: 0, 0.1)
 
 Choices and differences from nnU-Net, on purpose:
 - The image is resampled with order 1 (trilinear), as nnU-Net v2 does (torch grid_sample
@@ -73,6 +82,11 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 from scipy import ndimage
+
+# The bias field's polynomial degree (MONAI's RandBiasField default): 20 coefficients in 3D.
+BIAS_FIELD_DEGREE = 3
+BIAS_FIELD_TERMS = tuple((i, j, k) for i in range(BIAS_FIELD_DEGREE + 1) for j in range(BIAS_FIELD_DEGREE + 1)
+                         for k in range(BIAS_FIELD_DEGREE + 1) if i + j + k <= BIAS_FIELD_DEGREE)
 
 # Interpolation orders; see the module docstring for why.
 _IMAGE_ORDER = 1
@@ -117,6 +131,9 @@ def default_augment_config() -> ml_collections.ConfigDict:
     c.lowres_probability = 0.25
     c.lowres_per_channel_probability = 0.5
     c.lowres_zoom_range = (0.5, 1.0)
+    # Not nnU-Net's: MONAI's RandBiasField(degree=3, coeff_range=(0.0, 0.1)), off here.
+    c.bias_field_probability = 0.0
+    c.bias_field_coeff_range = (0.0, 0.1)
     return c
 
 
@@ -260,7 +277,8 @@ def draw_intensity(rng: np.random.Generator, cfg, n_channels: int, noise_shape=N
     """The random draws of the intensity transforms for n_channels channels, in nnU-Net's order:
     {"noise": None or (std, field), "blur": per channel None or (3,) sigmas, "brightness",
     "contrast", "gamma_invert", "gamma": None or a factor/exponent per channel, "lowres": per
-    channel None or a zoom}; None where a transform is not drawn. noise_shape: the (X, Y, Z) of the
+    channel None or a zoom, "bias": None or the bias field's coefficients}; None where a transform
+    is not drawn. noise_shape: the (X, Y, Z) of the
     noise field; None draws instead one integer in [0, 2**24) from which the accelerator draws the
     field (segguided_jax.data.device_augment), so the draws after it differ from the CPU path's."""
     d = {"noise": None, "blur": [None] * n_channels, "brightness": None, "contrast": None,
@@ -285,12 +303,28 @@ def draw_intensity(rng: np.random.Generator, cfg, n_channels: int, noise_shape=N
     for key, probability in (("gamma_invert", cfg.gamma_invert_probability), ("gamma", cfg.gamma_probability)):
         if rng.random() < probability:
             d[key] = [bg_contrast(cfg.gamma_range, rng) for _ in range(n_channels)]
+    d["bias"] = None
+    bias = cfg.get("bias_field_probability", 0.0)
+    if bias > 0 and rng.random() < bias:  # nothing drawn at 0: configs without it keep their draws
+        d["bias"] = rng.uniform(*cfg.bias_field_coeff_range, size=len(BIAS_FIELD_TERMS))
     return d
+
+
+def bias_field(shape, coefficients) -> np.ndarray:
+    """exp(sum over BIAS_FIELD_TERMS (i, j, k) of c * P_i(x) P_j(y) P_k(z)) on a (X, Y, Z) grid of
+    [-1, 1]³ (np.linspace per axis), float32: MONAI's RandBiasField field."""
+    cube = np.zeros((BIAS_FIELD_DEGREE + 1,) * 3)
+    for (i, j, k), c in zip(BIAS_FIELD_TERMS, coefficients):
+        cube[i, j, k] = c
+    axes = [np.linspace(-1.0, 1.0, n) for n in shape]
+    return np.exp(np.polynomial.legendre.leggrid3d(*axes, cube)).astype(np.float32)
 
 
 def apply_intensity(img: np.ndarray, d: dict, cfg) -> None:
     """The intensity transforms drawn by draw_intensity (with a noise field), in place on img
     (C, X, Y, Z) float32."""
+    if d.get("bias") is not None:
+        img *= bias_field(img.shape[1:], d["bias"])
     if d["noise"] is not None:
         std, noise = d["noise"]
         noise *= np.float32(std)

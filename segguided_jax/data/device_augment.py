@@ -52,7 +52,8 @@ def _fields(channels: int) -> tuple[tuple[str, int], ...]:
             ("contrast", 1 + channels),  # drawn, factor per channel
             ("lowres", 2 * channels),  # per channel: drawn, zoom
             ("gamma_invert", 1 + channels),  # drawn, exponent per channel
-            ("gamma", 1 + channels))
+            ("gamma", 1 + channels),
+            ("bias", 1 + len(cpu.BIAS_FIELD_TERMS)))  # drawn, the coefficients
 
 
 def draws_size(channels: int) -> int:
@@ -78,6 +79,7 @@ def draw(rng: np.random.Generator, cfg, channels: int) -> np.ndarray:
         "lowres": [[0.0, 1.0] if z is None else [1.0, z] for z in d["lowres"]],
         "gamma_invert": [float(d["gamma_invert"] is not None), *(d["gamma_invert"] or ones)],
         "gamma": [float(d["gamma"] is not None), *(d["gamma"] or ones)],
+        "bias": [0.0] * (1 + len(cpu.BIAS_FIELD_TERMS)) if d["bias"] is None else [1.0, *d["bias"]],
     }
     return np.concatenate([np.asarray(fields[name], np.float64).ravel() for name, _ in _fields(channels)]
                           ).astype(np.float32)
@@ -228,9 +230,11 @@ def resample_box(slot, label_slot, box, norm, matrix, centre, patch, initial):
 
 
 def augment_intensity(img, d, cfg):
-    """Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma on img (X, Y, Z, C)
+    """Bias field, noise, blur, brightness, contrast, low resolution, inverted gamma, gamma on img (X, Y, Z, C)
     float32 as drawn in d (`unpack`); returns the new image."""
     drawn = lambda x: x > 0.5
+    if cfg.get("bias_field_probability", 0.0) > 0:  # a smooth multiplicative field for all channels
+        img = jnp.where(drawn(d["bias"][0]), img * bias_field(img.shape[:3], d["bias"][1:])[..., None], img)
     # noise: one field for all channels
     field = jax.random.normal(jax.random.key(d["noise"][2].astype(jnp.int32)), img.shape[:3], jnp.float32)
     img = jnp.where(drawn(d["noise"][0]), img + (field * d["noise"][1])[..., None], img)
@@ -247,6 +251,18 @@ def augment_intensity(img, d, cfg):
         out = gamma(img, d[key][1:], invert=invert, retain_stats=cfg.gamma_retain_stats)
         img = jnp.where(drawn(d[key][0]), out, img)
     return img
+
+
+def bias_field(shape, coefficients):
+    """augment.bias_field: exp(sum of c * P_i(x) P_j(y) P_k(z)) on [-1, 1]³, (X, Y, Z) float32."""
+    def legendre(n):  # (DEGREE + 1, n): P_0 .. P_3 at np.linspace(-1, 1, n)
+        x = jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
+        return jnp.stack([jnp.ones_like(x), x, (3 * x ** 2 - 1) / 2, (5 * x ** 3 - 3 * x) / 2])
+    cube = jnp.zeros((cpu.BIAS_FIELD_DEGREE + 1,) * 3, jnp.float32)
+    terms = np.array(cpu.BIAS_FIELD_TERMS)
+    cube = cube.at[terms[:, 0], terms[:, 1], terms[:, 2]].set(coefficients)
+    lx, ly, lz = (legendre(n) for n in shape)
+    return jnp.exp(jnp.einsum("ijk,ix,jy,kz->xyz", cube, lx, ly, lz))
 
 
 def mirror(img, label, flips):
