@@ -25,10 +25,9 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from segguided_jax import sharding  # noqa: E402
+from segguided_jax import compile_check, sharding  # noqa: E402
 from segguided_jax.data.augment import initial_patch_size  # noqa: E402
 from segguided_jax.steps import abstract_batch, sharded_steps  # noqa: E402
 
@@ -45,7 +44,9 @@ def compile_step(config, devices):
 
 def main(argv):
     del argv
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value).devices
+    # Through compile_check, which declares the TPU to the formulations: programs traced from then on
+    # get the TPU's folded formulation (models/formulations.py), as compile_check's own.
+    devices = compile_check.topology_devices(_TOPOLOGY.value)
     gib = 2 ** 30
     base = _CONFIG.value
     print(f"{_TOPOLOGY.value}: {len(devices)} x {devices[0].device_kind}; batch {base.train.batch_size} x "
