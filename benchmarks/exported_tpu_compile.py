@@ -17,9 +17,8 @@ import time
 
 import jax
 import numpy as np
-from jax.experimental import topologies
 
-from segguided_jax import model_artefact
+from segguided_jax import compile_check, model_artefact
 
 
 def main(argv=None):
@@ -32,7 +31,7 @@ def main(argv=None):
     metadata = model_artefact.read_metadata(args.model)
     exported = model_artefact.read_function(args.model)
     load_s = time.time() - t0
-    device = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices[0]
+    device = compile_check.topology_devices(args.topology)[0]
     where = jax.sharding.SingleDeviceSharding(device)
     params = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where) for a in exported.in_avals[:-1]]
     x = jax.ShapeDtypeStruct((args.batch, *metadata["inference"]["window"], len(metadata["input"]["modalities"])),

@@ -126,8 +126,7 @@ def sharded_steps(config, mesh) -> ShardedSteps:
         step_fn = functools.partial(augmented_train_step, data_cfg=config.data.copy_and_resolve_references(),
                                     patch_sharding=sharding.batch_sharding(mesh), loss_cfg=config.loss,
                                     output=config.model.output)
-    placed = {k: v.sharding if isinstance(v, sharding.RaggedRows) else v for k, v in batch.items()}
-    step = jax.jit(step_fn, in_shardings=(replicated, placed), out_shardings=(replicated, replicated),
+    step = jax.jit(step_fn, in_shardings=(replicated, _placed(batch)), out_shardings=(replicated, replicated),
                    donate_argnums=0, compiler_options=compiler_options(config.model))
     return ShardedSteps(jax.jit(init, out_shardings=replicated), abstract, step, batch)
 
@@ -155,7 +154,7 @@ def abstract_batch(config, mesh) -> dict:
     rows, channels = config.train.batch_size, config.model.in_channels
     if config.data.augment_on_device:
         slot = crop_slot(config.data)
-        dtype = jnp.dtype(config.data.get("device_crop_dtype", "int16"))
+        dtype = jnp.dtype(config.data.device_crop_dtype)
         batch = {"image": jax.ShapeDtypeStruct((rows, slot, channels), dtype),
                  "label": jax.ShapeDtypeStruct((rows, slot), jnp.uint8),
                  "box": jax.ShapeDtypeStruct((rows, 7), jnp.int32),
@@ -165,7 +164,12 @@ def abstract_batch(config, mesh) -> dict:
         shape = (rows,) + tuple(int(s) for s in config.data.patch)
         batch = {"image": jax.ShapeDtypeStruct(shape + (channels,), jnp.float32),
                  "label": jax.ShapeDtypeStruct(shape, jnp.uint8)}
-    placed = {k: v.sharding if isinstance(v, sharding.RaggedRows) else v for k, v in shardings.items()}
+    placed = _placed(shardings)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k]) for k, v in batch.items()}
+
+
+def _placed(shardings: dict) -> dict:
+    """batch_shardings as the device arrays are laid out (a RaggedRows key by its slots' sharding)."""
+    return {k: v.sharding if isinstance(v, sharding.RaggedRows) else v for k, v in shardings.items()}
 
 

@@ -309,7 +309,7 @@ def test_boxes_give_the_whole_crops_patches():
         label_full[:] = _label_box(case, start, np.asarray(initial)).reshape(initial)
         ref = whole(full[None], label_full[None], draws[None])
         for dtype in ("int16", "float32"):
-            box, stats = case.stored_box(start + lo, start + lo + edges, dtype)
+            box, _, stats = case.stored_box(start + lo, start + lo + edges, dtype)
             image = np.zeros((1, slot, 2), dtype)
             image[0, : box[..., 0].size] = box.reshape(-1, 2)
             geometry = np.concatenate([[0], lo, edges]).astype(np.int32)[None]

@@ -245,3 +245,18 @@ def test_only_the_platforms_a_trace_can_be_lowered_for_are_traced():
     cpu = traced.lower(lowering_platforms=("cpu",)).compile()
     assert float(cpu(x)) == 2.0
     assert "add" in traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_only_the_declaring_helpers_take_tpu_or_gpu_topology_devices():
+    """A program traced for TPU or GPU devices gets those platforms' formulations only if the
+    formulations know it may be lowered for them (may_lower_for). compile_check.topology_devices
+    and gpu_compile.gpu_devices say so; a script that took the devices straight from jax compiled
+    the plain formulation for the TPU unnoticed. So nothing else in the project takes them."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    helpers = {root / "segguided_jax" / "compile_check.py", root / "segguided_jax" / "gpu_compile.py"}
+    call = "get_topology_desc" + "("
+    found = [str(p.relative_to(root)) for folder in ("segguided_jax", "benchmarks", "launch", "tests", "data_prep", "configs")
+             for p in sorted((root / folder).rglob("*.py")) if p not in helpers and call in p.read_text()]
+    assert found == [], f"take topology devices through compile_check.topology_devices or gpu_compile.gpu_devices: {found}"

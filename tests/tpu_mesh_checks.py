@@ -12,9 +12,10 @@ import json  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-from jax.experimental import mesh_utils, topologies  # noqa: E402
+from jax.experimental import mesh_utils  # noqa: E402
 
 from segguided_jax import sharding  # noqa: E402
+from segguided_jax.compile_check import topology_devices  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 
@@ -41,11 +42,11 @@ def layout(mesh, devices) -> dict:
 def main():
     out = {}
     for name in TOPOLOGIES:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+        devices = topology_devices(name)
         for spatial in (1, 2, 4):
             cfg = ml_collections.ConfigDict({"data": -1, "spatial": spatial})
             out[f"{name} spatial={spatial}"] = layout(sharding.make_mesh(cfg, devices), devices)
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:4x4x4").devices
+    devices = topology_devices("v5p:4x4x4")
     try:
         sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "spatial": 8}), devices)
         out["v5p:4x4x4 spatial=8 error"] = None

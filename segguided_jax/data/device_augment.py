@@ -130,15 +130,10 @@ def augment_boxes(image: jax.Array, label: jax.Array, box: jax.Array, norm: jax.
     C) float32, label (B, P, P, P) of label's dtype, P = data_cfg.patch, the patch's centre at the
     crop's voxel (I - P) // 2 + (P - 1) / 2 as on the CPU path."""
     patch = tuple(int(p) for p in data_cfg.patch)
-    initial = tuple(int(s) for s in cpu.initial_patch_size(patch, data_cfg.augment))
-    if draws.shape[-1] != draws_size(image.shape[-1]):
-        raise ValueError(f"augment_boxes wants {draws_size(image.shape[-1])} draws per row for "
-                         f"{image.shape[-1]} channels; got {draws.shape[-1]}")
     if image.shape[1] < math.prod(patch):
         raise ValueError(f"augment_boxes wants slots of at least the patch's {math.prod(patch)} voxels; got {image.shape[1]}")
-    centre = tuple((i - p) // 2 + (p - 1) / 2 for i, p in zip(initial, patch))
-    one = lambda x, y, b, n, d: _augment_one(x, y, b[1:], n, d, data_cfg.augment, patch, initial, centre)
-    return jax.vmap(one)(image, label, box, norm, draws)
+    initial = tuple(int(s) for s in cpu.initial_patch_size(patch, data_cfg.augment))
+    return _augment_rows(image, label, box[:, 1:], norm, draws, data_cfg, initial, "augment_boxes")
 
 
 def augment_batch(image: jax.Array, label: jax.Array, draws: jax.Array, data_cfg) -> tuple[jax.Array, jax.Array]:
@@ -149,19 +144,32 @@ def augment_batch(image: jax.Array, label: jax.Array, draws: jax.Array, data_cfg
     initial = tuple(int(s) for s in image.shape[1:4])
     if any(i < p for i, p in zip(initial, patch)):
         raise ValueError(f"augment_batch wants crops at least as large as the patch {patch}; got {initial}")
-    if draws.shape[-1] != draws_size(image.shape[-1]):
-        raise ValueError(f"augment_batch wants {draws_size(image.shape[-1])} draws per row for "
-                         f"{image.shape[-1]} channels; got {draws.shape[-1]}")
     if not (data_cfg.augment.rotation_probability > 0 or data_cfg.augment.scale_probability > 0):
         first = [(i - p) // 2 for i, p in zip(initial, patch)]  # the box `reach` ships: the centre patch
         centre_box = (slice(None),) + tuple(slice(f, f + p) for f, p in zip(first, patch))
         image, label, initial = image[centre_box], label[centre_box], patch
     rows, channels = image.shape[0], image.shape[-1]
-    box = jnp.broadcast_to(jnp.asarray((0, 0, 0, 0) + initial, jnp.int32), (rows, 7))
-    norm = jnp.broadcast_to(jnp.asarray([[0.0, 1.0]] * channels, jnp.float32), (rows, channels, 2))
+    box, norm = _whole(initial, channels)
+    return _augment_rows(image.reshape(rows, -1, channels), label.reshape(rows, -1),
+                         jnp.broadcast_to(box, (rows, 6)), jnp.broadcast_to(norm, (rows, channels, 2)), draws,
+                         data_cfg, initial, "augment_batch")
+
+
+def _whole(shape, channels: int):
+    """The box and statistics of a whole crop of `shape` already normalised: lower corner 0, edges
+    its shape; mean 0, std 1 (normalise leaves it as it is)."""
+    return jnp.asarray((0, 0, 0) + tuple(shape), jnp.int32), jnp.asarray([[0.0, 1.0]] * channels, jnp.float32)
+
+
+def _augment_rows(slots, label_slots, box, norm, draws, data_cfg, initial, caller: str):
+    """_augment_one over the rows; box (B, 6) [lower corner, edges] in a crop of edge `initial`."""
+    if draws.shape[-1] != draws_size(slots.shape[-1]):
+        raise ValueError(f"{caller} wants {draws_size(slots.shape[-1])} draws per row for "
+                         f"{slots.shape[-1]} channels; got {draws.shape[-1]}")
+    patch = tuple(int(p) for p in data_cfg.patch)
     centre = tuple((i - p) // 2 + (p - 1) / 2 for i, p in zip(initial, patch))
-    one = lambda x, y, b, n, d: _augment_one(x, y, b[1:], n, d, data_cfg.augment, patch, initial, centre)
-    return jax.vmap(one)(image.reshape(rows, -1, channels), label.reshape(rows, -1), box, norm, draws)
+    one = lambda x, y, b, n, d: _augment_one(x, y, b, n, d, data_cfg.augment, patch, initial, centre)
+    return jax.vmap(one)(slots, label_slots, box, norm, draws)
 
 
 def _augment_one(slot, label_slot, box, norm, draws, cfg, patch, initial, centre):
@@ -189,10 +197,8 @@ def normalise(raw, norm):
 
 def resample(image, label, matrix, centre, patch):
     """resample_box on a whole crop already normalised: image (X, Y, Z, C) float32, label (X, Y, Z)."""
-    shape = tuple(int(s) for s in image.shape[:3])
-    channels = image.shape[-1]
-    box = jnp.asarray((0, 0, 0) + shape, jnp.int32)
-    norm = jnp.asarray([[0.0, 1.0]] * channels, jnp.float32)
+    shape, channels = tuple(int(s) for s in image.shape[:3]), image.shape[-1]
+    box, norm = _whole(shape, channels)
     return resample_box(image.reshape(-1, channels), label.reshape(-1), box, norm, matrix, centre, patch, shape)
 
 

@@ -206,14 +206,13 @@ class Case:
         return out
 
 
-    def stored_box(self, lo, hi, dtype: str = "int16") -> tuple[np.ndarray, np.ndarray]:
-        """image[lo:hi] as stored, for normalising elsewhere (the accelerator): (box (hi - lo) + (C,)
-        of `dtype`, 0 outside the case, and (C, 2) float32 (mean, std) such that the image is
-        (box - mean) / std where any channel is non-zero, 0 elsewhere (`normalise`, with its
-        float32 rounding of both numbers). lo may be negative and hi beyond the shape. dtype
-        "int16" needs an int16 record; "float32" takes either (a float32 record ships its image
-        with mean 0, std 1)."""
-        lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+    def stored_box(self, lo, hi, dtype: str = "int16") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """image[lo:hi] as stored, for normalising elsewhere (the accelerator), with the label's box:
+        (box (hi - lo) + (C,) of `dtype`, label box (hi - lo) uint8 or None without a label, both 0
+        outside the case, and (C, 2) float32 (mean, std) such that the image is (box - mean) / std
+        where any channel is non-zero, 0 elsewhere (`normalise`, with its float32 rounding of both
+        numbers)). lo may be negative and hi beyond the shape. dtype "int16" needs an int16 record;
+        "float32" takes either (a float32 record ships its image with mean 0, std 1)."""
         if dtype not in ("int16", "float32"):
             raise ValueError(f"dtype must be int16 or float32, got {dtype!r}")
         if dtype == "int16" and self._raw is None:
@@ -221,16 +220,24 @@ class Case:
                              "after resampling), so its crops cannot ship as int16: set "
                              "data.device_crop_dtype=float32")
         stored = self._raw if self._raw is not None else self._image
-        out = np.zeros(tuple(hi - lo) + (self.channels,), dtype)
-        a, b = np.maximum(lo, 0), np.minimum(hi, self.shape)
-        if np.all(b > a):
-            out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = stored[tuple(slice(x, y) for x, y in zip(a, b))]
+        image = _padded_box(stored, lo, hi, dtype)
+        label = None if self.label is None else _padded_box(self.label, lo, hi, np.uint8)
         if self._raw is None:
             norm = np.tile(np.array([0.0, 1.0], np.float32), (self.channels, 1))
         else:
             norm = np.stack([self._norm[:, 0].astype(np.float32),
                              np.maximum(self._norm[:, 1], 1e-8).astype(np.float32)], axis=1)
-        return out, norm
+        return image, label, norm
+
+
+def _padded_box(array: np.ndarray, lo, hi, dtype) -> np.ndarray:
+    """array[lo:hi] over its first three axes as a new array of `dtype`, 0 where the box leaves it."""
+    lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+    out = np.zeros(tuple(hi - lo) + array.shape[3:], dtype)
+    a, b = np.maximum(lo, 0), np.minimum(hi, array.shape[:3])
+    if np.all(b > a):
+        out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = array[tuple(slice(x, y) for x, y in zip(a, b))]
+    return out
 
 
 def normalise(raw: np.ndarray, norm: np.ndarray) -> np.ndarray:

@@ -105,12 +105,8 @@ def enlarged_crop(case: Case, rng: np.random.Generator, data_cfg, *, force_foreg
     start = enlarged_start(case.shape, patch, initial, rng, voxel)
     draws = device_augment.draw(rng, data_cfg.augment, case.channels)
     lo, edges = device_augment.reach(draws, patch, initial, case.channels)
-    first, last = start + lo, start + lo + edges
-    image, norm = case.stored_box(first, last, data_cfg.get("device_crop_dtype", "int16"))
-    label = np.zeros(tuple(edges), np.uint8)
-    a, b = np.maximum(first, 0), np.minimum(last, case.shape)
-    if np.all(b > a):
-        label[tuple(slice(x - f, y - f) for x, y, f in zip(a, b, first))] = _label(case)[tuple(slice(x, y) for x, y in zip(a, b))]
+    _label(case)  # a case without labels cannot be a training case
+    image, label, norm = case.stored_box(start + lo, start + lo + edges, data_cfg.device_crop_dtype)
     return {"image": image.reshape(-1, case.channels), "label": label.reshape(-1),
             "box": np.concatenate([lo, edges]).astype(np.int32), "norm": norm, "augment": draws}
 
