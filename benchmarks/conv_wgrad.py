@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from segguided_jax.models.formulations import _DN, conv3_weight_grad_scan
+from segguided_jax.models.formulations import DN, conv3_weight_grad_scan
 
 _SHAPES = flags.DEFINE_list("shapes", ["64x16x16", "32x32x32"], "EDGExC_INxC_OUT per case.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant.")
@@ -45,7 +45,7 @@ def main(argv):
 
         @jax.jit
         def xla(x, g):
-            conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=_DN)
+            conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=DN)
             return jax.vjp(conv, kernel)[1](g)[0]
 
         scan = jax.jit(conv3_weight_grad_scan)

@@ -79,12 +79,8 @@ def main(argv):
     from segguided_jax.steps import init_state, train_step
 
     config = flags.FLAGS.config
-    from segguided_jax.models import blocks
-    # The CPU-only formulations off: the compiled program is then the one an accelerator gets
-    # (older checkouts, run for a before/after, kept the switch in blocks itself).
-    home = getattr(blocks, "formulations", blocks)
-    if hasattr(home, "CPU_REWRITES"):
-        home.CPU_REWRITES = False
+    # The CPU-only formulations off: the compiled program is then the one an accelerator gets.
+    config.model.cpu_rewrites = False
     b, patch = config.train.batch_size, tuple(config.data.patch)
     tx = make_optimizer(config.optim, config.train.steps)
     state = jax.eval_shape(functools.partial(init_state, config.seed, config.model, tx))

@@ -32,20 +32,27 @@ def main(argv):
     from flax import nnx
     from jax.sharding import SingleDeviceSharding
 
-    from segguided_jax.models import blocks, formulations
+    from segguided_jax.models import blocks
+    from segguided_jax.models.formulations import Formulation
 
     jax.config.update("jax_enable_compilation_cache", False)
     cin = _IN.value or _CHANNELS.value
-    stack = nnx.List([blocks.ResidualBlock(cin if i == 0 else _CHANNELS.value, _CHANNELS.value, slope=0.01,
-                                           dtype=jnp.bfloat16, rngs=nnx.Rngs(i)) for i in range(_BLOCKS.value)])
-    graphdef, params = nnx.split(stack)
+
+    def stack(fold):
+        return nnx.List([blocks.ResidualBlock(cin if i == 0 else _CHANNELS.value, _CHANNELS.value, slope=0.01,
+                                              dtype=jnp.bfloat16, rngs=nnx.Rngs(i),
+                                              formulation=Formulation(tpu_fold=fold)) for i in range(_BLOCKS.value)])
+
+    params = nnx.split(stack(True))[1]  # the same parameters for both forms
     shape = (_BATCH.value,) + (_SIZE.value,) * 3
 
-    def loss(params, x, w):
-        y = x
-        for block in nnx.merge(graphdef, params):
-            y = formulations.residual_block(block, y)
-        return jnp.sum(y.astype(jnp.float32) * w)
+    def loss_of(graphdef):
+        def loss(params, x, w):
+            y = x
+            for block in nnx.merge(graphdef, params):
+                y = block(y)
+            return jnp.sum(y.astype(jnp.float32) * w)
+        return loss
 
     with compile_check.libtpu_lock(3600):
         device = compile_check.topology_devices(_TOPOLOGY.value)[0]
@@ -58,8 +65,7 @@ def main(argv):
               f"{_BATCH.value}, bf16, forward and both gradients, {device.device_kind} ({_TOPOLOGY.value})")
         for name, fold in (("as written", False), ("TPU formulation", True)):
             # Lowered for TPU, the TPU branch is taken; without the fold it is the block as written.
-            formulations.TPU_FOLD = fold
-            step = jax.jit(jax.grad(loss, argnums=(0, 1)))  # a new function per variant: no reuse
+            step = jax.jit(jax.grad(loss_of(nnx.split(stack(fold))[0]), argnums=(0, 1)))
             try:
                 compiled = step.lower(*args).compile()
             except Exception as e:  # the compiler refuses a program larger than the chip's HBM

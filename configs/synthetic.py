@@ -76,6 +76,19 @@ def get_config():
     # The layout XLA hands cuDNN's convolutions on GPU: "default" (channels-first for 3D, with
     # transposes around each) or "channels_last" (docs/gpu.md). Other backends ignore it.
     c.model.gpu_conv_layout = "default"
+    # How the blocks are computed (models/formulations.py; the values are the same whichever):
+    # "auto", each backend its own forms (on TPU the folded layout), or "tpu", the TPU forms on
+    # every backend (to compare them on a CPU).
+    c.model.formulation = "auto"
+    # The CPU-only convolution forms (a scan for the weight gradient of large, narrow 3³
+    # convolutions; strided convolutions as patches and a matmul); False compiles on CPU the
+    # program an accelerator gets.
+    c.model.cpu_rewrites = True
+    # On TPU, W folded into the channels to fill the 128 lanes (docs/tpu.md).
+    c.model.tpu_fold = True
+    # On TPU, residual blocks of at least this many voxels per sample run under jax.checkpoint
+    # (None: none, 0: all): for patches larger than a chip's HBM holds.
+    c.model.tpu_remat_min_voxels = ml_collections.config_dict.placeholder(int)
 
     c.loss = ml_collections.ConfigDict()
     # λ of the auxiliary attention loss; 0 turns it off. With the gate settings above, λ = 1 gave

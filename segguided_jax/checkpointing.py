@@ -34,7 +34,8 @@ COMPARED = ("seed", "model", "loss", "optim", "data", "train.batch_size")
 # How the run is executed, not what it computes: free to change on resume (the GPU convolution
 # layout changes the program's layouts, not its math).
 NOT_COMPARED = ("data.dir", "data.allow_fingerprint_mismatch", "data.num_workers", "data.read_threads",
-                "data.prefetch", "data.device_crop_dtype", "model.gpu_conv_layout")
+                "data.prefetch", "data.device_crop_dtype", "model.gpu_conv_layout", "model.formulation",
+                "model.cpu_rewrites", "model.tpu_fold", "model.tpu_remat_min_voxels")
 
 
 class CheckpointMismatch(ValueError):

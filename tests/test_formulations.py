@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import tiny
 from segguided_jax.models import formulations
+from segguided_jax.models.formulations import Formulation, fold_factor
 from segguided_jax.models.network import abstract_model, build_model
 
 WIDTHS = (8, 16, 32)
@@ -29,10 +30,13 @@ def _model_config(compute_dtype):
     return config
 
 
-def _graphdef(compute_dtype):
+PLAIN = Formulation()  # on this CPU: the blocks as written (with the CPU rewrites)
+
+
+def _graphdef(compute_dtype, formulation=PLAIN):
     # The parameters are float32 whatever the compute dtype, so every program takes the same ones
     # (the reference fixture's); the graph is built without them (abstract_model).
-    return nnx.split(abstract_model(_model_config(compute_dtype)), nnx.Param)[0]
+    return nnx.split(abstract_model(_model_config(compute_dtype), formulation), nnx.Param)[0]
 
 
 def _smooth_leaky_relu(x, negative_slope=0.01):
@@ -67,16 +71,9 @@ def _program(graphdef, *, real=False, smooth=False):
     return f
 
 
-def _compile(fn, *args, force=None, lanes=128, remat=None):
-    """(StableHLO text, compiled) of jax.jit(fn) traced with formulations' FORCE_PLATFORM,
-    TPU_FOLD_LANES and TPU_REMAT_MIN_VOXELS set so: the text is that of the program that runs.
-    (fn must be a new function for each call: jit caches a trace by function, and these
-    module globals are read while tracing.)"""
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(formulations, "FORCE_PLATFORM", force)
-        m.setattr(formulations, "TPU_FOLD_LANES", lanes)
-        m.setattr(formulations, "TPU_REMAT_MIN_VOXELS", remat)
-        lowered = jax.jit(fn).lower(*args)
+def _compile(fn, *args):
+    """(StableHLO text, compiled) of jax.jit(fn): the text is that of the program that runs."""
+    lowered = jax.jit(fn).lower(*args)
     return lowered.as_text(), lowered.compile()
 
 
@@ -146,15 +143,16 @@ def test_tpu_formulation_in_bf16_is_as_accurate_as_the_plain_network(reference):
     attention logits' mean, 96 % off in plain bfloat16 and 40 % in the TPU form.)
 
     The TPU program is the folded one, by 16, 8 and 4 in the three stages (brats21 folds by 4, 2
-    and 1 at 128³), every residual block under jax.checkpoint (TPU_REMAT_MIN_VOXELS = 0), and its
+    and 1 at 128³), every residual block under jax.checkpoint (tpu_remat_min_voxels = 0), and its
     text shows it: each stage's 3³ convolutions are 2-D ones over the layout folded by its fold,
-    and none is 3-D, where the plain program's are all 3-D (were FORCE_PLATFORM ignored, the two
+    and none is 3-D, where the plain program's are all 3-D (were the formulation ignored, the two
     programs would be one)."""
     params, x, ref = reference
-    folds = [formulations.fold_factor(w, PATCH >> i) for i, w in enumerate(WIDTHS)]
+    folds = [fold_factor(w, PATCH >> i) for i, w in enumerate(WIDTHS)]
     assert folds == [16, 8, 4]
+    tpu_form = Formulation(platform="tpu", tpu_remat_min_voxels=0)
     plain_text, plain = _compile(_program(_graphdef("bfloat16"), real=True), params, x)
-    tpu_text, tpu = _compile(_program(_graphdef("bfloat16"), real=True), params, x, force="tpu", remat=0)
+    tpu_text, tpu = _compile(_program(_graphdef("bfloat16", tpu_form), real=True), params, x)
     _assert_folded(tpu_text, plain_text, folds, "bf16")
     assert "optimization_barrier" in tpu_text and "optimization_barrier" not in plain_text
 
@@ -167,11 +165,11 @@ def test_tpu_formulation_in_bf16_is_as_accurate_as_the_plain_network(reference):
         assert e_tpu <= 3 * e_plain + 1e-2, (path, e_tpu, e_plain)
 
 
-def test_blocks_are_rematerialised_on_tpu_only(monkeypatch):
-    monkeypatch.setattr(formulations, "TPU_REMAT_MIN_VOXELS", 0)
+def test_blocks_are_rematerialised_on_tpu_only():
     # Lowered (not compiled: no TPU needed) for each platform: jax.checkpoint shows as
     # optimization barriers around each block's recomputation, on TPU and nowhere else.
     config = tiny.get_config()
+    config.model.tpu_remat_min_voxels = 0  # every block, from the config key
     x = jnp.zeros((1,) + tuple(config.data.patch) + (4,))
     graphdef, params = nnx.split(abstract_model(config.model), nnx.Param)  # shapes suffice to lower
 
@@ -204,12 +202,11 @@ def test_folded_formulation_is_the_plain_network(reference):
     the loss 6e-7; tolerances 5e-5, 2e-5 and 5e-6. A folded gate that lost its stop_gradient is
     0.2 to 1.2 away."""
     params, x, ref = reference
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(formulations, "TPU_FOLD_LANES", 32)
-        folds = [formulations.fold_factor(w, PATCH >> i) for i, w in enumerate(WIDTHS)]
+    folds = [fold_factor(w, PATCH >> i, lanes=32) for i, w in enumerate(WIDTHS)]
     assert folds == [4, 2, 1]
+    folded_form = Formulation(platform="tpu", tpu_fold_lanes=32)
     plain_text, plain = _compile(_program(_graphdef("float32"), smooth=True), params, x)
-    folded_text, folded = _compile(_program(_graphdef("float32"), smooth=True), params, x, force="tpu", lanes=32)
+    folded_text, folded = _compile(_program(_graphdef("float32", folded_form), smooth=True), params, x)
     # The folded program is another program: e.g. stage 0 (2 x 16³ x 8) runs in the folded
     # layout, W blocks in the batch (2·16/4 = 8) and 4·8 = 32 channels, its 3³ convolutions 2-D.
     _assert_folded(folded_text, plain_text, folds, "f32")
@@ -233,7 +230,7 @@ def test_only_the_platforms_a_trace_can_be_lowered_for_are_traced():
         return lambda v: calls.append(name) or v + {"tpu": 1.0, "default": 2.0}[name]
 
     def f(v):
-        return formulations._on_tpu(v, branch("tpu"), branch("default"))
+        return Formulation().on_tpu(v, branch("tpu"), branch("default"))
 
     x = jnp.zeros(())
     assert float(jax.jit(f)(x)) == 2.0 and calls == ["default"]
@@ -260,3 +257,33 @@ def test_only_the_declaring_helpers_take_tpu_or_gpu_topology_devices():
     found = [str(p.relative_to(root)) for folder in ("segguided_jax", "benchmarks", "launch", "tests", "data_prep", "configs")
              for p in sorted((root / folder).rglob("*.py")) if p not in helpers and call in p.read_text()]
     assert found == [], f"take topology devices through compile_check.topology_devices or gpu_compile.gpu_devices: {found}"
+
+
+@pytest.mark.parametrize("key, value", [("formulation", "gpu"), ("tpu_remat_min_voxels", -1)])
+def test_a_formulation_that_cannot_work_is_refused_naming_its_key(key, value):
+    config = tiny.get_config().model
+    setattr(config, key, value)
+    with pytest.raises(ValueError, match=f"model.{key}"):
+        build_model(config, nnx.Rngs(0))
+
+
+def test_the_train_step_takes_the_formulation_from_the_config():
+    """The config's model.formulation reaches the program the training command compiles: the
+    train step of the tiny config, built by steps.sharded_steps as train.py builds it, runs its 3³
+    convolutions as 2-D ones in the folded layout with "tpu" and as 3-D ones with "auto" (this
+    CPU's forms); the formulation is part of the model's graph, so jit compiles each anew. (Where
+    W does not divide into the fold, at the coarsest stages, a 1³ convolution stays 3-D.)"""
+    import re
+    from segguided_jax import sharding
+    from segguided_jax.steps import abstract_batch, sharded_steps
+
+    texts = {}
+    for form in ("auto", "tpu"):
+        config = tiny.get_config()
+        config.model.formulation = form
+        mesh = sharding.make_mesh(config.mesh)
+        fns = sharded_steps(config, mesh)
+        texts[form] = fns.step.lower(fns.abstract, abstract_batch(config, mesh)).as_text()
+    conv3d_3x3x3 = re.compile(re.escape(CONV_3D) + r".*: \(tensor<[^>]*>, tensor<3x3x3x")
+    assert conv3d_3x3x3.search(texts["auto"]) and CONV_2D not in texts["auto"]
+    assert not conv3d_3x3x3.search(texts["tpu"]) and CONV_2D in texts["tpu"]

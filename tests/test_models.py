@@ -149,15 +149,24 @@ def test_weight_grad_scan_matches_xla(chunk):
     # Odd sizes and a chunk that does not divide the flat grid: every tap and edge must count once.
     x = jax.random.normal(jax.random.key(0), (2, 6, 5, 4, 3))
     g = jax.random.normal(jax.random.key(1), (2, 6, 5, 4, 7))
-    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=formulations._DN)
+    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=formulations.DN)
     ref = jax.vjp(conv, jnp.zeros((3, 3, 3, 3, 7)))[1](g)[0]
     _assert_same(formulations.conv3_weight_grad_scan(x, g, chunk=chunk), ref, 1e-4)
 
 
-def test_conv_with_weight_grad_scan_matches_flax(monkeypatch):
-    monkeypatch.setattr(formulations, "_SCAN_MIN_VOXELS", 1)  # take the scan path at a tiny size
+def test_conv_with_weight_grad_scan_matches_flax():
     kw = dict(kernel_size=(3, 3, 3), use_bias=False)
-    ours, ref = blocks.Conv(3, 5, rngs=nnx.Rngs(1), **kw), nnx.Conv(3, 5, rngs=nnx.Rngs(1), **kw)
+    scan = formulations.Formulation(cpu_scan_min_voxels=1)  # the scan path at a tiny size
+    ours, ref = blocks.Conv(3, 5, rngs=nnx.Rngs(1), formulation=scan, **kw), nnx.Conv(3, 5, rngs=nnx.Rngs(1), **kw)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 6, 3))
+
+    def weight_grad_program(module):
+        graphdef, params = nnx.split(module, nnx.Param)
+        return jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)))).lower(params).as_text()
+
+    # The formulation is taken: the weight gradient is the scan's loop, nnx.Conv's has none.
+    assert "stablehlo.while" in weight_grad_program(ours)
+    assert "stablehlo.while" not in weight_grad_program(ref)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 6, 3))
     _assert_same(ours(x), ref(x), 1e-5)
     _assert_same(_grads(ours, x), _grads(ref, x), 1e-4)
