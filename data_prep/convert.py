@@ -35,8 +35,9 @@ import signal
 import sys
 import time
 
+from segguided_jax import storage
 from segguided_jax.data import splits as splits_lib
-from segguided_jax.data.cases import CaseError, CaseFiles, atomic_file, find_cases, load_case
+from segguided_jax.data.cases import CaseError, CaseFiles, find_cases, load_case
 from segguided_jax.data.preprocess import preprocess
 from segguided_jax.data.records import MANIFEST, MANIFEST_VERSION, encode_case
 
@@ -47,8 +48,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _write_json(path: str, obj) -> None:
-    with atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    storage.write_text(path, json.dumps(obj, indent=1))
 
 
 def shard_name(k: int, n: int) -> str:

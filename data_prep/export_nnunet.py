@@ -34,9 +34,10 @@ import sys
 import nibabel as nib
 import numpy as np
 
+from segguided_jax import storage
 from segguided_jax.data import nnunet
 from segguided_jax.data.brats import MODALITIES
-from segguided_jax.data.cases import CaseError, find_cases, load_case, read_nifti, write_nifti_gz
+from segguided_jax.data.cases import CaseError, find_cases, load_case, read_nifti
 from segguided_jax.data.splits import PARTS
 
 # nnU-Net's own requirement on a raw dataset's folder name (nnunetv2.utilities.dataset_name_id_conversion).
@@ -53,12 +54,9 @@ def nnunet_splits(splits: dict) -> list[dict]:
 def _copy_channel(src: str, dst: str) -> None:
     """The input file's bytes (gzipped if it was a plain .nii): nnU-Net reads the same voxels."""
     if src.endswith(".gz"):
-        shutil.copyfile(src, dst)
+        storage.copy_file(src, dst)
     else:
-        with open(src, "rb") as f:
-            raw = f.read()
-        with open(dst, "wb") as f:
-            f.write(gzip.compress(raw, compresslevel=6, mtime=0))
+        storage.write_bytes(dst, gzip.compress(storage.read_bytes(src), compresslevel=6, mtime=0))
 
 
 def export(srcs, out: str, *, edition: str | None = None, splits_file: str | None = None, log=print) -> dict:
@@ -103,7 +101,7 @@ def export(srcs, out: str, *, edition: str | None = None, splits_file: str | Non
                 seg_img, _, _ = read_nifti(cf.case_id, cf.seg)
                 header = seg_img.header.copy()
                 header.set_data_dtype(np.uint8)
-                write_nifti_gz(nib.Nifti1Image(convention.from_internal(case.labels), seg_img.affine, header),
+                storage.write_nifti_gz(nib.Nifti1Image(convention.from_internal(case.labels), seg_img.affine, header),
                                os.path.join(tmp, labels_dir, cf.case_id + ".nii.gz"))
             log(f"export: {i + 1}/{len(cases)} {cf.case_id} -> {images_dir}", flush=True)
         num_training = sum(1 for c in labelled if c not in test)

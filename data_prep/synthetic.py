@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from segguided_jax import storage
 from segguided_jax.data.brats import EDITIONS, MODALITIES, case_id_for
-from segguided_jax.data.cases import write_nifti_gz
 
 FIELD_OF_VIEW_MM = np.array([240.0, 240.0, 155.0])
 BRATS_SHAPE = (240, 240, 155)
@@ -161,7 +161,7 @@ def write_case(out_dir: str, edition_name: str, index: int, seed: int, shape=BRA
         img.header.set_xyzt_units("mm", "sec")
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
-        write_nifti_gz(img, os.path.join(case_dir, edition.file_name(case_id, suffix)))
+        storage.write_nifti_gz(img, os.path.join(case_dir, edition.file_name(case_id, suffix)))
 
     for m, modality in enumerate(MODALITIES):
         save(np.round(images[m]).astype(np.int16), edition.suffixes[modality])

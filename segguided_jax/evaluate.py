@@ -54,13 +54,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import gzip
 import io
 import json
 import math
 import sys
 
-import nibabel as nib
 import numpy as np
 
 from segguided_jax import metrics, storage
@@ -117,7 +115,7 @@ def _edition_for(case_id: str, forced: str) -> Edition:
 def find_references(ref_dir: str, edition: str = "auto") -> tuple[dict, dict]:
     """({case_id: (seg file path, Edition)} for the case folders and flat files in ref_dir, or the
     label files of an nnU-Net dataset; {case_id: message} for the cases without a segmentation)."""
-    if not storage.is_remote(ref_dir) and nnunet.dataset_root_of(ref_dir) is not None:
+    if nnunet.dataset_root_of(ref_dir) is not None:
         try:
             return nnunet.references(ref_dir)
         except nnunet.DatasetError as e:
@@ -167,22 +165,11 @@ class CaseFileError(Exception):
     """A file of a case that cannot be read as a NIfTI volume; the message names the file."""
 
 
-def _load_nifti(path: str) -> nib.Nifti1Image:
-    """nib.load for a local path; a gs:// object is read whole into memory (gunzipped if it is
-    .nii.gz) and parsed from there."""
-    if not storage.is_remote(path):
-        return nib.load(path)
-    data = storage.read_bytes(path)
-    if data[:2] == b"\x1f\x8b":  # the gzip magic number
-        data = gzip.decompress(data)
-    return nib.Nifti1Image.from_bytes(data)
-
-
 def _read_volume(path: str, what: str) -> tuple:
     """(3-D array as stored, NIfTI image) of `path`. Whatever goes wrong while reading (a missing,
     truncated or garbled file) is raised as CaseFileError naming the file and what it is."""
     try:
-        img = _load_nifti(path)
+        img = storage.read_nifti(path)[0]
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file's name
         raise CaseFileError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from e

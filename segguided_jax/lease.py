@@ -9,19 +9,17 @@ renewed for `config.lease.stale_secs` (its holder was killed), or held by a proc
 that no longer exists, is taken over, so kill -9 followed by the same command needs no clean-up;
 `force` takes any lease over (the run that held it stops at its next checkpoint).
 
-Every change of the lease is conditional on what the changer last read, so of two runs racing for
-a lease only one gets it:
+Every change of the lease is conditional on what the changer last read (storage.write_if and
+delete_if), so of two runs racing for a lease only one gets it:
 - local (or a shared file system): read, compare and write under an exclusive flock of
   lease.json.lock; the write itself is a temporary file and os.replace;
 - gs://: Cloud Storage's generation preconditions — create with if_generation_match=0, renew,
-  take over and release with if_generation_match=<the generation read> (google-cloud-storage,
-  which gcsfs depends on).
+  take over and release with if_generation_match=<the generation read>.
 Lease ages compare the holder's clock with the reader's: hosts must keep NTP time, as every
 cluster does; `stale_secs` is far larger than any drift.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -43,87 +41,16 @@ class LeaseLost(RuntimeError):
     """This run's lease was taken over by another run."""
 
 
-class _LocalLease:
-    """lease.json in a local (or shared-file-system) folder; versions are the holders' tokens."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    @contextlib.contextmanager
-    def _locked(self):
-        import fcntl
-
-        fd = os.open(self.path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def read(self) -> tuple[dict | None, str | None]:
-        try:
-            record = json.loads(storage.read_text(self.path))
-        except FileNotFoundError:
-            return None, None
-        return record, record.get("token")
-
-    def write(self, record: dict, if_version) -> str | None:
-        """Writes record if the lease's version is still if_version (None: no lease); returns the
-        new version, or None if the lease changed since it was read."""
-        with self._locked():
-            if self.read()[1] != if_version:
-                return None
-            storage.write_text(self.path, json.dumps(record))
-        return record["token"]
-
-    def delete(self, if_version) -> bool:
-        with self._locked():
-            if self.read()[1] != if_version:
-                return False
-            os.remove(self.path)
-        return True
+def read_record(path) -> tuple[dict | None, object]:
+    """(the lease record at path, its version), or (None, None) where no run holds one."""
+    data, version = storage.read_versioned(path)
+    return (None, None) if data is None else (json.loads(data), version)
 
 
-class _BucketLease:
-    """lease.json as one Cloud Storage object; versions are its generations."""
-
-    def __init__(self, uri: str):
-        from google.cloud import storage as gcs
-
-        bucket, _, self.name = uri.removeprefix("gs://").partition("/")
-        self.bucket = gcs.Client().bucket(bucket)
-
-    def read(self) -> tuple[dict | None, int | None]:
-        from google.api_core import exceptions
-
-        blob = self.bucket.get_blob(self.name)
-        if blob is None:
-            return None, None
-        try:
-            data = blob.download_as_bytes(if_generation_match=blob.generation)
-        except (exceptions.NotFound, exceptions.PreconditionFailed):
-            return self.read()  # changed between the two calls: read the new one
-        return json.loads(data), blob.generation
-
-    def write(self, record: dict, if_version) -> int | None:
-        from google.api_core import exceptions
-
-        blob = self.bucket.blob(self.name)
-        try:
-            blob.upload_from_string(json.dumps(record), content_type="application/json",
-                                    if_generation_match=if_version or 0)
-        except exceptions.PreconditionFailed:
-            return None
-        return blob.generation
-
-    def delete(self, if_version) -> bool:
-        from google.api_core import exceptions
-
-        try:
-            self.bucket.blob(self.name).delete(if_generation_match=if_version)
-        except (exceptions.NotFound, exceptions.PreconditionFailed):
-            return False
-        return True
+def write_record(path, record: dict, if_version):
+    """Writes the record if the lease is still at if_version (None: no lease); its new version, or
+    None if another run changed it since."""
+    return storage.write_if(path, json.dumps(record).encode("utf-8"), if_version)
 
 
 def describe(record: dict, now: float | None = None) -> str:
@@ -154,7 +81,6 @@ class Lease:
 
     def __init__(self, workdir: str, lease_cfg, force: bool = False, warn=None):
         self.path = storage.join(storage.abspath(workdir), LEASE)
-        self.backend = _BucketLease(self.path) if self.path.startswith("gs://") else _LocalLease(self.path)
         self.stale_secs, self.renew_secs = float(lease_cfg.stale_secs), float(lease_cfg.renew_secs)
         if not 0 < self.renew_secs < self.stale_secs:
             raise ValueError(f"lease.renew_secs ({self.renew_secs:g}) must be positive and below lease.stale_secs "
@@ -173,7 +99,7 @@ class Lease:
         """Takes the lease, or raises WorkdirLeased naming the run that holds it."""
         storage.makedirs(storage.dirname(self.path))
         for _ in range(3):  # each failed try means another run changed the lease: read it again
-            held, version = self.backend.read()
+            held, version = read_record(self.path)
             now = time.time()
             gone = _holder_is_gone(held, self.stale_secs, now) if held else None
             if held and not gone and not self.force:
@@ -183,7 +109,7 @@ class Lease:
                     f"a lease not renewed for {self.stale_secs:g} s (lease.stale_secs) is taken over; if that run "
                     "is certainly gone, add --force_takeover.")
             self.record["renewed"] = time.time()
-            self.version = self.backend.write(self.record, version)
+            self.version = write_record(self.path, self.record, version)
             if self.version is not None:
                 if held:
                     self.warn(f"took over the lease of {storage.dirname(self.path)} from {describe(held, now)} "
@@ -197,14 +123,14 @@ class Lease:
         while not self._stop.wait(self.renew_secs):
             self.record["renewed"] = time.time()
             try:
-                version = self.backend.write(self.record, self.version)
+                version = write_record(self.path, self.record, self.version)
             except Exception as e:  # noqa: BLE001 - a storage hiccup: the next period tries again
                 self.warn(f"could not renew the lease {self.path} ({type(e).__name__}: {e}); trying again in "
                           f"{self.renew_secs:g} s")
                 continue
             if version is None:
                 try:
-                    held, _ = self.backend.read()
+                    held, _ = read_record(self.path)
                     self.lost = describe(held) if held else "nobody holds it now (it was removed)"
                 except Exception as e:  # noqa: BLE001 - lost either way; the holder is only named
                     self.lost = f"the lease could not be read: {type(e).__name__}"
@@ -218,7 +144,7 @@ class Lease:
             self._thread.join()
             self._thread = None
             if not self.lost:
-                self.backend.delete(self.version)
+                storage.delete_if(self.path, self.version)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -122,93 +124,295 @@ def _retried(op: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Paths
+# The two backends
 
 def is_remote(path) -> bool:
     """True for a URI with a scheme (gs://bucket/x), False for a local path."""
     return bool(_SCHEME.match(os.fspath(path)))
 
 
-def _epath(path):
-    from etils import epath
+class _Local:
+    """A local (or shared) file system: the os / shutil calls, writes through a temporary file and
+    os.replace, conditional writes under an exclusive flock of PATH.lock."""
 
-    path = os.fspath(path)
-    # epath's gs:// backend: tf.io.gfile where TensorFlow is installed, else gcsfs.
-    if path.startswith("gs://") and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
-        raise ImportError(f"{path}: gs:// paths need gcsfs: `pip install -e .[gcs]` (or `pip install gcsfs`)")
-    return epath.Path(path)
+    join = staticmethod(os.path.join)
+    basename = staticmethod(os.path.basename)
+    dirname = staticmethod(os.path.dirname)
+    abspath = staticmethod(os.path.abspath)
+    exists = staticmethod(os.path.exists)
+    isdir = staticmethod(os.path.isdir)
+    isfile = staticmethod(os.path.isfile)
 
+    @staticmethod
+    def makedirs(path):
+        os.makedirs(path, exist_ok=True)
+
+    @staticmethod
+    def listdir(path):
+        return sorted(os.listdir(path))
+
+    @staticmethod
+    def open_read(path):
+        return open(path, "rb")
+
+    @staticmethod
+    def read_bytes(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def open_write(path):
+        """A file object whose content appears at path only once the block ends without an error
+        (a temporary file beside it, then os.replace); on any error nothing is left."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    remove = staticmethod(os.remove)
+    rmtree = staticmethod(shutil.rmtree)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _locked(path):
+        import fcntl
+
+        fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _versioned(path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def read_versioned(self, path):
+        return self._versioned(path)  # the file is replaced whole, so a read needs no lock
+
+    def write_if(self, path, data, if_version):
+        with self._locked(path):
+            if self._versioned(path)[1] != if_version:
+                return None
+            with self.open_write(path) as f:
+                f.write(data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_if(self, path, if_version):
+        with self._locked(path):
+            if self._versioned(path)[1] != if_version:
+                return False
+            os.remove(path)
+        return True
+
+
+class _Cloud:
+    """Object storage (gs://): etils.epath, the path library Orbax uses for its own directories
+    (its gs:// backend is gcsfs, or tf.io.gfile where TensorFlow is installed); server-side copies
+    and cancellable uploads through gcsfs; conditional writes on object generations through
+    google-cloud-storage (which gcsfs depends on). One upload is atomic: an object appears only
+    once complete. There are no folders: a "folder" exists once something is written under it."""
+
+    join = staticmethod(posixpath.join)
+    basename = staticmethod(posixpath.basename)
+    dirname = staticmethod(posixpath.dirname)
+
+    @staticmethod
+    def abspath(path):
+        # Already absolute; without a trailing slash, as os.path.abspath drops a local one.
+        stripped = path.rstrip("/")
+        return path if stripped.endswith(":") else stripped  # gs:// alone stays as it is
+
+    @staticmethod
+    def _epath(path):
+        from etils import epath
+
+        # epath's gs:// backend: tf.io.gfile where TensorFlow is installed, else gcsfs.
+        if path.startswith("gs://") and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
+            raise ImportError(f"{path}: gs:// paths need gcsfs: `pip install -e .[gcs]` (or `pip install gcsfs`)")
+        return epath.Path(path)
+
+    @staticmethod
+    def fs(path):
+        """(gcsfs file system, path without the scheme) of a gs:// URI."""
+        import fsspec
+
+        return fsspec.core.url_to_fs(path)
+
+    def exists(self, path):
+        return self._epath(path).exists()
+
+    def isdir(self, path):
+        return self._epath(path).is_dir()
+
+    def isfile(self, path):
+        return self._epath(path).is_file()
+
+    def makedirs(self, path):
+        pass  # a name prefix exists once an object is written under it
+
+    def listdir(self, path):
+        names = [p.name for p in self._epath(path).iterdir()]
+        if not names:
+            raise FileNotFoundError(f"{path}: no such folder")
+        return sorted(names)
+
+    def open_read(self, path):
+        return self._epath(path).open("rb")
+
+    def read_bytes(self, path):
+        return self._epath(path).read_bytes()
+
+    @contextlib.contextmanager
+    def open_write(self, path):
+        """An upload committed only when the block ends without an error; on any error it is
+        cancelled, so the object is whole or absent (an existing one unchanged)."""
+        fs, key = self.fs(path)
+        fout = fs.open(key, "wb")
+        try:
+            yield fout
+        except BaseException:
+            # Closing (as `with` would) commits what was written so far as if it were the whole
+            # file; discarding cancels the upload. closed, even if discarding fails, keeps the
+            # file's finaliser from committing it after all.
+            try:
+                fout.discard()
+            finally:
+                fout.closed = True
+            raise
+        fout.close()
+
+    def write_bytes(self, path, data):
+        self._epath(path).write_bytes(data)
+
+    def remove(self, path):
+        p = self._epath(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        p.unlink()
+
+    def rmtree(self, path):
+        self._epath(path).rmtree()
+
+    @staticmethod
+    def _blob(path):
+        from google.cloud import storage as gcs
+
+        bucket, _, name = path.removeprefix("gs://").partition("/")
+        return gcs.Client().bucket(bucket), name
+
+    def read_versioned(self, path):
+        from google.api_core import exceptions
+
+        bucket, name = self._blob(path)
+        while True:
+            blob = bucket.get_blob(name)
+            if blob is None:
+                return None, None
+            try:
+                return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+            except (exceptions.NotFound, exceptions.PreconditionFailed):
+                continue  # changed between the two calls: read the new one
+
+    def write_if(self, path, data, if_version):
+        from google.api_core import exceptions
+
+        bucket, name = self._blob(path)
+        blob = bucket.blob(name)
+        try:
+            blob.upload_from_string(data, if_generation_match=if_version or 0)
+        except exceptions.PreconditionFailed:
+            return None
+        return blob.generation
+
+    def delete_if(self, path, if_version):
+        from google.api_core import exceptions
+
+        bucket, name = self._blob(path)
+        try:
+            bucket.blob(name).delete(if_generation_match=if_version)
+        except (exceptions.NotFound, exceptions.PreconditionFailed):
+            return False
+        return True
+
+
+_LOCAL, _CLOUD = _Local(), _Cloud()
+
+
+def _backend(path):
+    return _CLOUD if is_remote(path) else _LOCAL
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths, reads and writes: the interface every module uses, whichever the backend
 
 def join(path, *parts) -> str:
     """os.path.join for local paths; '/'-joined for URIs (gs://b/run + ckpt -> gs://b/run/ckpt)."""
     path = os.fspath(path)
-    if is_remote(path):
-        return posixpath.join(path, *map(os.fspath, parts))
-    return os.path.join(path, *parts)
+    return _backend(path).join(path, *map(os.fspath, parts))
 
 
 def abspath(path) -> str:
     """os.path.abspath for local paths; a URI is already absolute and comes back without a
     trailing slash (gs://b/run/ -> gs://b/run), as os.path.abspath drops a local one."""
     path = os.fspath(path)
-    if not is_remote(path):
-        return os.path.abspath(path)
-    stripped = path.rstrip("/")
-    return path if stripped.endswith(":") else stripped  # gs:// alone stays as it is
+    return _backend(path).abspath(path)
 
 
 def basename(path) -> str:
     path = os.fspath(path)
-    return posixpath.basename(path) if is_remote(path) else os.path.basename(path)
+    return _backend(path).basename(path)
 
 
 def dirname(path) -> str:
     path = os.fspath(path)
-    return posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
+    return _backend(path).dirname(path)
 
 
 @_retried("exists")
 def exists(path) -> bool:
-    return _epath(path).exists() if is_remote(path) else os.path.exists(path)
+    return _backend(path).exists(os.fspath(path))
 
 
 @_retried("isdir")
 def isdir(path) -> bool:
     """True for a local folder; for a URI, True once at least one object lies under it."""
-    return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+    return _backend(path).isdir(os.fspath(path))
 
 
 @_retried("isfile")
 def isfile(path) -> bool:
     """os.path.isfile for local paths; for a URI, True where an object has exactly that name."""
-    return _epath(path).is_file() if is_remote(path) else os.path.isfile(path)
+    return _backend(path).isfile(os.fspath(path))
 
 
 def makedirs(path) -> None:
     """os.makedirs(path, exist_ok=True). Nothing to do on object storage: a folder there is a
     name prefix, which exists once an object is written under it."""
-    if not is_remote(path):
-        os.makedirs(path, exist_ok=True)
+    _backend(path).makedirs(os.fspath(path))
 
 
 @_retried("listdir")
 def listdir(path) -> list[str]:
     """Sorted names of the entries directly inside path; FileNotFoundError if there are none
     (a URI) or it does not exist (a local path)."""
-    if is_remote(path):
-        names = [p.name for p in _epath(path).iterdir()]
-        if not names:
-            raise FileNotFoundError(f"{path}: no such folder")
-        return sorted(names)
-    return sorted(os.listdir(path))
+    return _backend(path).listdir(os.fspath(path))
 
 
 @_retried("read")
 def read_bytes(path) -> bytes:
-    if is_remote(path):
-        return _epath(path).read_bytes()
-    with open(path, "rb") as f:
-        return f.read()
+    return _backend(path).read_bytes(os.fspath(path))
 
 
 def read_text(path) -> str:
@@ -221,16 +425,10 @@ def write_bytes(path, data: bytes) -> None:
     Local: a temporary file beside it, then os.replace; object storage: one upload."""
     path = os.fspath(path)
     if is_remote(path):
-        _epath(path).write_bytes(data)
+        _CLOUD.write_bytes(path, data)
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _LOCAL.open_write(path) as f:
+        f.write(data)
 
 
 def write_text(path, text: str) -> None:
@@ -238,32 +436,47 @@ def write_text(path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def open_write(path):
+    """A context manager giving a binary file object whose content appears at path only once the
+    block ends without an error; on any error (a full disk, a kill signal turned into an
+    exception) nothing is left and an existing file is unchanged. Not retried: a failed write is
+    the caller's to repeat."""
+    path = os.fspath(path)
+    return _backend(path).open_write(path)
+
+
 @_retried("remove")
 def remove(path) -> None:
     """Removes one file; FileNotFoundError if it does not exist."""
-    if is_remote(path):
-        p = _epath(path)
-        if not p.exists():
-            raise FileNotFoundError(f"{path}: no such file")
-        p.unlink()
-    else:
-        os.remove(path)
+    _backend(path).remove(os.fspath(path))
 
 
 @_retried("rmtree")
 def rmtree(path) -> None:
     """Removes path and everything under it."""
-    if is_remote(path):
-        _epath(path).rmtree()
-    else:
-        shutil.rmtree(path)
+    _backend(path).rmtree(os.fspath(path))
 
 
-def _gcs(path):
-    """(gcsfs file system, path without the scheme) of a gs:// URI."""
-    import fsspec
+# Conditional writes: what a lease needs on either backend. A version is opaque (a hash of the
+# content locally, the object's generation in Cloud Storage); None stands for "no file".
 
-    return fsspec.core.url_to_fs(os.fspath(path))
+def read_versioned(path) -> tuple[bytes | None, object]:
+    """(content, version) of path, or (None, None) where there is none."""
+    path = os.fspath(path)
+    return _backend(path).read_versioned(path)
+
+
+def write_if(path, data: bytes, if_version) -> object:
+    """Writes data to path (atomically) if its version is still if_version (None: only if there
+    is no file); returns the new version, or None if path changed since that version was read."""
+    path = os.fspath(path)
+    return _backend(path).write_if(path, data, if_version)
+
+
+def delete_if(path, if_version) -> bool:
+    """Removes path if its version is still if_version; False if it changed or is gone."""
+    path = os.fspath(path)
+    return _backend(path).delete_if(path, if_version)
 
 
 def _same_store(src, dst) -> bool:
@@ -277,8 +490,8 @@ def copy_tree(src, dst) -> None:
     process); a copy cut short leaves src whole and can be run again."""
     src, dst = os.fspath(src), os.fspath(dst)
     if _same_store(src, dst):
-        fs, src_key = _gcs(src)
-        _, dst_key = _gcs(dst)
+        fs, src_key = _CLOUD.fs(src)
+        _, dst_key = _CLOUD.fs(dst)
         fs.copy(src_key.rstrip("/") + "/", dst_key.rstrip("/") + "/", recursive=True)
         return
     for name in listdir(src):
@@ -304,16 +517,6 @@ def move(src, dst) -> None:
         remove(src)
 
 
-@contextlib.contextmanager
-def _open_read(path):
-    if is_remote(path):
-        with _epath(path).open("rb") as f:
-            yield f
-    else:
-        with open(path, "rb") as f:
-            yield f
-
-
 @_retried("copy")
 def copy_file(src, dst, chunk_bytes: int = 64 << 20) -> None:
     """Copies one file between any two backends, streaming in chunks (shards can be GBs), and
@@ -321,34 +524,32 @@ def copy_file(src, dst, chunk_bytes: int = 64 << 20) -> None:
     leaves no dst (nor changes an existing one). Within Cloud Storage the copy is server-side."""
     src, dst = os.fspath(src), os.fspath(dst)
     if _same_store(src, dst):
-        fs, src_key = _gcs(src)
-        fs.copy(src_key, _gcs(dst)[1])
+        fs, src_key = _CLOUD.fs(src)
+        fs.copy(src_key, _CLOUD.fs(dst)[1])
         return
-    if is_remote(dst):
-        fs, key = _gcs(dst)
-        fout = fs.open(key, "wb")
-        try:
-            with _open_read(src) as fin:
-                shutil.copyfileobj(fin, fout, chunk_bytes)
-        except BaseException:
-            # Closing (as `with` would) commits what was written so far as if it were the whole
-            # file; discarding cancels the upload. closed, even if discarding fails, keeps the
-            # file's finaliser from committing it after all.
-            try:
-                fout.discard()
-            finally:
-                fout.closed = True
-            raise
-        fout.close()
-        return
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        with _open_read(src) as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, chunk_bytes)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _backend(src).open_read(src) as fin, _backend(dst).open_write(dst) as fout:
+        shutil.copyfileobj(fin, fout, chunk_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI volumes, from and to either backend
+
+def read_nifti(path):
+    """The NIfTI image at path (.nii or .nii.gz, told by the gzip magic number), read whole into
+    memory and parsed from there, with its file's sha256: (image, sha256 hex digest)."""
+    import nibabel as nib
+
+    raw = read_bytes(path)
+    digest = hashlib.sha256(raw).hexdigest()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return nib.Nifti1Image.from_bytes(raw), digest
+
+
+def write_nifti_gz(img, path) -> None:
+    """Writes the NIfTI image as .nii.gz, atomically (write_bytes). The gzip header's time stamp
+    is fixed so that equal images give equal files."""
+    write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -333,7 +333,7 @@ def test_setting_aside_in_a_bucket_is_safe_to_repeat(gcs_dir, tmp_path, monkeypa
     cfg, state = _two_checkpoints(gcs_dir)
     damaged = storage.join(gcs_dir, "checkpoints", "2")
     storage.remove(storage.join(damaged, "state", "_METADATA"))
-    fs, key = storage._gcs(damaged)
+    fs, key = storage._CLOUD.fs(damaged)
     files = sorted(p.removeprefix(key) for p in fs.find(key))
 
     rmtree = storage.rmtree
@@ -343,7 +343,7 @@ def test_setting_aside_in_a_bucket_is_safe_to_repeat(gcs_dir, tmp_path, monkeypa
         raise KeyboardInterrupt
 
     def _gcs_key(path):
-        return storage._gcs(path)[1]
+        return storage._CLOUD.fs(path)[1]
 
     monkeypatch.setattr(storage, "rmtree", killed_half_way)
     ckpt = Checkpointer(gcs_dir, cfg)
@@ -357,7 +357,7 @@ def test_setting_aside_in_a_bucket_is_safe_to_repeat(gcs_dir, tmp_path, monkeypa
     assert step == 1
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0))
     moved = storage.join(gcs_dir, CORRUPT_DIR, "2")
-    fs, moved_key = storage._gcs(moved)
+    fs, moved_key = storage._CLOUD.fs(moved)
     assert sorted(p.removeprefix(moved_key) for p in fs.find(moved_key)) == files
     assert storage.listdir(storage.join(gcs_dir, "checkpoints")) == ["1"]
 

@@ -377,3 +377,35 @@ def test_nnunet_predictions_of_a_nii_dataset_are_scored(tmp_path):
     assert evaluate.main(["--pred", str(pred), "--ref", str(ref / "labelsTr"), "--out", str(tmp_path / "s")]) == 0
     row = _rows(tmp_path / "s" / "per_case.csv")["a"]
     assert [row["status"]] + [float(row[f"dice_{r}"]) for r in ("wt", "tc", "et")] == ["ok", 1.0, 1.0, 0.0]
+
+
+def test_an_nnunet_dataset_in_a_bucket_converts_and_evaluates(exported, data_dir, gcs_dir, tmp_path):
+    """The exported dataset copied to the storage emulator: the convert command reads it from
+    the bucket into the records the local dataset gives (dataset.json, channel files and labels
+    all through storage), and evaluate scores against its labelsTs/ there as against the local
+    one. The predictions are the reference labels themselves, so every Dice is 1."""
+    from segguided_jax import storage
+
+    bucket = storage.join(gcs_dir, os.path.basename(exported))
+    storage.copy_tree(exported, bucket)
+    out = tmp_path / "prepared"
+    run = subprocess.run([sys.executable, "-m", "data_prep.convert", "--src", bucket, "--out", str(out)] + CONVERT_ARGS,
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, theirs = load_manifest(data_dir), load_manifest(str(out))
+    assert theirs["edition"] == "nnunet" and theirs["shards"] == ours["shards"]
+    for name in ours["shards"]:
+        assert (out / name).read_bytes() == open(os.path.join(data_dir, name), "rb").read(), name
+
+    scores = {}
+    for where, ref in (("local", os.path.join(exported, "labelsTs")), ("bucket", storage.join(bucket, "labelsTs"))):
+        run = subprocess.run([sys.executable, "-m", "segguided_jax.evaluate", "--pred", os.path.join(exported, "labelsTs"),
+                              "--ref", ref, "--out", str(tmp_path / where)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        scores[where] = _rows(tmp_path / where / "per_case.csv")
+    assert sorted(scores["bucket"]) == sorted(scores["local"]) and len(scores["bucket"]) == 2
+    for case, row in scores["bucket"].items():
+        assert row["status"] == "ok" and float(row["dice_wt"]) == 1.0, row
+        metrics = [k for k in row if k not in ("pred_file", "ref_file")]
+        assert {k: row[k] for k in metrics} == {k: scores["local"][case][k] for k in metrics}

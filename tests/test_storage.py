@@ -148,7 +148,7 @@ def test_a_copy_to_a_bucket_that_fails_half_way_leaves_no_object(tmp_path, gcs_d
     def breaking_read(path):
         yield _BreaksHalfWay(data)
 
-    monkeypatch.setattr(storage, "_open_read", breaking_read)
+    monkeypatch.setattr(storage._LOCAL, "open_read", breaking_read)  # the local source breaks
     with pytest.raises(OSError, match="half-way"):
         storage.copy_file(src, dst, chunk_bytes=1 << 20)
     gc.collect()  # a file object's finaliser that committed the upload would run now

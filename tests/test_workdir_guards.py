@@ -155,20 +155,20 @@ def test_lease_stops_a_second_run_and_is_taken_over_from_a_dead_or_silent_holder
     assert not storage.exists(storage.join(lease_dir, lease.LEASE))
 
     # Leases their holders left behind: a dead process of this host, another host's stale one.
-    backend = lease.Lease(lease_dir, _lease_cfg()).backend
+    path = lease.Lease(lease_dir, _lease_cfg()).path
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     now = time.time()
     for record, why in [({"host": socket.gethostname(), "pid": int(dead.stdout)}, "no longer runs on this host"),
                         ({"host": "elsewhere", "pid": 1, "renewed": now - 61}, "not renewed for more than 60 s")]:
         record = {"started": now - 100, "renewed": now, "token": "old", **record}
-        version = backend.write(record, backend.read()[1])
+        version = lease.write_record(path, record, lease.read_record(path)[1])
         assert version is not None
         warnings = []
         taker = lease.Lease(lease_dir, _lease_cfg(), warn=warnings.append)
         taker.acquire()
         assert len(warnings) == 1 and why in warnings[0] and f"pid {record['pid']}" in warnings[0]
         taker.release()
-    backend.write({"host": "elsewhere", "pid": 1, "started": now, "renewed": now, "token": "live"}, None)
+    lease.write_record(path, {"host": "elsewhere", "pid": 1, "started": now, "renewed": now, "token": "live"}, None)
     with pytest.raises(lease.WorkdirLeased, match="host elsewhere, pid 1"):
         lease.Lease(lease_dir, _lease_cfg()).acquire()
 
@@ -207,18 +207,18 @@ def run_twice(cmd, workdir, logs, env, second_env=None):
     folder for the first run's output."""
     from segguided_jax import lease, storage
 
-    backend = lease.Lease(workdir, _lease_cfg()).backend
+    path = lease.Lease(workdir, _lease_cfg()).path
     out_path, err_path = os.path.join(logs, "first.out"), os.path.join(logs, "first.err")
     with open(out_path, "w") as out, open(err_path, "w") as err:
         first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
     try:
-        _wait_for(lambda: backend.read()[0] is not None, "its lease was taken", first)
-        held = backend.read()[0]
+        _wait_for(lambda: lease.read_record(path)[0] is not None, "its lease was taken", first)
+        held = lease.read_record(path)[0]
         t0 = time.time()
         second = subprocess.run(cmd, cwd=ROOT, env=second_env or env, capture_output=True, text=True, timeout=300)
         took = time.time() - t0
         assert first.poll() is None, f"the first run ended (exit {first.returncode}) during the second"
-        now = backend.read()[0]
+        now = lease.read_record(path)[0]
         assert (now["pid"], now["token"]) == (first.pid, held["token"]), now
         # A progress line comes after a step: the SIGTERM handler is set by then.
         _wait_for(lambda: f"step 1/{LONG_STEPS} " in open(out_path).read(), "training step", first)

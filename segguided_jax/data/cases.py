@@ -14,11 +14,7 @@ Outputs of prediction, per case, in one flat folder (the names evaluate reads ba
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gzip
-import hashlib
-import os
 import re
 
 import nibabel as nib
@@ -83,12 +79,12 @@ class BadInput:
 def _nifti(path_without_ext: str) -> str:
     """The .nii.gz path, or the .nii one if only that exists."""
     gz = path_without_ext + NII
-    return gz if os.path.exists(gz) or not os.path.exists(path_without_ext + ".nii") else path_without_ext + ".nii"
+    return gz if storage.exists(gz) or not storage.exists(path_without_ext + ".nii") else path_without_ext + ".nii"
 
 
 def brats_case(case_dir: str, edition: str | None = None) -> CaseFiles:
     """The files of one BraTS case folder; the edition comes from the folder's name unless given."""
-    case_id = os.path.basename(os.path.normpath(case_dir))
+    case_id = storage.basename(storage.abspath(case_dir))
     if edition is None:
         detected = detect_edition(case_id)
         if detected is None:
@@ -96,55 +92,55 @@ def brats_case(case_dir: str, edition: str | None = None) -> CaseFiles:
                             "(BraTS-GLI-XXXXX-YYY) case; rename it or pass --edition")
         edition = detected.name
     spec = EDITIONS[edition]
-    stem = os.path.join(case_dir, f"{case_id}{spec.separator}")
+    stem = storage.join(case_dir, f"{case_id}{spec.separator}")
     images = tuple(_nifti(stem + spec.suffixes[m]) for m in MODALITIES)
     seg = _nifti(stem + spec.seg_suffix)
-    expected = {os.path.basename(p) for p in images + (seg,)}
-    extra = sorted(n for n in os.listdir(case_dir) if n.endswith((".nii", NII)) and n not in expected)
+    expected = {storage.basename(p) for p in images + (seg,)}
+    extra = sorted(n for n in storage.listdir(case_dir) if n.endswith((".nii", NII)) and n not in expected)
     if extra:
-        raise CaseError(f"case {case_id}: unexpected file {os.path.join(case_dir, extra[0])} (BraTS{edition} "
+        raise CaseError(f"case {case_id}: unexpected file {storage.join(case_dir, extra[0])} (BraTS{edition} "
                         f"cases hold exactly {', '.join(sorted(expected))})")
-    return CaseFiles(case_id, edition, images, seg if os.path.exists(seg) else None)
+    return CaseFiles(case_id, edition, images, seg if storage.exists(seg) else None)
 
 
 def _msd_cases(src: str) -> list[CaseFiles]:
     cases = []
     for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("imagesTs", None)):
-        folder = os.path.join(src, images_dir)
-        if not os.path.isdir(folder):
+        folder = storage.join(src, images_dir)
+        if not storage.isdir(folder):
             continue
-        for name in sorted(os.listdir(folder)):
+        for name in sorted(storage.listdir(folder)):
             if name.startswith((".", "_")) or not name.endswith((".nii", NII)):
                 continue  # macOS resource forks (._BRATS_001.nii.gz) ship inside the MSD archive
             case_id = name.split(".nii")[0]
-            seg = os.path.join(src, labels_dir, name) if labels_dir else None
-            if seg is not None and not os.path.exists(seg):
+            seg = storage.join(src, labels_dir, name) if labels_dir else None
+            if seg is not None and not storage.exists(seg):
                 raise CaseError(f"case {case_id}: missing file {seg}")
-            cases.append(CaseFiles(case_id, "msd", (os.path.join(folder, name),), seg))
+            cases.append(CaseFiles(case_id, "msd", (storage.join(folder, name),), seg))
     return cases
 
 
 def _visible_files(folder: str) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if not n.startswith((".", "_"))) if os.path.isdir(folder) else []
+    return sorted(n for n in storage.listdir(folder) if not n.startswith((".", "_"))) if storage.isdir(folder) else []
 
 
 def _nnunet_folder_cases(ds: nnunet.Dataset, folder: str, only: str | None) -> list:
     """CaseFiles (or BadInput) of one images folder of a dataset (of the case `only` if given);
     labels from the matching labels folder (imagesTr: labelsTr, imagesTs: labelsTs)."""
     labels_dir = "labels" + folder[len("images"):]
-    image_dir, found, by_case = os.path.join(ds.root, folder), [], {}
+    image_dir, found, by_case = storage.join(ds.root, folder), [], {}
     for name in _visible_files(image_dir):
         parsed = nnunet.split_channel_file(name, ds.file_ending)
         if parsed is not None and parsed[1] < ds.num_channels:
             by_case.setdefault(parsed[0], set()).add(parsed[1])
         elif only is None or name.startswith(only):
-            found.append(BadInput(os.path.join(image_dir, name), (
-                f"unexpected file {os.path.join(image_dir, name)} (expected CASE_0000{ds.file_ending} to "
+            found.append(BadInput(storage.join(image_dir, name), (
+                f"unexpected file {storage.join(image_dir, name)} (expected CASE_0000{ds.file_ending} to "
                 f"CASE_{ds.num_channels - 1:04d}{ds.file_ending}: the file_ending and {ds.num_channels} channels "
                 f"of {ds.json_path})")))
     if only is None:
-        for name in _visible_files(os.path.join(ds.root, labels_dir)):
-            path = os.path.join(ds.root, labels_dir, name)
+        for name in _visible_files(storage.join(ds.root, labels_dir)):
+            path = storage.join(ds.root, labels_dir, name)
             case_id = name[: -len(ds.file_ending)] if name.endswith(ds.file_ending) else None
             if case_id is None:
                 found.append(BadInput(name, f"unexpected file {path} (the file_ending of {ds.json_path} is "
@@ -160,7 +156,7 @@ def _nnunet_folder_cases(ds: nnunet.Dataset, folder: str, only: str | None) -> l
                                            f"{ds.json_path})"))
             continue
         seg = ds.label_file(labels_dir, case_id)
-        found.append(CaseFiles(case_id, "nnunet", ds.images(folder, case_id), seg if os.path.exists(seg) else None,
+        found.append(CaseFiles(case_id, "nnunet", ds.images(folder, case_id), seg if storage.exists(seg) else None,
                                ds.edition))
     return found
 
@@ -176,16 +172,16 @@ def _nnunet_cases(path: str, channels=None) -> list:
     except nnunet.DatasetError as e:
         return [BadInput(path, str(e))]
     only = None
-    if os.path.isfile(path):
-        parsed = nnunet.split_channel_file(os.path.basename(path), ds.file_ending)
+    if storage.isfile(path):
+        parsed = nnunet.split_channel_file(storage.basename(path), ds.file_ending)
         if parsed is None:
             return [BadInput(path, f"{path}: not an nnU-Net channel file CASE_XXXX{ds.file_ending} "
                                    f"(the file_ending of {ds.json_path})")]
-        only, folders = parsed[0], [os.path.basename(os.path.dirname(os.path.abspath(path)))]
-    elif os.path.abspath(path) == root:
+        only, folders = parsed[0], [storage.basename(storage.dirname(storage.abspath(path)))]
+    elif storage.abspath(path) == root:
         folders = ["imagesTr", "imagesTs"]
     else:
-        folders = [os.path.basename(os.path.normpath(path))]
+        folders = [storage.basename(storage.abspath(path))]
     if not set(folders) <= {"imagesTr", "imagesTs"}:
         return [BadInput(path, f"{path}: give the nnU-Net dataset {root}, its imagesTr/ or imagesTs/, "
                                "or channel files of one case")]
@@ -193,25 +189,25 @@ def _nnunet_cases(path: str, channels=None) -> list:
 
 
 def _is_msd(path: str) -> bool:
-    return any(os.path.isdir(os.path.join(path, d)) for d in ("imagesTr", "imagesTs"))
+    return any(storage.isdir(storage.join(path, d)) for d in ("imagesTr", "imagesTs"))
 
 
 def _cases_in(path: str, edition: str | None, channels=None) -> list:
     """CaseFiles (or BadInput for a bad case folder) under one path."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return [BadInput(path, f"{path}: no such file or folder")]
     if edition in (None, "nnunet") and nnunet.dataset_root_of(path) is not None:
         return _nnunet_cases(path, channels)
     if edition == "nnunet":
         return [BadInput(path, f"{path}: no nnU-Net {nnunet.DATASET_JSON} with channel_names in it or above it")]
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         return [BadInput(path, f"{path}: not a folder (give case folders or folders of case folders)")]
     try:
         if edition == "msd" or (edition is None and _is_msd(path)):
             return _msd_cases(path)
-        if any(n.endswith((".nii", NII)) for n in os.listdir(path)):
+        if any(n.endswith((".nii", NII)) for n in storage.listdir(path)):
             return [brats_case(path, edition)]
-        subs = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isdir(os.path.join(path, n)))
+        subs = sorted(n for n in storage.listdir(path) if not n.startswith(".") and storage.isdir(storage.join(path, n)))
         if not subs:
             return [BadInput(path, f"{path}: no case folders and no NIfTI files in it")]
     except CaseError as e:
@@ -219,9 +215,9 @@ def _cases_in(path: str, edition: str | None, channels=None) -> list:
     found = []
     for name in subs:
         try:
-            found.append(brats_case(os.path.join(path, name), edition))
+            found.append(brats_case(storage.join(path, name), edition))
         except CaseError as e:
-            found.append(BadInput(os.path.join(path, name), str(e)))
+            found.append(BadInput(storage.join(path, name), str(e)))
     return found
 
 
@@ -268,7 +264,7 @@ def find_cases(srcs, edition: str | None = None, channels=None) -> tuple[str, li
 def case_id_from_file(path: str) -> str:
     """The case id in a T1 file name: BraTS2021_00000_t1.nii.gz -> BraTS2021_00000,
     BraTS-GLI-00000-000-t1n.nii.gz -> BraTS-GLI-00000-000; other names lose only the extension."""
-    name = os.path.basename(path)
+    name = storage.basename(path)
     for ext in (NII, ".nii"):
         if name.endswith(ext):
             name = name[: -len(ext)]
@@ -290,16 +286,15 @@ def explicit_case(files: dict, case_id: str | None = None, edition: str | None =
 # Reading and validating
 
 def read_nifti(case_id: str, path: str):
-    """(image, data array, sha256 of the file's bytes); the file is read once. Any failure is a
-    CaseError naming the case and the file."""
-    if not os.path.exists(path):
+    """(image, data array, sha256 of the file's bytes) from a local path or a gs:// URI; the file
+    is read once. Any failure is a CaseError naming the case and the file."""
+    if not storage.exists(path):
         raise CaseError(f"case {case_id}: missing file {path}")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        digest = hashlib.sha256(raw).hexdigest()
-        img = nib.Nifti1Image.from_bytes(gzip.decompress(raw) if path.endswith(".gz") else raw)
+        img, digest = storage.read_nifti(path)
         data = np.asanyarray(img.dataobj)
+    except storage.StorageUnavailable:
+        raise
     except Exception as e:  # gzip, zlib and nibabel raise many types for damaged files
         raise CaseError(f"case {case_id}: cannot read {path}: {type(e).__name__}: {e}") from e
     return img, data, digest
@@ -329,7 +324,7 @@ def load_case(cf: CaseFiles) -> LoadedCase:
     """Reads and validates every file of a case (its seg too, if it has one)."""
     cid, hashes = cf.case_id, {}
     if cf.edition == "msd":
-        img, data, hashes[os.path.basename(cf.images[0])] = read_nifti(cid, cf.images[0])
+        img, data, hashes[storage.basename(cf.images[0])] = read_nifti(cid, cf.images[0])
         if data.ndim != 4 or data.shape[3] != 4:
             raise CaseError(f"case {cid}: {cf.images[0]} has shape {data.shape}, expected (X, Y, Z, 4)")
         images = np.stack([np.asarray(data[..., MSD_CHANNELS[m]], np.float32) for m in MODALITIES], axis=-1)
@@ -339,7 +334,7 @@ def load_case(cf: CaseFiles) -> LoadedCase:
     else:
         images, ref = None, None
         for k, path in enumerate(cf.images):
-            img, data, hashes[os.path.basename(path)] = read_nifti(cid, path)
+            img, data, hashes[storage.basename(path)] = read_nifti(cid, path)
             if data.ndim != 3:
                 raise CaseError(f"case {cid}: {path} has shape {data.shape}, expected a 3D volume")
             if ref is None:
@@ -353,7 +348,7 @@ def load_case(cf: CaseFiles) -> LoadedCase:
             _check_image(cid, path, images[..., k])
     labels = None
     if cf.seg is not None:
-        seg_img, seg, hashes[os.path.basename(cf.seg)] = read_nifti(cid, cf.seg)
+        seg_img, seg, hashes[storage.basename(cf.seg)] = read_nifti(cid, cf.seg)
         if seg.shape != ref[1]:
             raise CaseError(f"case {cid}: {cf.seg} has shape {seg.shape}, but {ref[0]} has {ref[1]}")
         if not np.allclose(seg_img.affine, ref[2], atol=AFFINE_TOLERANCE):
@@ -375,29 +370,6 @@ def load_case(cf: CaseFiles) -> LoadedCase:
 # ---------------------------------------------------------------------------------------------
 # Writing
 
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "wb"):
-    """Opens a temporary file beside `path` and renames it to `path` when the block ends without
-    an error; on any error (a full disk, a kill signal turned into an exception) the temporary
-    file is removed, so `path` is either whole or absent."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_nifti_gz(img: nib.Nifti1Image, path: str) -> None:
-    """Writes img as .nii.gz to a local path or gs:// URI. The gzip header's time stamp is fixed
-    so that equal images give equal files, and the file appears under its name only once complete
-    (storage.write_bytes)."""
-    storage.write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
-
-
 def write_like(data: np.ndarray, reference: nib.Nifti1Image, path: str) -> None:
     """Writes data (X, Y, Z[, C]) with the reference image's affine and header (its data type set
     to data's; a 4D reference gives its spatial part)."""
@@ -405,13 +377,13 @@ def write_like(data: np.ndarray, reference: nib.Nifti1Image, path: str) -> None:
     header.set_data_shape(data.shape)
     header.set_data_dtype(data.dtype)
     header["cal_min"], header["cal_max"] = 0, 0  # the T1's display range means nothing here
-    write_nifti_gz(nib.Nifti1Image(data, reference.affine, header), path)
+    storage.write_nifti_gz(nib.Nifti1Image(data, reference.affine, header), path)
 
 
 def prediction_files(out_dir: str, case_id: str) -> dict:
     """The paths of a case's prediction outputs: {"labels", "probabilities", "panel",
     "attention": {sub-region: path}} (see the module docstring)."""
-    stem = os.path.join(out_dir, case_id)
+    stem = storage.join(out_dir, case_id)
     return {"labels": stem + NII, "probabilities": stem + PROBABILITIES_SUFFIX + NII, "panel": stem + "_panel.png",
             "attention": {s: f"{stem}{ATTENTION_INFIX}{s}{NII}" for s in SUBREGIONS}}
 

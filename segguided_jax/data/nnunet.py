@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 
+from segguided_jax import storage
 from segguided_jax.data.brats import MODALITIES, Edition
 
 DATASET_JSON = "dataset.json"
@@ -80,13 +80,13 @@ class Dataset:
 
     @property
     def json_path(self) -> str:
-        return os.path.join(self.root, DATASET_JSON)
+        return storage.join(self.root, DATASET_JSON)
 
     def channel_file(self, folder: str, case_id: str, channel: int) -> str:
-        return os.path.join(self.root, folder, f"{case_id}_{channel:0{CHANNEL_DIGITS}d}{self.file_ending}")
+        return storage.join(self.root, folder, f"{case_id}_{channel:0{CHANNEL_DIGITS}d}{self.file_ending}")
 
     def label_file(self, folder: str, case_id: str) -> str:
-        return os.path.join(self.root, folder, case_id + self.file_ending)
+        return storage.join(self.root, folder, case_id + self.file_ending)
 
     def images(self, folder: str, case_id: str) -> tuple:
         """The case's channel files in MODALITIES order."""
@@ -96,12 +96,11 @@ class Dataset:
 def is_dataset(path: str) -> bool:
     """A folder with an nnU-Net v2 dataset.json (MSD's original dataset.json has "modality", not
     "channel_names", and is read as the MSD layout)."""
-    path = os.path.join(path, DATASET_JSON)
-    if not os.path.isfile(path):
+    path = storage.join(path, DATASET_JSON)
+    if not storage.isfile(path):
         return False
     try:
-        with open(path) as f:
-            return "channel_names" in json.load(f)
+        return "channel_names" in json.loads(storage.read_text(path))
     except (OSError, ValueError):
         return True  # an nnU-Net folder with a damaged dataset.json: read_dataset names the problem
 
@@ -109,9 +108,9 @@ def is_dataset(path: str) -> bool:
 def dataset_root_of(path: str) -> str | None:
     """The dataset folder `path` is or lies in (a dataset, its imagesTr/imagesTs/labelsTr/labelsTs,
     or a file in one of those), or None."""
-    path = os.path.abspath(path)
-    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        if os.path.isdir(candidate) and is_dataset(candidate):
+    path = storage.abspath(path)
+    for candidate in (path, storage.dirname(path), storage.dirname(storage.dirname(path))):
+        if storage.isdir(candidate) and is_dataset(candidate):
             return candidate
     return None
 
@@ -190,10 +189,9 @@ def read_dataset(root: str, channels=None, labels_only: bool = False) -> Dataset
     in channel order) replaces the reading of channel_names; `labels_only` skips the channels
     (Dataset.channels is then None). Raises DatasetError naming dataset.json and what in it cannot
     be used."""
-    path = os.path.join(root, DATASET_JSON)
+    path = storage.join(root, DATASET_JSON)
     try:
-        with open(path) as f:
-            spec = json.load(f)
+        spec = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read it: {type(e).__name__}: {e}") from e
     missing = [k for k in ("channel_names", "labels", "file_ending") if k not in spec]
@@ -215,7 +213,7 @@ def read_dataset(root: str, channels=None, labels_only: bool = False) -> Dataset
     if sorted(found) != sorted(("NCR", "ED", "ET")):
         raise DatasetError(f"{path}: labels {spec['labels']} do not define all of NCR, ED and ET")
     values = (0, found["NCR"], found["ED"], found["ET"])
-    edition = Edition(f"nnU-Net {os.path.basename(os.path.normpath(root))}", "", {}, "", "", values)
+    edition = Edition(f"nnU-Net {storage.basename(storage.abspath(root))}", "", {}, "", "", values)
     return Dataset(root, file_ending, len(spec["channel_names"]),
                    None if labels_only else _channels(spec["channel_names"], path, channels), edition)
 
@@ -226,22 +224,22 @@ def references(path: str) -> tuple[dict, dict]:
     images are there but whose label file is not)."""
     root = dataset_root_of(path)
     ds = read_dataset(root, labels_only=True)
-    if os.path.abspath(path) == root:
-        folders = [f for f in ("labelsTr", "labelsTs") if os.path.isdir(os.path.join(root, f))]
+    if storage.abspath(path) == root:
+        folders = [f for f in ("labelsTr", "labelsTs") if storage.isdir(storage.join(root, f))]
     else:
-        folders = [os.path.basename(os.path.normpath(path))]
+        folders = [storage.basename(storage.abspath(path))]
         if folders[0] not in ("labelsTr", "labelsTs"):
             raise DatasetError(f"{path}: give the nnU-Net dataset {root}, or its labelsTr/ or labelsTs/ folder")
     refs, unlabelled = {}, {}
     for folder in folders:
-        for name in sorted(os.listdir(os.path.join(root, folder))):
+        for name in sorted(storage.listdir(storage.join(root, folder))):
             if name.endswith(ds.file_ending) and not name.startswith((".", "_")):
-                refs[name[: -len(ds.file_ending)]] = (os.path.join(root, folder, name), ds.edition)
-        images = os.path.join(root, "images" + folder[len("labels"):])
-        for name in sorted(os.listdir(images)) if os.path.isdir(images) else []:
+                refs[name[: -len(ds.file_ending)]] = (storage.join(root, folder, name), ds.edition)
+        images = storage.join(root, "images" + folder[len("labels"):])
+        for name in sorted(storage.listdir(images)) if storage.isdir(images) else []:
             parsed = split_channel_file(name, ds.file_ending)
             if parsed and parsed[0] not in refs and not name.startswith((".", "_")):
-                unlabelled.setdefault(parsed[0], f"case {parsed[0]}: {os.path.join(images, name)} has no label file "
+                unlabelled.setdefault(parsed[0], f"case {parsed[0]}: {storage.join(images, name)} has no label file "
                                                  f"{ds.label_file(folder, parsed[0])}")
     return refs, unlabelled
 
