@@ -18,12 +18,6 @@ from segguided_jax.losses import total_loss
 from segguided_jax.models.network import build_model
 from segguided_jax.optim import make_optimizer
 
-# Non-partitionable threefry, set here where the parameters are drawn so that every entry point
-# draws the same numbers: with jax 0.12's partitionable default the CPU compiler took ~140 s
-# (instead of ~8 s) to compile the synthetic config's parameter init.
-jax.config.update("jax_threefry_partitionable", False)
-
-
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
