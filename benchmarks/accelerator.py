@@ -148,7 +148,7 @@ def child_train(args) -> dict:
     config.data.dir = data["prepared"]
     b = config.train.batch_size
     data_iter = iter(train_dataset(config.data.dir, config.data, seed=config.seed,
-                                   batch_size=b // jax.process_count()))
+                                   batch_size=b // jax.process_count(), plan=fns.plan))
 
     def next_batch():
         host = next(data_iter)

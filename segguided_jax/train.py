@@ -269,7 +269,7 @@ def _train_loop(config, workdir: str, held, preemption: Preemption, watchdog: Wa
     fns = sharded_steps(config, mesh)
     ckpt = Checkpointer(workdir, config.checkpoint)
     data_iter = iter(train_dataset(config.data.dir, config.data, seed=config.seed,
-                                   batch_size=config.train.batch_size // jax.process_count()))
+                                   batch_size=config.train.batch_size // jax.process_count(), plan=fns.plan))
     fingerprint = load_manifest(config.data.dir)["fingerprint"]
     state, start = _restore_or_init(config, ckpt, fns, data_iter, fingerprint)
     watchdog.beat("restoring or initialising the state")
