@@ -123,16 +123,17 @@ def child_train(args) -> dict:
     """Phase 2 for one value of data.augment_on_device; returns its figures."""
     import jax
 
-    from segguided_jax import sharding
+    from segguided_jax import config_schema, sharding
     from segguided_jax.data.pipeline import train_dataset
     from segguided_jax.steps import abstract_batch, sharded_steps
 
     config = load_config(args.config, args.set)
     config.data.augment_on_device = args.augment_on_device
+    derived = config_schema.validate(config)
     out = _device_header(jax)
     # As train.py builds its step and pipeline.
     mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
+    sharding.check_batch(config.train.batch_size, config.data.patch, mesh, derived.size_divisor)
     fns = sharded_steps(config, mesh)
     t = time.perf_counter()
     step = fns.step.lower(fns.abstract, abstract_batch(config, mesh)).compile()
@@ -148,7 +149,7 @@ def child_train(args) -> dict:
     config.data.dir = data["prepared"]
     b = config.train.batch_size
     data_iter = iter(train_dataset(config.data.dir, config.data, seed=config.seed,
-                                   batch_size=b // jax.process_count()))
+                                   batch_size=b // jax.process_count(), plan=fns.plan))
 
     def next_batch():
         host = next(data_iter)

@@ -5,13 +5,13 @@
     python -m segguided_jax.train --config=configs/brats21.py --workdir=runs/brats21 \
         [--config.data.dir=/path/to/prepared]
 """
-from configs import synthetic
+from configs import base
 from configs.synthetic import get_sweep  # noqa: F401  (the same ablation and λ sweeps)
 from segguided_jax.data.augment import default_augment_config
 
 
 def get_config():
-    c = synthetic.get_config()
+    c = base.get_config()
     c.data.dir = "data/brats21/prepared"
     c.data.patch = (128, 128, 128)
     c.data.foreground_fraction = 0.33  # nnU-Net's oversample_foreground_percent (batch 2: the last row)

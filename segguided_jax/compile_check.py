@@ -180,7 +180,7 @@ import jax  # noqa: E402  (after the environment helpers above, which must run b
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from segguided_jax import gpu_compile, sharding  # noqa: E402
+from segguided_jax import config_schema, gpu_compile, sharding  # noqa: E402
 from segguided_jax.models.network import abstract_model, parameter_count  # noqa: E402
 from segguided_jax.steps import abstract_batch, sharded_steps  # noqa: E402
 
@@ -222,9 +222,11 @@ def all_reduce_bytes(hlo_text: str) -> int:
 
 def compile_train_step(config, mesh=None):
     """Lowers and compiles the jitted train step on abstract inputs for a mesh (default: every
-    device, as config.mesh says). Returns the compiled step."""
+    device, as config.mesh says). Returns the compiled step; a config that cannot work raises
+    config_schema.ConfigError first."""
+    derived = config_schema.validate(config)
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
+    sharding.check_batch(config.train.batch_size, config.data.patch, mesh, derived.size_divisor)
     fns = sharded_steps(config, mesh)
     return fns.step.lower(fns.abstract, abstract_batch(config, mesh)).compile()
 
@@ -523,6 +525,10 @@ def main(argv):
     del argv
     FLAGS = flags.FLAGS
     config = FLAGS.config
+    try:
+        config_schema.validate(config)
+    except config_schema.ConfigError as e:
+        sys.exit(f"error: {e}")
     if FLAGS.gpu:
         jax.config.update("jax_enable_compilation_cache", False)  # as for TPU below
         m = config.model

@@ -59,7 +59,7 @@ def export_model(workdir: str, out: str, checkpoint: str = "last", platforms=PLA
     import ml_collections
     import numpy as np
 
-    from segguided_jax import model_artefact, postprocess, storage
+    from segguided_jax import config_schema, model_artefact, postprocess, storage
     from segguided_jax.checkpointing import load_checkpoint_params
     from segguided_jax.data.brats import EDITIONS, MODALITIES, REGIONS, SUBREGIONS
     from segguided_jax.models import formulations
@@ -70,6 +70,8 @@ def export_model(workdir: str, out: str, checkpoint: str = "last", platforms=PLA
     path, config_file = _checkpoint(workdir, checkpoint)
     config = ml_collections.ConfigDict(json.loads(storage.read_text(config_file))) if config_file else None
     config, graphdef, params, step = load_checkpoint_params(path, config=config)
+    # The stored config as far as the exported model reads it (one stored by an older version may lack keys).
+    config_schema.validate(config, sections=("model", "eval"), partial=True)
     manifest, target, median = _training_spacing(config)
     if manifest is None:
         raise FileNotFoundError(f"{storage.join(str(config.data.get('dir', '')), 'manifest.json')}: the training "

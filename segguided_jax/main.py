@@ -76,9 +76,14 @@ def main(argv):
         sys.exit("--workdir is required")
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value,
                            _HEARTBEAT.value)
-    from segguided_jax import lease
+    from segguided_jax import config_schema, lease
 
     config = _CONFIG.value
+    # First: a config that cannot work stops here, naming the keys, before the workdir is touched.
+    try:
+        config_schema.validate(config)
+    except config_schema.ConfigError as e:
+        sys.exit(f"error: {e}")
     # Before the slow imports and the data staging: a second run in this workdir stops within seconds.
     try:
         held = lease.take(_WORKDIR.value, config.lease, force=_FORCE_TAKEOVER.value)

@@ -71,7 +71,7 @@ import time
 
 import numpy as np
 
-from segguided_jax import postprocess, storage
+from segguided_jax import config_schema, postprocess, storage
 from segguided_jax.data.brats import EDITIONS, MODALITIES, SUBREGIONS
 from segguided_jax.data.cases import (OUTPUT_FORMATS, BadInput, CaseError, CaseFiles, discover, explicit_case,
                                       load_case, output_convention, prediction_files, write_like)
@@ -227,7 +227,7 @@ def _target_spacing(config, flag, training=None):
 
 
 def _attention_stages(args, config) -> tuple:
-    num_stages = len(config.model.widths) - 1
+    num_stages = config_schema.decoder_stages(config.model.widths)
     if args.no_attention:
         return ()
     if not config.model.gates:
@@ -245,7 +245,7 @@ def _attention_stages(args, config) -> tuple:
 def _predictor_overrides(args, config) -> dict:
     """VolumePredictor keyword arguments from the flags (defaults: the config's eval block)."""
     window = tuple(int(w) for w in (args.window or config.eval.window))
-    divisor = 2 ** (len(config.model.widths) - 1)
+    divisor = config_schema.size_divisor(config.model.widths)
     if len(window) != 3 or any(w <= 0 or w % divisor for w in window):
         raise ValueError(f"--window {window}: needs three sizes divisible by {divisor} (2 ** decoder stages)")
     overlap = config.eval.overlap if args.overlap is None else args.overlap
@@ -372,6 +372,8 @@ def main(argv=None) -> int:
     source = args.workdir or args.checkpoint or args.model
     try:
         config, forward, params, stored = _load_model(args)
+        # The stored config as far as inference reads it (one stored by an older version may lack keys).
+        config_schema.validate(config, sections=("model", "eval"), partial=True)
         overrides = _predictor_overrides(args, config)
         post, post_source = _postprocessing(args, config, source, stored)
         training = stored and (f"{args.model}, from {stored['spacing']['manifest']}", stored["spacing"]["target"],

@@ -51,3 +51,16 @@ def apply(environ=os.environ) -> None:
     # ONEDNN_CUSTOM_CALL): nothing a user can act on, and the program runs all the same.
     warnings.filterwarnings("ignore", message=r"Error writing persistent compilation cache entry .*std::bad_alloc",
                             category=UserWarning)
+
+
+def original_threefry():
+    """The random-bits algorithm every draw of this package is made with, as a context manager:
+    the non-partitionable threefry (jax_threefry_partitionable=False), entered where parameters and
+    on-device noise are drawn (models.network.build_model, data.device_augment), so that every entry
+    point draws the same numbers whatever else the process imported or set. With jax 0.12's
+    partitionable default the CPU compiler took ~140 s (instead of ~8 s) to compile the synthetic
+    config's parameter init. JAX records the setting in each traced operation, so it holds inside
+    jitted functions whatever the caller's own setting."""
+    import jax  # not at the top: this module runs before JAX may start (apply)
+
+    return jax.threefry_partitionable(False)

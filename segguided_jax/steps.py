@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -12,17 +11,11 @@ import optax
 from flax import nnx, struct
 
 from segguided_jax import sharding
-from segguided_jax.data.augment import initial_patch_size
-from segguided_jax.data.device_augment import augment_boxes, draws_size
+from segguided_jax.data.augment_plan import AugmentPlan
+from segguided_jax.data.device_augment import augment_boxes
 from segguided_jax.losses import total_loss
 from segguided_jax.models.network import build_model
 from segguided_jax.optim import make_optimizer
-
-# Non-partitionable threefry, set here where the parameters are drawn so that every entry point
-# draws the same numbers: with jax 0.12's partitionable default the CPU compiler took ~140 s
-# (instead of ~8 s) to compile the synthetic config's parameter init.
-jax.config.update("jax_threefry_partitionable", False)
-
 
 @struct.dataclass
 class TrainState:
@@ -83,52 +76,52 @@ def augmented_train_step(state: TrainState, batch: dict, *, data_cfg, patch_shar
     return train_step(state, {"image": image, "label": label}, **step_kw)
 
 
-def crop_slot(data_cfg) -> int:
-    """Voxels of the largest box a row can ship with data.augment_on_device: the whole enlarged
-    crop (augment.initial_patch_size)."""
-    return math.prod(int(s) for s in initial_patch_size(data_cfg.patch, data_cfg.augment))
-
-
 @dataclasses.dataclass(frozen=True)
 class ShardedSteps:
     """The train state's functions for one config on one mesh, each jitted once:
     init() -> a new state, created on the devices and replicated;
     abstract: the state's shapes, dtypes and shardings (to restore a checkpoint into, or to compile);
     step(state, batch) -> (state, metrics), the state donated, the batch split over the mesh;
-    batch: the sharding of each key of a training batch (for sharding.global_batch)."""
+    batch: the sharding of each key of a training batch (for sharding.global_batch);
+    plan: where the batch is augmented (the pipeline that feeds `step` takes the same plan)."""
     init: Any
     abstract: TrainState
     step: Any
     batch: dict
+    plan: AugmentPlan
 
 
-def batch_shardings(config, mesh) -> dict:
-    """Per key of a training batch: patches split over data and spatial; with
-    data.augment_on_device the boxes (each row in a slot of its own: sharding.RaggedRows), their
-    geometry and draws over data only (each device of a spatial group holds its rows' whole boxes:
-    the rotation reads across the spatial split)."""
-    if config.data.augment_on_device:
+def batch_shardings(config, mesh, plan: AugmentPlan | None = None) -> dict:
+    """Per key of a training batch: patches split over data and spatial; on the device path
+    (plan.on_device; default: the plan of config.data) the boxes (each row in a slot of its own:
+    sharding.RaggedRows), their geometry and draws over data only (each device of a spatial group
+    holds its rows' whole boxes: the rotation reads across the spatial split)."""
+    plan = AugmentPlan.from_data(config.data) if plan is None else plan
+    if plan.on_device:
         rows = sharding.rows_sharding(mesh)
-        slots = sharding.RaggedRows(rows, crop_slot(config.data))
+        slots = sharding.RaggedRows(rows, plan.slot)
         return {"image": slots, "label": slots, "box": rows, "norm": rows, "augment": rows}
     patches = sharding.batch_sharding(mesh)
     return {"image": patches, "label": patches}
 
 
-def sharded_steps(config, mesh) -> ShardedSteps:
-    replicated, batch = sharding.replicated(mesh), batch_shardings(config, mesh)
+def sharded_steps(config, mesh, plan: AugmentPlan | None = None) -> ShardedSteps:
+    """The train state's functions for `config` on `mesh`; plan: where the batch is augmented
+    (default: the plan of config.data)."""
+    plan = AugmentPlan.from_data(config.data) if plan is None else plan
+    replicated, batch = sharding.replicated(mesh), batch_shardings(config, mesh, plan)
     tx = make_optimizer(config.optim, config.train.steps)
     init = functools.partial(init_state, config.seed, config.model, tx)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             jax.eval_shape(init))
     step_fn = functools.partial(train_step, loss_cfg=config.loss, output=config.model.output)
-    if config.data.augment_on_device:
+    if plan.on_device:
         step_fn = functools.partial(augmented_train_step, data_cfg=config.data.copy_and_resolve_references(),
                                     patch_sharding=sharding.batch_sharding(mesh), loss_cfg=config.loss,
                                     output=config.model.output)
     step = jax.jit(step_fn, in_shardings=(replicated, _placed(batch)), out_shardings=(replicated, replicated),
                    donate_argnums=0, compiler_options=compiler_options(config.model))
-    return ShardedSteps(jax.jit(init, out_shardings=replicated), abstract, step, batch)
+    return ShardedSteps(jax.jit(init, out_shardings=replicated), abstract, step, batch, plan)
 
 
 # model.gpu_conv_layout -> XLA options of the train step's compile. Options a backend does not use
@@ -147,25 +140,13 @@ def compiler_options(model_cfg) -> dict | None:
     return _GPU_CONV_LAYOUTS[layout] or None
 
 
-def abstract_batch(config, mesh) -> dict:
-    """ShapeDtypeStructs of one global training batch, sharded over the mesh (with
-    data.augment_on_device the boxes' slots, geometry, statistics and draws)."""
-    shardings = batch_shardings(config, mesh)
-    rows, channels = config.train.batch_size, config.model.in_channels
-    if config.data.augment_on_device:
-        slot = crop_slot(config.data)
-        dtype = jnp.dtype(config.data.device_crop_dtype)
-        batch = {"image": jax.ShapeDtypeStruct((rows, slot, channels), dtype),
-                 "label": jax.ShapeDtypeStruct((rows, slot), jnp.uint8),
-                 "box": jax.ShapeDtypeStruct((rows, 7), jnp.int32),
-                 "norm": jax.ShapeDtypeStruct((rows, channels, 2), jnp.float32),
-                 "augment": jax.ShapeDtypeStruct((rows, draws_size(channels)), jnp.float32)}
-    else:
-        shape = (rows,) + tuple(int(s) for s in config.data.patch)
-        batch = {"image": jax.ShapeDtypeStruct(shape + (channels,), jnp.float32),
-                 "label": jax.ShapeDtypeStruct(shape, jnp.uint8)}
-    placed = _placed(shardings)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k]) for k, v in batch.items()}
+def abstract_batch(config, mesh, plan: AugmentPlan | None = None) -> dict:
+    """ShapeDtypeStructs of one global training batch, sharded over the mesh (on the device path
+    the boxes' slots, geometry, statistics and draws: AugmentPlan.batch_arrays)."""
+    plan = AugmentPlan.from_data(config.data) if plan is None else plan
+    placed = _placed(batch_shardings(config, mesh, plan))
+    arrays = plan.batch_arrays(config.train.batch_size, config.model.in_channels)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k]) for k, (shape, dtype) in arrays.items()}
 
 
 def _placed(shardings: dict) -> dict:

@@ -36,7 +36,7 @@ import time
 import jax
 import numpy as np
 
-from segguided_jax import lease, postprocess, sharding, storage
+from segguided_jax import config_schema, lease, postprocess, sharding, storage
 from segguided_jax.watchdog import Watchdog, preemption_noticed_by_any_process
 from segguided_jax.checkpointing import CheckpointMismatch, Checkpointer, all_process_states
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
@@ -239,6 +239,7 @@ def train_and_evaluate(config, workdir: str, force_takeover: bool = False) -> di
     """Trains (resuming from workdir if it holds a checkpoint) and returns the last validation row.
     workdir: a local path or a gs:// URI (see segguided_jax.storage). The run holds the workdir's
     lease (segguided_jax.lease) throughout; force_takeover takes it from a run that holds it."""
+    derived = config_schema.validate(config)  # before anything is written or read
     storage.set_retry_secs(config.storage.retry_secs)
     storage.makedirs(workdir)
     # First, before anything is written: every process must see one workdir (multi-process runs).
@@ -246,30 +247,31 @@ def train_and_evaluate(config, workdir: str, force_takeover: bool = False) -> di
     # Then, before anything is read: no other run may be using it.
     held = lease.take(workdir, config.lease, force=force_takeover, warn=_warn)
     try:
-        return _train(config, workdir, held)
+        return _train(config, derived, workdir, held)
     finally:
         lease.release(held)
 
 
-def _train(config, workdir: str, held) -> dict:
+def _train(config, derived: config_schema.Derived, workdir: str, held) -> dict:
     """train_and_evaluate's body, run while `held` (process 0's lease; None elsewhere) is held."""
     preemption = Preemption()
     watchdog = Watchdog(config.train.stall_timeout_s, config.train.preempt_grace_s, preemption.noticed,
                         process_index=jax.process_index())
     try:
-        return _train_loop(config, workdir, held, preemption, watchdog)
+        return _train_loop(config, derived, workdir, held, preemption, watchdog)
     finally:
         watchdog.close()
 
 
-def _train_loop(config, workdir: str, held, preemption: Preemption, watchdog: Watchdog) -> dict:
+def _train_loop(config, derived: config_schema.Derived, workdir: str, held, preemption: Preemption,
+                watchdog: Watchdog) -> dict:
     """_train's body, watched by `watchdog` (see segguided_jax.watchdog)."""
     mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch(config.train.batch_size, config.data.patch, mesh, 2 ** (len(config.model.widths) - 1))
+    sharding.check_batch(config.train.batch_size, config.data.patch, mesh, derived.size_divisor)
     fns = sharded_steps(config, mesh)
     ckpt = Checkpointer(workdir, config.checkpoint)
     data_iter = iter(train_dataset(config.data.dir, config.data, seed=config.seed,
-                                   batch_size=config.train.batch_size // jax.process_count()))
+                                   batch_size=config.train.batch_size // jax.process_count(), plan=fns.plan))
     fingerprint = load_manifest(config.data.dir)["fingerprint"]
     state, start = _restore_or_init(config, ckpt, fns, data_iter, fingerprint)
     watchdog.beat("restoring or initialising the state")

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segguided_jax.data import augment as cpu
+from segguided_jax.runtime import original_threefry
 
 
 def _fields(channels: int) -> tuple[tuple[str, int], ...]:
@@ -242,7 +243,8 @@ def augment_intensity(img, d, cfg):
     if cfg.get("bias_field_probability", 0.0) > 0:  # a smooth multiplicative field for all channels
         img = jnp.where(drawn(d["bias"][0]), img * bias_field(img.shape[:3], d["bias"][1:])[..., None], img)
     # noise: one field for all channels
-    field = jax.random.normal(jax.random.key(d["noise"][2].astype(jnp.int32)), img.shape[:3], jnp.float32)
+    with original_threefry():
+        field = jax.random.normal(jax.random.key(d["noise"][2].astype(jnp.int32)), img.shape[:3], jnp.float32)
     img = jnp.where(drawn(d["noise"][0]), img + (field * d["noise"][1])[..., None], img)
     # blur: per channel, a sigma per axis
     radius = int(4.0 * cfg.blur_sigma_range[1] + 0.5)

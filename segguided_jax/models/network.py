@@ -7,6 +7,7 @@ from flax import nnx
 
 from segguided_jax.models.blocks import ConvNormAct, Downsample, ResidualBlock, SegAttentionGate, Upsample, _conv
 from segguided_jax.models.formulations import Formulation
+from segguided_jax.runtime import original_threefry
 
 # Output channels of the head: sigmoid regions (ET, TC, WT) or softmax labels (bg, NCR, ED, ET).
 OUTPUT_CHANNELS = {"regions": 3, "labels": 4}
@@ -89,16 +90,18 @@ def forward(graphdef, params, x, *, output: str):
 
 
 def build_model(model_cfg, rngs: nnx.Rngs, formulation: Formulation | None = None) -> SegGuidedNet:
-    """Builds the network from the config's `model` block, in the formulation its keys give
+    """Builds the network from the config's `model` block, its parameters drawn from `rngs` with the
+    package's random-bits algorithm (runtime.original_threefry), in the formulation its keys give
     (Formulation.from_config) unless one is given."""
-    return SegGuidedNet(
-        in_channels=model_cfg.in_channels, widths=tuple(model_cfg.widths),
-        encoder_blocks=tuple(model_cfg.encoder_blocks), decoder_blocks=tuple(model_cfg.decoder_blocks),
-        down_kernel=model_cfg.down_kernel, upsample=model_cfg.upsample, gates=model_cfg.gates,
-        num_maps=model_cfg.num_maps, output=model_cfg.output, leaky_slope=model_cfg.leaky_slope,
-        gate_stop_gradient=model_cfg.gate_stop_gradient, gate_logit_scale=model_cfg.gate_logit_scale,
-        dtype=jnp.dtype(model_cfg.compute_dtype), rngs=rngs,
-        formulation=formulation or Formulation.from_config(model_cfg))
+    with original_threefry():
+        return SegGuidedNet(
+            in_channels=model_cfg.in_channels, widths=tuple(model_cfg.widths),
+            encoder_blocks=tuple(model_cfg.encoder_blocks), decoder_blocks=tuple(model_cfg.decoder_blocks),
+            down_kernel=model_cfg.down_kernel, upsample=model_cfg.upsample, gates=model_cfg.gates,
+            num_maps=model_cfg.num_maps, output=model_cfg.output, leaky_slope=model_cfg.leaky_slope,
+            gate_stop_gradient=model_cfg.gate_stop_gradient, gate_logit_scale=model_cfg.gate_logit_scale,
+            dtype=jnp.dtype(model_cfg.compute_dtype), rngs=rngs,
+            formulation=formulation or Formulation.from_config(model_cfg))
 
 
 def abstract_model(model_cfg, formulation: Formulation | None = None) -> SegGuidedNet:
