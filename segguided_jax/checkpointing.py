@@ -286,18 +286,3 @@ def load_checkpoint_params(path: str, config=None):
                         is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"})
     nnx.replace_by_pure_dict(abstract, pure)
     return config, graphdef, abstract, step
-
-
-def all_process_states(state: dict) -> list[dict]:
-    """Every process's JSON-able `state` (e.g. its data iterator's), in process order; a
-    collective: every process must call it."""
-    if jax.process_count() == 1:
-        return [state]
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    n = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
-    padded = np.zeros(n, np.uint8)
-    padded[: raw.size] = raw
-    rows = multihost_utils.process_allgather(padded).reshape(jax.process_count(), n)
-    return [json.loads(bytes(r).rstrip(b"\0")) for r in rows]

@@ -155,7 +155,7 @@ def _from_process_0(message: str | None) -> str | None:
 
     if jax.process_count() == 1:
         return message
-    from segguided_jax.checkpointing import all_process_states
+    from segguided_jax.multihost import all_process_states
 
     return all_process_states({"message": message})[0]["message"]
 

@@ -12,12 +12,12 @@ then resumes the run from its last checkpoint.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from segguided_jax.multihost import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, logs.")
@@ -38,32 +38,6 @@ _FORCE_TAKEOVER = flags.DEFINE_bool("force_takeover", False, "Take the workdir's
 # notices a dead host quickly while riding out a busy one (heartbeats come from their own thread).
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds without a heartbeat after which the other "
                                   "processes declare a process dead and stop (multi-process runs).")
-
-
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
-                           detect: bool, heartbeat_timeout: int) -> None:
-    """jax.distributed for multi-process runs: explicit coordinates, or what the cluster says (JAX
-    itself reads SLURM's and Cloud TPU's environment). One process needs nothing."""
-    cluster = (detect or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-               or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
-    if coordinator is None and not cluster:
-        return
-    # Cross-process collectives between CPU devices need a CPU collectives backend (harmless on
-    # accelerators, whose collectives do not use it).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout)
-    if jax.devices()[0].platform == "cpu":
-        # No persistent compilation cache for multi-process CPU runs. On CPU the cache key covers
-        # the device topology, which holds the process index, so each process has keys of its own;
-        # only process 0 writes entries (jax/_src/compiler.py: "Not writing persistent cache entry
-        # since process_id != 0"; jax-ml/jax#18819 asks for other writers). So on a filled cache
-        # process 0 loads its executables and the others compile theirs, every time: nothing is
-        # gained, and with jax 0.12.1 the loaded and the freshly compiled train step never meet in
-        # their first all-reduce (launch/local.sh 2 --devices 2 hung at step 1 on 3 launches of 3
-        # on a filled cache). On GPU the key leaves the device assignment out for exactly this
-        # (jax/_src/cache_key.py) and a TPU slice has one topology for all its hosts, so there
-        # every process hits or misses together and the cache stays on.
-        jax.config.update("jax_enable_compilation_cache", False)
 
 
 def main(argv):
@@ -94,9 +68,9 @@ def main(argv):
         from segguided_jax.train import train_and_evaluate
 
         if _STAGE.value:
-            from segguided_jax import storage
+            from segguided_jax.data import staging
 
-            config.data.dir = storage.stage_data_dir(config.data.dir, _STAGE.value)
+            config.data.dir = staging.stage_data_dir(config.data.dir, _STAGE.value)
         try:
             train_and_evaluate(config, _WORKDIR.value)
         except CheckpointMismatch as e:  # the user's to decide, not a crash: the message says how

@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from segguided_jax import storage
+from segguided_jax import runlog, storage
 from segguided_jax.data import brats
 from segguided_jax.stats import bootstrap_ci, mean_std, paired_wilcoxon
 
@@ -111,7 +111,7 @@ def _read_per_case(path: str) -> dict:
 
 
 def _val_curve(workdir: str) -> list[tuple[int, float]]:
-    rows = storage.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
+    rows = runlog.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
     return [(r["step"], r["dice_mean"]) for r in rows if r.get("split") == "val"]
 
 

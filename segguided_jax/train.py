@@ -36,9 +36,10 @@ import time
 import jax
 import numpy as np
 
-from segguided_jax import config_schema, lease, postprocess, sharding, storage
-from segguided_jax.watchdog import Watchdog, preemption_noticed_by_any_process
-from segguided_jax.checkpointing import CheckpointMismatch, Checkpointer, all_process_states
+from segguided_jax import config_schema, lease, multihost, postprocess, runlog, sharding, storage
+from segguided_jax.watchdog import Watchdog
+from segguided_jax.checkpointing import CheckpointMismatch, Checkpointer
+from segguided_jax.multihost import all_process_states, preemption_noticed_by_any_process
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
@@ -54,20 +55,20 @@ def _warn(msg: str) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (storage.MetricsFile), TensorBoard and the progress line; written by process 0
+    """metrics.jsonl (runlog.MetricsFile), TensorBoard and the progress line; written by process 0
     only. flush() puts every row logged so far into the workdir (on object storage rows are
     uploaded at most once a minute otherwise)."""
 
     def __init__(self, workdir: str, resume_step: int):
         self.active = jax.process_index() == 0
-        self.file = storage.MetricsFile(storage.join(workdir, METRICS), warn=_warn)
+        self.file = runlog.MetricsFile(storage.join(workdir, METRICS), warn=_warn)
         # Rows past the checkpoint we resume from were logged by the killed run and will be
         # produced again: drop them so the file reads as one uninterrupted run.
         if self.active:
             self.file.truncate_after(resume_step)
         self.rows = [r for r in self.file.rows() if r["step"] <= resume_step]
         if self.active:
-            self.tb = storage.summary_writer(storage.join(workdir, "tb"))
+            self.tb = runlog.summary_writer(storage.join(workdir, "tb"))
 
     def validated(self, step: int) -> dict | None:
         """The validation row of `step`, if logged."""
@@ -243,7 +244,7 @@ def train_and_evaluate(config, workdir: str, force_takeover: bool = False) -> di
     storage.set_retry_secs(config.storage.retry_secs)
     storage.makedirs(workdir)
     # First, before anything is written: every process must see one workdir (multi-process runs).
-    storage.check_shared_workdir(workdir)
+    multihost.check_shared_workdir(workdir)
     # Then, before anything is read: no other run may be using it.
     held = lease.take(workdir, config.lease, force=force_takeover, warn=_warn)
     try:

@@ -26,24 +26,6 @@ from typing import Callable
 STALLED_EXIT_CODE = 75  # EX_TEMPFAIL: the same command may well succeed (it resumes)
 
 
-def preemption_noticed_by_any_process() -> bool:
-    """Whether jax.distributed's preemption service has recorded a SIGTERM to any process of the run.
-
-    That service (started by jax.distributed.initialize) catches SIGTERM in C++ and writes
-    RECEIVED_PREEMPTION_NOTICE into the coordination service's key-value store, where every
-    process can read it without a collective."""
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    if client is None:
-        return False
-    try:
-        client.key_value_try_get("RECEIVED_PREEMPTION_NOTICE")
-    except Exception:  # NOT_FOUND until a notice arrives; an unreachable coordinator is the heartbeat's job
-        return False
-    return True
-
-
 class Watchdog:
     """beat(what) after each piece of progress; close() when the loop is done. stall_s or grace_s
     None (or 0) turns that bound off. `preempted()` says whether a preemption notice has arrived;

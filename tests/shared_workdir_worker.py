@@ -3,18 +3,18 @@
     python tests/shared_workdir_worker.py PORT PROCESS_ID WORKDIR
 
 Joins the other process through jax.distributed on localhost (CPU collectives over gloo), calls
-storage.check_shared_workdir(WORKDIR) and prints "shared" if it passes; WorkdirNotShared is left
+multihost.check_shared_workdir(WORKDIR) and prints "shared" if it passes; WorkdirNotShared is left
 to stop the process, as it stops a training run.
 """
 import sys
 
 import jax
 
-from segguided_jax import storage
+from segguided_jax import multihost
 
 port, process_id, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
                            initialization_timeout=60)
-storage.check_shared_workdir(workdir)
+multihost.check_shared_workdir(workdir)
 print(f"process {process_id}: shared", flush=True)

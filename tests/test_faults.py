@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from segguided_jax.data.records import decode_case, encode_case, load_manifest
-from segguided_jax.storage import MetricsFile
+from segguided_jax.runlog import MetricsFile
 from segguided_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

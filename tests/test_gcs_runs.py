@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from segguided_jax import storage
+from segguided_jax import runlog, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Validation on one case keeps the runs short.
@@ -35,7 +35,7 @@ def _train_cmd(data_dir, workdir, *flags):
 
 
 def _rows(workdir):
-    return storage.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
+    return runlog.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
 
 
 def _scalars(data: bytes) -> list[tuple[str, int]]:

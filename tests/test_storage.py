@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from segguided_jax import storage
+from segguided_jax import multihost, runlog, storage
+from segguided_jax.data import staging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +185,7 @@ def test_gs_paths_never_touch_the_local_file_system(gcs_dir, tmp_path, monkeypat
     storage.makedirs(storage.join(run, "checkpoints"))
     storage.write_text(storage.join(run, "config.json"), "{}")
     storage.copy_file(storage.join(run, "config.json"), storage.join(run, "copy.json"))
-    metrics = storage.MetricsFile(storage.join(run, "metrics.jsonl"), flush_secs=0)
+    metrics = runlog.MetricsFile(storage.join(run, "metrics.jsonl"), flush_secs=0)
     metrics.append({"step": 1, "loss": 0.5})
     metrics.truncate_after(1)
     assert metrics.rows() == [{"step": 1, "loss": 0.5}]
@@ -206,15 +207,15 @@ def test_metrics_file_resume_reads_as_one_run(base):
     the file equals the uninterrupted run's."""
     storage.makedirs(base)
     path = storage.join(base, "metrics.jsonl")
-    first = storage.MetricsFile(path, flush_secs=0)
+    first = runlog.MetricsFile(path, flush_secs=0)
     assert first.rows() == [] and first.truncate_after(0) == 0
     for row in ROWS:
         first.append(row)
     first.flush()
-    assert storage.MetricsFile(path).rows() == ROWS
-    resumed = storage.MetricsFile(path, flush_secs=0)
+    assert runlog.MetricsFile(path).rows() == ROWS
+    resumed = runlog.MetricsFile(path, flush_secs=0)
     assert resumed.truncate_after(4) == 3
-    assert storage.MetricsFile(path).rows() == ROWS[:3]
+    assert runlog.MetricsFile(path).rows() == ROWS[:3]
     for row in ROWS[3:]:
         resumed.append(row)
     resumed.flush()
@@ -225,16 +226,16 @@ def test_metrics_file_in_a_bucket_uploads_on_flush(gcs_dir):
     """Object storage: appends are kept until flush_secs pass or flush() is called; rows() sees
     them either way."""
     path = storage.join(gcs_dir, "metrics.jsonl")
-    metrics = storage.MetricsFile(path, flush_secs=3600)
+    metrics = runlog.MetricsFile(path, flush_secs=3600)
     metrics.append(ROWS[0])
     metrics.append(ROWS[1])
     assert metrics.rows() == ROWS[:2]
     assert not storage.exists(path)
     metrics.flush()
-    assert storage.MetricsFile(path).rows() == ROWS[:2]
-    eager = storage.MetricsFile(path, flush_secs=0)
+    assert runlog.MetricsFile(path).rows() == ROWS[:2]
+    eager = runlog.MetricsFile(path, flush_secs=0)
     eager.append(ROWS[2])  # reads the two rows already there, uploads all three
-    assert storage.MetricsFile(path).rows() == ROWS[:3]
+    assert runlog.MetricsFile(path).rows() == ROWS[:3]
 
 
 def test_metrics_file_drops_a_torn_last_line(tmp_path, caplog):
@@ -242,8 +243,8 @@ def test_metrics_file_drops_a_torn_last_line(tmp_path, caplog):
     good = "".join(json.dumps(r) + "\n" for r in ROWS[:3])
     with open(path, "w") as f:
         f.write(good + '{"step": 6, "lo')  # killed in the middle of an append
-    metrics = storage.MetricsFile(path)
-    with caplog.at_level(logging.WARNING, logger="segguided_jax.storage"):
+    metrics = runlog.MetricsFile(path)
+    with caplog.at_level(logging.WARNING, logger="segguided_jax.runlog"):
         assert metrics.rows() == ROWS[:3]
     assert "dropping its last line" in caplog.text and path in caplog.text
     assert metrics.truncate_after(4) == 0
@@ -257,7 +258,7 @@ def test_metrics_file_names_a_corrupt_line(tmp_path):
     with open(path, "w") as f:
         f.write(json.dumps(ROWS[0]) + "\nnot json\n" + json.dumps(ROWS[1]) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
-        storage.MetricsFile(path).rows()
+        runlog.MetricsFile(path).rows()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def _scalars(data: bytes) -> list[tuple[str, int, float]]:
 
 def test_tensorboard_events_in_a_bucket(gcs_dir):
     logdir = storage.join(gcs_dir, "tb")
-    writer = storage.summary_writer(logdir, sync_secs=3600)
+    writer = runlog.summary_writer(logdir, sync_secs=3600)
     staging = writer.staging
     for step in (1, 2, 3):
         writer.add_scalar("train/loss", 1.0 / step, step)
@@ -291,7 +292,7 @@ def test_tensorboard_events_in_a_bucket(gcs_dir):
     assert _scalars(storage.read_bytes(storage.join(logdir, name))) == [
         ("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, pytest.approx(1 / 3))]
 
-    eager = storage.summary_writer(logdir, sync_secs=0)
+    eager = runlog.summary_writer(logdir, sync_secs=0)
     eager.add_scalar("val/dice_mean", 0.25, 4)
     eager.flush()  # uploads at once
     assert len(storage.listdir(logdir)) == 2
@@ -303,7 +304,7 @@ def test_tensorboard_events_in_a_bucket(gcs_dir):
 def test_tensorboard_local_is_tensorboardx_itself(tmp_path):
     from tensorboardX import SummaryWriter
 
-    writer = storage.summary_writer(str(tmp_path / "tb"))
+    writer = runlog.summary_writer(str(tmp_path / "tb"))
     assert type(writer) is SummaryWriter
     writer.add_scalar("train/loss", 0.5, 1)
     writer.close()
@@ -386,7 +387,7 @@ def test_stage_data_dir(data_dir, gcs_dir, tmp_path, monkeypatch):
     _upload_dir(data_dir, gcs_dir)
     target = str(tmp_path / "cache" / "prepared")
     logs = []
-    assert storage.stage_data_dir(gcs_dir, target, log_fn=logs.append) == target
+    assert staging.stage_data_dir(gcs_dir, target, log_fn=logs.append) == target
     assert len(logs) == 1 and "staged" in logs[0]
     wanted = sorted(n for n in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, n)))
     assert sorted(os.listdir(target)) == wanted
@@ -399,7 +400,7 @@ def test_stage_data_dir(data_dir, gcs_dir, tmp_path, monkeypatch):
 
     # Same fingerprint: nothing is copied again.
     monkeypatch.setattr(storage, "copy_file", lambda *a, **k: pytest.fail("copied again"))
-    assert storage.stage_data_dir(gcs_dir, target, log_fn=logs.append) == target
+    assert staging.stage_data_dir(gcs_dir, target, log_fn=logs.append) == target
     assert len(logs) == 1
     monkeypatch.undo()
 
@@ -409,7 +410,7 @@ def test_stage_data_dir(data_dir, gcs_dir, tmp_path, monkeypatch):
     storage.write_text(storage.join(gcs_dir, "manifest.json"), json.dumps(manifest))
     with open(os.path.join(target, "leftover.txt"), "w") as f:
         f.write("from the old copy")
-    storage.stage_data_dir(gcs_dir, target, log_fn=logs.append)
+    staging.stage_data_dir(gcs_dir, target, log_fn=logs.append)
     assert len(logs) == 2
     assert json.loads(storage.read_text(os.path.join(target, "manifest.json")))["fingerprint"] == "0" * 64
     assert sorted(os.listdir(target)) == wanted
@@ -419,7 +420,7 @@ def test_stage_data_dir(data_dir, gcs_dir, tmp_path, monkeypatch):
 def test_stage_data_dir_needs_a_manifest(gcs_dir, tmp_path):
     storage.write_text(storage.join(gcs_dir, "splits.json"), "{}")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        storage.stage_data_dir(gcs_dir, str(tmp_path / "x"))
+        staging.stage_data_dir(gcs_dir, str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -495,5 +496,5 @@ def test_shared_bucket_workdir_passes(gcs_dir):
 
 
 def test_one_process_has_nothing_to_check(tmp_path):
-    storage.check_shared_workdir(str(tmp_path / "never-created"))
+    multihost.check_shared_workdir(str(tmp_path / "never-created"))
     assert not os.path.exists(tmp_path / "never-created")

@@ -21,14 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # with two rows, reads it back, prints the seconds it took.
 UPLOAD = """
 import sys, time
-from segguided_jax import storage
+from segguided_jax import runlog, storage
 storage.set_retry_secs(float(sys.argv[2]))
 t0 = time.monotonic()
-f = storage.MetricsFile(sys.argv[1])
+f = runlog.MetricsFile(sys.argv[1])
 f.append({"step": 1, "loss": 0.5})
 f.append({"step": 2, "loss": 0.25})
 f.flush()
-assert [r["step"] for r in storage.MetricsFile(sys.argv[1]).rows()] == [1, 2]
+assert [r["step"] for r in runlog.MetricsFile(sys.argv[1]).rows()] == [1, 2]
 print(f"took {time.monotonic() - t0:.1f}")
 """
 

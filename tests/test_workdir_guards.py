@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from segguided_jax.storage import MetricsFile
+from segguided_jax.runlog import MetricsFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The 8-step run of the fixture: checkpoints 4 and 8, validation at 4 and 8 (one case).
@@ -205,7 +205,7 @@ def run_twice(cmd, workdir, logs, env, second_env=None):
     released (a release deletes the lease only if it is the version this run wrote). Returns the
     second run's CompletedProcess, the seconds it took and the first run's pid. logs: a local
     folder for the first run's output."""
-    from segguided_jax import lease, storage
+    from segguided_jax import lease, runlog, storage
 
     path = lease.Lease(workdir, _lease_cfg()).path
     out_path, err_path = os.path.join(logs, "first.out"), os.path.join(logs, "first.err")
@@ -233,7 +233,7 @@ def run_twice(cmd, workdir, logs, env, second_env=None):
     assert "preempted: saved a checkpoint at step " in stdout, stdout[-3000:]
     saved = int(stdout.split("preempted: saved a checkpoint at step ")[1].split(";")[0])
     assert storage.isdir(storage.join(workdir, "checkpoints", str(saved)))
-    rows = storage.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
+    rows = runlog.MetricsFile(storage.join(workdir, "metrics.jsonl")).rows()
     assert [r["step"] for r in rows] == list(range(1, saved + 1))
     assert not storage.exists(storage.join(workdir, lease.LEASE))
     return second, took, first.pid
