@@ -18,7 +18,6 @@ nibabel and matplotlib only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -26,22 +25,6 @@ from importlib.metadata import PackageNotFoundError, version
 PLATFORMS = ("cpu", "cuda", "tpu")
 NORMALISATION = ("crop to the brain's non-zero box (all modalities), optionally resample to the training "
                  "voxel size, then z-score each modality over its non-zero voxels; segguided_jax.data.preprocess")
-
-
-def _checkpoint(workdir: str, which: str) -> tuple[str, str | None]:
-    """(path for checkpointing.load_for_inference, config.json path when the checkpoint holds no config)."""
-    from segguided_jax import storage
-
-    if which == "last":
-        return workdir, None
-    if which == "best":
-        best = storage.join(workdir, "best")
-        steps = sorted(int(s) for s in (storage.listdir(best) if storage.isdir(best) else []) if s.isdigit())
-        if not steps:
-            raise FileNotFoundError(f"{best}: no best checkpoint (the run has not validated yet)")
-        # best/ holds the train state only; the run's resolved config is WORKDIR/config.json.
-        return storage.join(best, str(steps[-1])), storage.join(workdir, "config.json")
-    return which, None
 
 
 def _data_fingerprint(config) -> str | None:
@@ -55,34 +38,28 @@ def _data_fingerprint(config) -> str | None:
 
 def export_model(workdir: str, out: str, checkpoint: str = "last", platforms=PLATFORMS, log=print) -> dict:
     """Writes the model file `out` from a training run; returns its metadata."""
+    import dataclasses
+
     import jax
-    import ml_collections
     import numpy as np
 
-    from segguided_jax import config_schema, model_artefact, postprocess, storage
-    from segguided_jax.checkpointing import load_checkpoint_params
+    from segguided_jax import model_artefact, storage
     from segguided_jax.data.brats import EDITIONS, MODALITIES, REGIONS, SUBREGIONS
     from segguided_jax.models import formulations
-    from segguided_jax.models.network import forward
-    from segguided_jax.predict import _training_spacing
+    from segguided_jax.trained_model import TrainedModel, postprocessing_rule
 
     t0 = time.time()
-    path, config_file = _checkpoint(workdir, checkpoint)
-    config = ml_collections.ConfigDict(json.loads(storage.read_text(config_file))) if config_file else None
-    config, graphdef, params, step = load_checkpoint_params(path, config=config)
-    # The stored config as far as the exported model reads it (one stored by an older version may lack keys).
-    config_schema.validate(config, sections=("model", "eval"), partial=True)
-    manifest, target, median = _training_spacing(config)
-    if manifest is None:
-        raise FileNotFoundError(f"{storage.join(str(config.data.get('dir', '')), 'manifest.json')}: the training "
-                                "manifest is not reachable, so the training voxel size is unknown; export where "
-                                "config.data.dir is readable")
-    leaves, treedef = jax.tree.flatten(params)
+    model = TrainedModel.from_checkpoint(workdir, checkpoint)
+    config = model.config
+    if model.spacing.manifest is None:
+        raise FileNotFoundError(f"{model.spacing_source}: the training manifest is not reachable, so the training "
+                                "voxel size is unknown; export where config.data.dir is readable")
+    leaves, treedef = jax.tree.flatten(model.params)
     leaves = [np.asarray(a) for a in leaves]
-    window = [int(w) for w in config.eval.window]
+    window = list(model.defaults.window)
 
     def window_fn(leaves, x):
-        return forward(graphdef, jax.tree.unflatten(treedef, leaves), x, output=config.model.output)
+        return model.forward(jax.tree.unflatten(treedef, leaves), x)
 
     (batch,) = jax.export.symbolic_shape("b")
     specs = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
@@ -90,7 +67,6 @@ def export_model(workdir: str, out: str, checkpoint: str = "last", platforms=PLA
     with formulations.lowering_for(*platforms):  # each platform's formulations are traced
         exported = jax.export.export(jax.jit(window_fn), platforms=tuple(platforms))(*specs)
     serialized = exported.serialize()
-    learned = postprocess.load_learned(workdir)
     try:
         package = version("segguided_jax")
     except PackageNotFoundError:
@@ -103,24 +79,23 @@ def export_model(workdir: str, out: str, checkpoint: str = "last", platforms=PLA
         "jax_version": jax.__version__,
         "jax_calling_convention_version": exported.calling_convention_version,
         "platforms": list(exported.platforms),
-        "source": {"workdir": storage.abspath(workdir), "checkpoint": storage.abspath(path), "step": step},
+        "source": {"workdir": storage.abspath(workdir), "checkpoint": storage.abspath(model.checkpoint),
+                   "step": model.step},
         "data_fingerprint": _data_fingerprint(config),
         "input": {"modalities": list(MODALITIES), "normalisation": NORMALISATION},
-        "spacing": {"manifest": manifest, "target": target, "median": median},
+        "spacing": dataclasses.asdict(model.spacing),
         "output": {"head": config.model.output, "probabilities": list(REGIONS), "attention_maps": list(SUBREGIONS),
                    "attention_stages": stages},
         "labels": {name: dict(zip(("bg", "NCR", "ED", "ET"), e.labels)) for name, e in EDITIONS.items()},
-        "postprocessing": {"threshold": float(config.eval.threshold), "et_rule": config.eval.get("et_rule", "component"),
-                           "min_et_voxels": int(config.eval.get("min_et_voxels", 0)), "learned": learned},
-        "inference": {"window": window, "overlap": float(config.eval.overlap),
-                      "batch_size": int(config.eval.batch_size), "mirror_axes": [0, 1, 2],
-                      "attention_stages": [-1] if stages else []},
+        # Both derived from the config (segguided_jax.trained_model), which a reader checks.
+        "postprocessing": {**postprocessing_rule(config), "learned": model.learned},
+        "inference": model.defaults.to_json(),
         "params": {"sha256": model_artefact.params_sha256(leaves), "count": int(sum(a.size for a in leaves)),
                    "shapes": [list(a.shape) for a in leaves], "dtypes": [a.dtype.name for a in leaves]},
         "config": config.to_dict(),
     }
     model_artefact.write(out, serialized, leaves, metadata)
-    log(f"export: {path} (step {step}) -> {out}: {', '.join(exported.platforms)}, window {window}, "
+    log(f"export: {model.checkpoint} (step {model.step}) -> {out}: {', '.join(exported.platforms)}, window {window}, "
         f"{metadata['params']['count']:,} parameters, {len(storage.read_bytes(out)) / 2**20:.1f} MiB, "
         f"{time.time() - t0:.1f} s", flush=True)
     return metadata

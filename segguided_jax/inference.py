@@ -246,3 +246,25 @@ class VolumePredictor:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return sliding_window(lambda w: self._fn(self.params, w), image, self.window, self.overlap,
                               self.batch_size, self._batch, self._replicated)
+
+
+def predict_and_score(predictor, post, source, score, progress=None) -> list:
+    """Predicts, post-processes and scores every case of `source`, in order: the one loop of
+    validation during training and of the sweep's test evaluation.
+
+    predictor: a VolumePredictor (or any image -> outputs function). post: a
+    postprocess.PostProcessing. source: a data.records.CaseSource (its cases' metadata, decoded
+    cases with "image" and "label", its manifest). Each case is predicted on the preprocessed grid,
+    whose voxel size is the manifest's target_spacing, else the case's own; then
+    score(meta, case, outputs, labels, spacing) -> that case's result, and progress(meta, index)
+    if given. Returns the results."""
+    target = source.manifest.get("target_spacing")
+    results = []
+    for i, meta in enumerate(source.cases):
+        case = source[i]
+        spacing = target or meta["spacing"]
+        outputs = predictor(case["image"])
+        results.append(score(meta, case, outputs, post.labels(outputs, spacing), spacing))
+        if progress is not None:
+            progress(meta, i)
+    return results

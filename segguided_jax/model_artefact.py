@@ -16,6 +16,8 @@ A model file is a zip archive (stored, not compressed: float parameters barely c
 `load` checks the file before anything is predicted: a damaged or truncated archive, a format newer
 than this code reads, a function not lowered for the running platform, or metadata that disagrees
 with the function or the parameters is a `ModelFileError` naming the file and the fault.
+segguided_jax.trained_model reads a model file into the object predict uses, and checks there that
+the metadata's inference and label settings are the ones its stored config gives.
 """
 from __future__ import annotations
 
@@ -70,13 +72,6 @@ class ModelFile:
     metadata: dict
     exported: object  # jax.export.Exported
     params: list  # numpy arrays, the function's first argument
-
-    @property
-    def config(self):
-        """The resolved training config, as the ConfigDict the checkpoint path gives."""
-        import ml_collections
-
-        return ml_collections.ConfigDict(self.metadata["config"])
 
     def forward(self, params, x):
         """The exported window function: (probabilities, per-stage maps); see the module docstring."""
@@ -183,6 +178,3 @@ def _check(path: str, metadata: dict, exported, params: list) -> None:
     if list(probs.shape[1:]) != [*window, 3] or len(maps) != stages:
         _fail(path, f"the function returns {[a.shape for a in out_avals]}, the metadata says probabilities "
                     f"(batch, {window}, 3) and {stages} stage(s) of attention maps")
-    config = metadata["config"]
-    if list(config["eval"]["window"]) != list(window):
-        _fail(path, f"the metadata's config window {config['eval']['window']} differs from its inference window {window}")

@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -71,12 +70,11 @@ import time
 
 import numpy as np
 
-from segguided_jax import config_schema, postprocess, storage
+from segguided_jax import postprocess, storage
 from segguided_jax.data.brats import EDITIONS, MODALITIES, SUBREGIONS
 from segguided_jax.data.cases import (OUTPUT_FORMATS, BadInput, CaseError, CaseFiles, discover, explicit_case,
                                       load_case, output_convention, prediction_files, write_like)
 from segguided_jax.data.preprocess import labels_to_original, preprocess, to_original_grid
-from segguided_jax.data.records import MANIFEST
 
 
 @dataclasses.dataclass
@@ -187,95 +185,44 @@ def predict_all(cases: list, predictor, settings: Settings, out_dir: str, log=pr
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def _training_spacing(config):
-    """(manifest path or None, its target_spacing or None, the median voxel size of its cases or
-    None): what the checkpoint's training data looked like, if its data.dir is reachable. An
-    exported model carries these three in its metadata."""
-    path = storage.join(str(config.data.get("dir", "")), MANIFEST)
-    try:
-        manifest = json.loads(storage.read_text(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return None, None, None
-    target = manifest.get("target_spacing")
-    sizes = [c["spacing"] for c in manifest.get("cases", []) if c.get("spacing")]
-    median = [float(v) for v in np.median(sizes, axis=0)] if sizes else None
-    return path, (None if target is None else [float(v) for v in target]), median
-
-
-def _target_spacing(config, flag, training=None):
-    """(spacing to resample inputs to or None, where it came from, the training voxel size or None).
-    training: _training_spacing's triple when already known (an exported model's metadata)."""
-    path, target, median = training or _training_spacing(config)
-    trained = target or median
+def _target_spacing(model, flag):
+    """(spacing to resample inputs to or None, where it came from, the training voxel size or None)
+    for the --spacing flag and a TrainedModel."""
+    trained, where = model.spacing.voxel_size, model.spacing_source
     if flag is not None:
         words = [v.lower() for v in flag]
         if words == ["none"]:
             return None, "--spacing none", trained
         if words == ["train"]:
             if trained is None:
-                raise ValueError(f"--spacing train: the training manifest {path or 'of config.data.dir'} gives no "
-                                 "spacing; pass three numbers")
-            return trained, f"--spacing train ({path})", trained
+                raise ValueError(f"--spacing train: the training manifest {where} gives no spacing; pass three numbers")
+            return trained, f"--spacing train ({where})", trained
         if len(flag) != 3:
             raise ValueError(f"--spacing takes three numbers (mm), 'train' or 'none', got {flag}")
         return [float(v) for v in flag], "--spacing", trained
-    if path is None:
-        where = storage.join(str(config.data.get("dir", "")), MANIFEST)
+    if model.spacing.manifest is None:
         return None, f"the training manifest {where} is not reachable; inputs keep their own spacing", None
     # As nnU-Net does: inputs are brought to the voxel size the model was trained at.
-    return trained, path, trained
+    return trained, where, trained
 
 
-def _attention_stages(args, config) -> tuple:
-    num_stages = config_schema.decoder_stages(config.model.widths)
-    if args.no_attention:
-        return ()
-    if not config.model.gates:
-        if args.attention_stages is not None:
-            raise ValueError("--attention-stages: this model has no attention gates (model.gates=False)")
-        return ()
-    stages = tuple(args.attention_stages) if args.attention_stages is not None else (-1,)
-    bad = [s for s in stages if not -num_stages <= s < num_stages]
-    if bad:
-        raise ValueError(f"--attention-stages {bad}: the model has {num_stages} decoder stages, indices "
-                         f"0..{num_stages - 1} coarsest first, or -1 for the finest")
-    return stages
+def _predictor_settings(args, model):
+    """The model's predictor settings with the flags' changes (segguided_jax.trained_model)."""
+    return model.predictor_settings(window=args.window, overlap=args.overlap, batch_size=args.batch_size,
+                                    mirror_axes=() if args.no_tta else args.mirror_axes,
+                                    attention_stages=() if args.no_attention else args.attention_stages)
 
 
-def _predictor_overrides(args, config) -> dict:
-    """VolumePredictor keyword arguments from the flags (defaults: the config's eval block)."""
-    window = tuple(int(w) for w in (args.window or config.eval.window))
-    divisor = config_schema.size_divisor(config.model.widths)
-    if len(window) != 3 or any(w <= 0 or w % divisor for w in window):
-        raise ValueError(f"--window {window}: needs three sizes divisible by {divisor} (2 ** decoder stages)")
-    overlap = config.eval.overlap if args.overlap is None else args.overlap
-    if not 0 <= overlap < 1:
-        raise ValueError(f"--overlap {overlap}: must be in [0, 1)")
-    mirror = () if args.no_tta else tuple(sorted(set(args.mirror_axes if args.mirror_axes else (0, 1, 2))))
-    if any(a not in (0, 1, 2) for a in mirror):
-        raise ValueError(f"--mirror-axes {mirror}: spatial axes are 0, 1, 2")
-    return dict(window=window, overlap=float(overlap), batch_size=int(args.batch_size or config.eval.batch_size),
-                mirror_axes=mirror, attention_stages=_attention_stages(args, config))
-
-
-def _postprocessing(args, config, source: str, stored=None) -> tuple[postprocess.PostProcessing, str]:
-    """stored: an exported model's metadata, whose learned post-processing replaces the workdir's."""
-    eval_cfg = config.eval.copy_and_resolve_references()
-    with eval_cfg.unlocked():
-        if args.threshold is not None:
-            eval_cfg.threshold = args.threshold
-        if args.et_rule is not None:
-            eval_cfg.et_rule = args.et_rule
-        if args.min_et_voxels is not None:
-            eval_cfg.min_et_voxels = args.min_et_voxels
+def _postprocessing(args, model) -> tuple[postprocess.PostProcessing, str]:
     if args.postprocessing == "none":
         learned, where = None, "none"
     elif args.postprocessing == "learned":
-        learned = stored["postprocessing"]["learned"] if stored else postprocess.load_learned(source)
+        learned = model.learned
         where = "learned on the val cases" if learned else "none learned (no postprocessing.json in the workdir)"
     else:
         learned, where = json.loads(storage.read_text(args.postprocessing)), args.postprocessing
-    return postprocess.PostProcessing.from_config(eval_cfg, learned and learned["min_volume_mm3"]), where
+    return model.postprocessing(learned, threshold=args.threshold, et_rule=args.et_rule,
+                                min_et_voxels=args.min_et_voxels), where
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,22 +289,13 @@ def _usage_errors(parser, args) -> list:
 
 
 def _load_model(args):
-    """(config, forward, params, metadata or None) of --model, or of --workdir / --checkpoint.
-    forward(params, windows) is the window function inference.mirrored_outputs takes. An exported
-    model is read without building the network (no flax, optax, orbax or grain imported)."""
+    """The TrainedModel of --model, or of --workdir / --checkpoint. A model file is read without
+    building the network (no flax, optax, orbax or grain imported)."""
+    from segguided_jax.trained_model import TrainedModel
+
     if args.model:
-        from segguided_jax import model_artefact
-
-        model = model_artefact.load(args.model)
-        if args.window and list(args.window) != model.metadata["inference"]["window"]:
-            raise ValueError(f"--window {args.window}: the model file {args.model} was exported for windows of "
-                             f"{model.metadata['inference']['window']} voxels")
-        return model.config, model.forward, model.params, model.metadata
-    from segguided_jax.checkpointing import load_for_inference
-    from segguided_jax.models.network import forward
-
-    config, graphdef, params = load_for_inference(args.workdir or args.checkpoint)
-    return config, functools.partial(forward, graphdef, output=config.model.output), params, None
+        return TrainedModel.from_file(args.model)
+    return TrainedModel.from_checkpoint(args.workdir or args.checkpoint)
 
 
 def main(argv=None) -> int:
@@ -367,18 +305,13 @@ def main(argv=None) -> int:
     explicit = _usage_errors(parser, args)
 
     from segguided_jax import sharding
-    from segguided_jax.inference import VolumePredictor
 
     source = args.workdir or args.checkpoint or args.model
     try:
-        config, forward, params, stored = _load_model(args)
-        # The stored config as far as inference reads it (one stored by an older version may lack keys).
-        config_schema.validate(config, sections=("model", "eval"), partial=True)
-        overrides = _predictor_overrides(args, config)
-        post, post_source = _postprocessing(args, config, source, stored)
-        training = stored and (f"{args.model}, from {stored['spacing']['manifest']}", stored["spacing"]["target"],
-                               stored["spacing"]["median"])
-        spacing, spacing_source, trained = _target_spacing(config, args.spacing, training)
+        model = _load_model(args)
+        chosen = _predictor_settings(args, model)
+        post, post_source = _postprocessing(args, model)
+        spacing, spacing_source, trained = _target_spacing(model, args.spacing)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -389,7 +322,7 @@ def main(argv=None) -> int:
                  for cf in discover(args.input, args.edition, args.channels)]
     else:
         cases = [explicit_case(dict(zip(MODALITIES, explicit)), args.case_id, args.edition)]
-    predictor = VolumePredictor(forward, params, sharding.make_mesh(), **overrides)
+    predictor = model.predictor(chosen, sharding.make_mesh())
     print(f"predict: {len(cases)} case(s) with {source}; window {predictor.window}, overlap {predictor.overlap}, "
           f"batch {predictor.batch_size}, mirror axes {predictor.mirror_axes or 'none'} "
           f"({2 ** len(predictor.mirror_axes)} passes), attention stages {predictor.attention_stages or 'none'}; "

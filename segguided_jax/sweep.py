@@ -60,39 +60,22 @@ def evaluate_run(workdir: str, out_dir: str | None = None, model: str | None = N
     model: an exported model file (segguided_jax.export) to evaluate instead of the workdir's
     newest checkpoint, with its own config, parameters and learned post-processing.
     Writes WORKDIR/heldout/per_case.csv (evaluate's schema) and returns its path."""
-    from segguided_jax import postprocess
     from segguided_jax.data.records import CaseSource
     from segguided_jax.evaluate import write_per_case
-    from segguided_jax.inference import VolumePredictor
+    from segguided_jax.inference import predict_and_score
     from segguided_jax.metrics import case_metrics
+    from segguided_jax.trained_model import TrainedModel
 
-    if model is not None:
-        from segguided_jax import model_artefact, sharding
+    trained = TrainedModel.from_file(model) if model is not None else TrainedModel.from_checkpoint(workdir)
+    config = trained.config
 
-        exported = model_artefact.load(model)
-        config = exported.config
-        predictor = VolumePredictor(exported.forward, exported.params, sharding.make_mesh(),
-                                    window=config.eval.window, overlap=config.eval.overlap,
-                                    batch_size=config.eval.batch_size, mirror_axes=(0, 1, 2),
-                                    attention_stages=tuple(exported.metadata["inference"]["attention_stages"]))
-        learned = exported.metadata["postprocessing"]["learned"]
-    else:
-        from segguided_jax.checkpointing import load_for_inference
-
-        config, graphdef, params = load_for_inference(workdir)
-        predictor = VolumePredictor.from_config(config, graphdef, params, mirror_axes=(0, 1, 2))
-        learned = postprocess.load_learned(workdir)
-    source = CaseSource(config.data.dir, "test", config.data.split)
-    post = postprocess.PostProcessing.from_config(config.eval, learned and learned["min_volume_mm3"])
-    target = source.manifest.get("target_spacing")
-    rows = []
-    for i, meta in enumerate(source.cases):
-        case = source[i]
-        spacing = target or meta["spacing"]
-        out = predictor(case["image"])
+    def score(meta, case, out, labels, spacing):
         attention = ({s: out[..., 3 + k] for k, s in enumerate(brats.SUBREGIONS)} if out.shape[-1] > 3 else None)
-        rows.append({"case_id": meta["id"], "status": "ok", "spacing": "x".join(f"{v:g}" for v in spacing),
-                     **case_metrics(post.labels(out, spacing), case["label"], spacing, attention)})
+        return {"case_id": meta["id"], "status": "ok", "spacing": "x".join(f"{v:g}" for v in spacing),
+                **case_metrics(labels, case["label"], spacing, attention)}
+
+    rows = predict_and_score(trained.predictor(), trained.postprocessing(),
+                             CaseSource(config.data.dir, "test", config.data.split), score)
     out_dir = out_dir or storage.join(workdir, EVAL_DIR)
     storage.makedirs(out_dir)
     path = storage.join(out_dir, "per_case.csv")

@@ -43,7 +43,7 @@ from segguided_jax.multihost import all_process_states, preemption_noticed_by_an
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
-from segguided_jax.inference import VolumePredictor
+from segguided_jax.inference import VolumePredictor, predict_and_score
 from segguided_jax.metrics import region_dice, soft_dice
 from segguided_jax.steps import sharded_steps
 
@@ -106,7 +106,9 @@ class MetricsLog:
 
 class Validator:
     """Validation on the `val` cases of the config's split (never the test cases), through the
-    same VolumePredictor and post-processing as predict."""
+    same VolumePredictor, post-processing and case loop (inference.predict_and_score) as predict and
+    the sweep's test evaluation. The post-processing is the config's rule without removing
+    components: the component sizes are what the final validation fits."""
 
     def __init__(self, config, graphdef, params, mesh):
         self.source = CaseSource(config.data.dir, "val", config.data.split)
@@ -119,28 +121,29 @@ class Validator:
         self.choose = functools.partial(postprocess.choose, candidates=self.candidates,
                                         rule=config.eval.postprocess_rule,
                                         floor_mm3=config.eval.postprocess_floor_mm3)
-        target = self.source.manifest.get("target_spacing")
-        self.spacing = lambda meta: target or meta["spacing"]  # the voxel size of the preprocessed grid
 
     def __call__(self, params, fit_postprocessing: bool = False, progress=lambda what: None) -> tuple[dict, dict | None]:
         """(validation metrics, the post-processing fitted on these cases if asked, else None);
         progress(what) is called after each case."""
         self.predictor.set_params(params)
-        dice_rows, attn, fit = [], {s: [] for s in SUBREGIONS}, 0.0
-        for i, meta in enumerate(self.source.cases):
-            case = self.source[i]
-            out = self.predictor(case["image"])
-            labels = self.post.labels(out, self.spacing(meta))
-            dice_rows.append(region_dice(labels_to_regions(labels), labels_to_regions(case["label"])))
+
+        def score(meta, case, out, labels, spacing):
+            result = {"dice": region_dice(labels_to_regions(labels), labels_to_regions(case["label"])), "attn": {}}
             if self.gates:
                 masks = labels_to_subregions(case["label"])
-                for k, sub in enumerate(SUBREGIONS):
-                    if masks[..., k].any():  # fidelity is measured where the sub-region exists
-                        attn[sub].append(soft_dice(out[..., 3 + k], masks[..., k]))
+                result["attn"] = {sub: soft_dice(out[..., 3 + k], masks[..., k]) for k, sub in enumerate(SUBREGIONS)
+                                  if masks[..., k].any()}  # fidelity is measured where the sub-region exists
             if fit_postprocessing:
-                fit = fit + postprocess.fit_scores(out, case["label"], self.spacing(meta), self.post,
-                                                   self.candidates)
-            progress(f"validation case {meta.get('case_id', i)}")
+                result["fit"] = postprocess.fit_scores(out, case["label"], spacing, self.post, self.candidates)
+            return result
+
+        results = predict_and_score(self.predictor, self.post, self.source, score,
+                                    lambda meta, i: progress(f"validation case {meta.get('case_id', i)}"))
+        dice_rows = [r["dice"] for r in results]
+        attn = {s: [r["attn"][s] for r in results if s in r["attn"]] for s in SUBREGIONS}
+        fit = 0.0
+        for r in results:  # summed in case order, as the choice was always made
+            fit = fit + r.get("fit", 0.0)
         row = {k: float(np.mean([r[k] for r in dice_rows])) for k in dice_rows[0]}
         row["dice_mean"] = float(np.mean(list(row.values())))
         if self.gates:  # a sub-region absent from every case has no fidelity to report

@@ -49,6 +49,45 @@ def test_model_file_holds_function_parameters_and_what_predict_needs(model_file,
     assert coarse.shape == (3, 8, 8, 8, 3)
 
 
+def test_trained_model_from_the_run_and_from_its_file_agree(model_file, tiny_run, data_dir):
+    """One object from either source: the same predictor settings, training voxel size,
+    post-processing and predictions (bit for bit on one CPU device)."""
+    from segguided_jax.data.records import CaseSource
+    from segguided_jax.postprocess import PostProcessing
+    from segguided_jax.trained_model import PredictorSettings, TrainedModel
+
+    run, file = TrainedModel.from_checkpoint(tiny_run), TrainedModel.from_file(model_file)
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
+    learned = json.load(open(os.path.join(tiny_run, "postprocessing.json")))
+    for model in (run, file):
+        # tiny.py: 16³ windows, 4 per batch, overlap 0.5 (synthetic.py); predict mirrors 8 ways and
+        # writes the finest of its 2 decoder stages' maps.
+        assert model.defaults == PredictorSettings(window=(16, 16, 16), overlap=0.5, batch_size=4,
+                                                   mirror_axes=(0, 1, 2), attention_stages=(-1,))
+        assert model.spacing.manifest == os.path.join(data_dir, "manifest.json")
+        assert model.spacing.target is None and model.spacing.voxel_size == pytest.approx(
+            np.median([c["spacing"] for c in manifest["cases"]], 0))
+        assert model.learned == learned and model.step == 2
+        assert model.postprocessing() == PostProcessing(threshold=0.5, et_rule="component", min_et_voxels=10,
+                                                        min_volume_mm3=learned["min_volume_mm3"])
+    assert run.spacing == file.spacing and run.config.to_dict() == file.config.to_dict()
+    assert not run.fixed_window and file.fixed_window and file.metadata["params"]["count"] > 0
+    assert run.predictor_settings(window=(32, 32, 32)).window == (32, 32, 32)
+    with pytest.raises(ValueError, match=r"was exported for windows of \[16, 16, 16\] voxels"):
+        file.predictor_settings(window=(32, 32, 32))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        run.predictor_settings(window=(18, 16, 16))
+    with pytest.raises(ValueError, match="2 decoder stages"):
+        run.predictor_settings(attention_stages=(2,))
+    image = CaseSource(data_dir, "test")[0]["image"]
+    np.testing.assert_array_equal(run.predictor()(image), file.predictor()(image))
+    one_pass = run.predictor_settings(mirror_axes=(), attention_stages=(0, 1))
+    assert one_pass == file.predictor_settings(mirror_axes=(), attention_stages=(0, 1))
+    plain = run.predictor(one_pass)(image)
+    assert plain.shape == (*image.shape[:3], 6)
+    np.testing.assert_array_equal(plain, file.predictor(one_pass)(image))
+
+
 # Runs predict --model in a fresh interpreter and reports which top-level modules it imported.
 _FRESH_PREDICT = """
 import json, sys
@@ -92,6 +131,10 @@ def _rewrite(src, dst, metadata=None, member=None, data=None):
     return str(dst)
 
 
+def _other_batch(m):
+    m["inference"]["batch_size"] = 7  # the config says 4
+
+
 def _bump_version(m):
     m["format_version"] += 1
 
@@ -114,6 +157,9 @@ def test_bad_model_files_are_refused_before_anything_is_written(model_file, tiny
         _rewrite(model_file, tmp_path / "newer.sgm", metadata=_bump_version): "is newer than this segguided_jax reads",
         tpu_only: "exported for tpu, cuda, not for this machine's platform cpu",
         _rewrite(model_file, tmp_path / "window.sgm", metadata=_other_window): "the metadata says (batch, [32, 32, 32], 4)",
+        _rewrite(model_file, tmp_path / "batch.sgm", metadata=_other_batch): "inference settings {'window': [16, 16, 16], "
+            "'overlap': 0.5, 'batch_size': 7, 'mirror_axes': [0, 1, 2], 'attention_stages': [-1]} differ from the ones "
+            "its config gives",
         _rewrite(model_file, tmp_path / "params.sgm", member="params/0000.npy", data=npy.getvalue()):
             "sha256 differs from the one in the metadata",
         str(tmp_path / "missing.sgm"): "no such model file",
