@@ -122,7 +122,7 @@ def test_full_disk_while_writing_leaves_no_partial_case(workdir, raw_dir, tmp_pa
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(cases_lib.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)  # storage writes each file through os.replace
     args = ["--workdir", workdir, "--out", str(out), "--no-tta", "--probabilities", "--input"]
     assert predict.main(args + [os.path.join(raw_dir, f"BraTS2021_{i:05d}") for i in (1, 3)]) == 1
     assert "No space left" in capsys.readouterr().err
