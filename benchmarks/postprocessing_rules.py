@@ -30,7 +30,7 @@ VARIANTS = (("none", None, 0.0), ("smallest", "smallest", 0.0), ("smallest+floor
 
 def evaluate(workdir: str) -> dict:
     from segguided_jax import postprocess
-    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.checkpoint_reader import load_for_inference
     from segguided_jax.data.brats import REGIONS, labels_to_regions
     from segguided_jax.data.records import CaseSource
     from segguided_jax.inference import VolumePredictor

@@ -90,7 +90,7 @@ def training_spacing(config) -> TrainingSpacing:
 
 
 def _checkpoint_path(workdir: str, which: str) -> tuple[str, str | None]:
-    """(path for checkpointing.load_checkpoint_params, config.json path when that checkpoint holds no
+    """(path for checkpoint_reader.load_checkpoint_params, config.json path when that checkpoint holds no
     config) of `which`: last, best or a checkpoint folder."""
     if which == "last":
         return workdir, None
@@ -144,7 +144,7 @@ class TrainedModel:
         are read, onto the default device. Needs the `train` extra (flax, orbax)."""
         import ml_collections
 
-        from segguided_jax.checkpointing import load_checkpoint_params
+        from segguided_jax.checkpoint_reader import load_checkpoint_params
         from segguided_jax.models.network import forward
 
         read, config_file = _checkpoint_path(path, checkpoint)

@@ -172,7 +172,7 @@ def test_predict_and_evaluate_in_the_bucket(whole, raw_dir, gcs_emulator, tmp_pa
 def test_load_for_inference_from_a_bucket(whole):
     import jax
 
-    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.checkpoint_reader import load_for_inference
 
     config, _, newest = load_for_inference(whole)
     _, _, step8 = load_for_inference(storage.join(whole, "checkpoints", "8") + "/")
@@ -236,7 +236,7 @@ def test_a_run_rides_out_a_failing_bucket(whole, data_dir, gcs_emulator):
     (tests/fault_proxy.py). Outages start in the middle of a checkpoint save (503), of a
     metrics.jsonl upload (429, then reset connections) and of the first shard read (a stall, then
     503): the run ends with the metrics.jsonl and parameters of the undisturbed run."""
-    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.checkpoint_reader import load_for_inference
     from segguided_jax.train import params_digest
     from tests.fault_proxy import FaultProxy
 

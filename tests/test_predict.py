@@ -218,7 +218,7 @@ def test_validation_sweep_and_predict_give_identical_probabilities(workdir, data
     import jax
 
     from segguided_jax import sharding, sweep
-    from segguided_jax.checkpointing import load_for_inference
+    from segguided_jax.checkpoint_reader import load_for_inference
     from segguided_jax.data.records import CaseSource
     from segguided_jax.inference import VolumePredictor
     from segguided_jax.train import Validator
