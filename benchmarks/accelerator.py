@@ -23,7 +23,7 @@ prediction with the 8 mirrorings.
    left on the device (the device's own rate). The share of the fed window spent waiting for the
    next batch says which one bounds. At most two steps are in flight, so the host never queues
    more work than it can time.
-3. predict (between the two train phases): segguided_jax.inference.VolumePredictor with the
+3. predict (between the two train phases): segguided_jax.inference.predictor.VolumePredictor with the
    config's eval window, overlap and batch, the finest attention map and the 8 mirrorings
    (predict's default), on the first case's
    full grid (its preprocessed image put back in place: 240 x 240 x 155 x 4), with freshly
@@ -123,9 +123,10 @@ def child_train(args) -> dict:
     """Phase 2 for one value of data.augment_on_device; returns its figures."""
     import jax
 
-    from segguided_jax import config_schema, sharding
+    from segguided_jax import config_schema
+    from segguided_jax.parallel import sharding
     from segguided_jax.data.pipeline import train_dataset
-    from segguided_jax.steps import abstract_batch, sharded_steps
+    from segguided_jax.training.steps import abstract_batch, sharded_steps
 
     config = load_config(args.config, args.set)
     config.data.augment_on_device = args.augment_on_device
@@ -218,7 +219,7 @@ def child_predict(args) -> dict:
 
     from segguided_jax.data.cases import brats_case, load_case
     from segguided_jax.data.preprocess import preprocess
-    from segguided_jax.inference import VolumePredictor, window_starts
+    from segguided_jax.inference.predictor import VolumePredictor, window_starts
     from segguided_jax.models.network import build_model
 
     config = load_config(args.config, args.set)

@@ -26,13 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from segguided_jax import sharding  # noqa: E402
+from segguided_jax.parallel import sharding  # noqa: E402
 from segguided_jax.data.augment import initial_patch_size  # noqa: E402
 from segguided_jax.data.device_augment import draws_size  # noqa: E402
 from segguided_jax.data.pipeline import train_dataset  # noqa: E402
 from segguided_jax.data.records import CaseSource  # noqa: E402
 from segguided_jax.data.transforms import enlarged_start  # noqa: E402
-from segguided_jax.steps import batch_shardings  # noqa: E402
+from segguided_jax.training.steps import batch_shardings  # noqa: E402
 
 
 def load_config(path: str):

@@ -18,7 +18,8 @@ import time
 import jax
 import numpy as np
 
-from segguided_jax import compile_check, model_artefact
+from segguided_jax.compilation import compile_check
+from segguided_jax.inference import model_artefact
 
 
 def main(argv=None):

@@ -34,11 +34,11 @@ from configs import synthetic
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource
-from segguided_jax.inference import probabilities_to_labels, sliding_window, window_outputs
-from segguided_jax.losses import total_loss
-from segguided_jax.metrics import attention_mass_inside, region_dice, soft_dice
-from segguided_jax.optim import make_optimizer
-from segguided_jax.steps import init_state, train_step
+from segguided_jax.inference.predictor import probabilities_to_labels, sliding_window, window_outputs
+from segguided_jax.training.losses import total_loss
+from segguided_jax.evaluation.metrics import attention_mass_inside, region_dice, soft_dice
+from segguided_jax.training.optim import make_optimizer
+from segguided_jax.training.steps import init_state, train_step
 
 
 def _override(config, assignment: str):

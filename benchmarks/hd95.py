@@ -17,7 +17,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from segguided_jax import metrics
+from segguided_jax.evaluation import metrics
 from segguided_jax.data.brats import labels_to_regions
 
 SHAPE = (240, 240, 155)

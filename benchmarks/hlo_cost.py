@@ -75,8 +75,8 @@ def main(argv):
     from absl import flags
 
     from segguided_jax.models.network import abstract_model, parameter_count
-    from segguided_jax.optim import make_optimizer
-    from segguided_jax.steps import init_state, train_step
+    from segguided_jax.training.optim import make_optimizer
+    from segguided_jax.training.steps import init_state, train_step
 
     config = flags.FLAGS.config
     # The CPU-only formulations off: the compiled program is then the one an accelerator gets.

@@ -29,12 +29,12 @@ VARIANTS = (("none", None, 0.0), ("smallest", "smallest", 0.0), ("smallest+floor
 
 
 def evaluate(workdir: str) -> dict:
-    from segguided_jax import postprocess
-    from segguided_jax.checkpoint_reader import load_for_inference
+    from segguided_jax.inference import postprocess
+    from segguided_jax.inference.checkpoint_reader import load_for_inference
     from segguided_jax.data.brats import REGIONS, labels_to_regions
     from segguided_jax.data.records import CaseSource
-    from segguided_jax.inference import VolumePredictor
-    from segguided_jax.metrics import dice, lesion_wise
+    from segguided_jax.inference.predictor import VolumePredictor
+    from segguided_jax.evaluation.metrics import dice, lesion_wise
 
     config, graphdef, params = load_for_inference(workdir)
     base = postprocess.PostProcessing.from_config(config.eval)

@@ -27,9 +27,10 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from segguided_jax import compile_check, sharding  # noqa: E402
+from segguided_jax.compilation import compile_check  # noqa: E402
+from segguided_jax.parallel import sharding  # noqa: E402
 from segguided_jax.data.augment import initial_patch_size  # noqa: E402
-from segguided_jax.steps import abstract_batch, sharded_steps  # noqa: E402
+from segguided_jax.training.steps import abstract_batch, sharded_steps  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from segguided_jax import compile_check
+from segguided_jax.compilation import compile_check
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:1x1", "TPU topology (its first chip is compiled for).")
 _SIZE = flags.DEFINE_integer("size", 128, "Edge of the cubic activation.")

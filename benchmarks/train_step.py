@@ -19,8 +19,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from segguided_jax.models.network import abstract_model, gate_parameter_count, parameter_count
-from segguided_jax.optim import make_optimizer
-from segguided_jax.steps import init_state, train_step
+from segguided_jax.training.optim import make_optimizer
+from segguided_jax.training.steps import init_state, train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")

@@ -63,8 +63,8 @@ def ours_worker(spec):
     import jax.numpy as jnp
     import numpy as np
 
-    from segguided_jax.optim import make_optimizer
-    from segguided_jax.steps import init_state, train_step
+    from segguided_jax.training.optim import make_optimizer
+    from segguided_jax.training.steps import init_state, train_step
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from hlo_cost import program_flops

@@ -125,7 +125,7 @@ def get_config():
     c.train.log_every = 10
     c.train.eval_every = 600
     # A run whose loop makes no progress (no step, validation case or checkpoint) for this long
-    # stops with a message instead of hanging (segguided_jax/watchdog.py): a collective that a peer
+    # stops with a message instead of hanging (segguided_jax/training/watchdog.py): a collective that a peer
     # never joins blocks forever otherwise. Above the slowest first step (compilation included)
     # and the slowest validation case of any config; 0: never.
     c.train.stall_timeout_s = 1800.0
@@ -148,13 +148,13 @@ def get_config():
     # checkpoint's stops naming the differences; True goes on from the checkpoint under the new ones.
     c.checkpoint.allow_config_change = False
 
-    # Seconds each storage operation of a run (segguided_jax.storage: metrics.jsonl, config.json,
+    # Seconds each storage operation of a run (segguided_jax.io.storage: metrics.jsonl, config.json,
     # TensorBoard uploads, listings, copies, data staging) is retried through 429/5xx answers, resets
     # and timeouts before the run stops naming it: rides out a multi-minute Cloud Storage outage.
     c.storage = ml_collections.ConfigDict()
     c.storage.retry_secs = 600.0
 
-    # The workdir lease (segguided_jax.lease): renewed every renew_secs by the run that holds it; one
+    # The workdir lease (segguided_jax.training.lease): renewed every renew_secs by the run that holds it; one
     # not renewed for stale_secs is taken over by the next run (a SLURM requeue after a node died
     # waits up to this long; a kill -9 on the same host is noticed at once).
     c.lease = ml_collections.ConfigDict()
@@ -174,7 +174,7 @@ def get_config():
     c.eval.min_et_voxels = 10
     c.eval.max_cases = 0  # 0: every held-out case
     # The minimum component volume per region (WT, TC, ET) is learned at the end of training on the
-    # val cases' lesion-wise Dice (segguided_jax.postprocess.choose): among these candidates (mm³),
+    # val cases' lesion-wise Dice (segguided_jax.inference.postprocess.choose): among these candidates (mm³),
     # by this rule among those that tie ("plateau_middle", "smallest", "largest"), no lower than
     # the floor where the val cases cannot decide (BraTS does not count lesions <= 50 mm³).
     # Measured over seeds and on multifocal 1 mm cases: docs/postprocessing.md.

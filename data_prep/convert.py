@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from segguided_jax.data import splits as splits_lib
 from segguided_jax.data.cases import CaseError, CaseFiles, find_cases, load_case
 from segguided_jax.data.preprocess import preprocess

@@ -34,7 +34,7 @@ import sys
 import nibabel as nib
 import numpy as np
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from segguided_jax.data import nnunet
 from segguided_jax.data.brats import MODALITIES
 from segguided_jax.data.cases import CaseError, find_cases, load_case, read_nifti

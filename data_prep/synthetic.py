@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from segguided_jax.data.brats import EDITIONS, MODALITIES, case_id_for
 
 FIELD_OF_VIEW_MM = np.array([240.0, 240.0, 155.0])

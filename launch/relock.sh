@@ -37,7 +37,7 @@ compile lock/predict.txt pyproject.toml -c lock/all.txt
 grep -E '^libtpu==' "$LOCK/all.txt" | cut -d' ' -f1 >"$LOCK/libtpu.in"
 compile lock/libtpu.txt lock/libtpu.in --no-deps
 rm "$LOCK/libtpu.in"
-# JAX's CUDA plugin for deviceless GPU compiles (segguided_jax/gpu_compile.py), at the locked jax's
+# JAX's CUDA plugin for deviceless GPU compiles (segguided_jax/compilation/gpu_compile.py), at the locked jax's
 # own version, and the ptxas it compiles with; no CUDA runtime libraries, which need a GPU.
 JAX_VERSION="$(grep -oE '^jax==[^ ]+' "$LOCK/all.txt" | cut -d= -f3)"
 printf 'jax-cuda12-plugin==%s\njax-cuda12-pjrt==%s\nnvidia-cuda-nvcc-cu12\n' "$JAX_VERSION" "$JAX_VERSION" >"$LOCK/cuda.in"

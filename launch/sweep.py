@@ -1,4 +1,4 @@
-"""Run a config's sweep (get_sweep(name) in the config file; see segguided_jax/sweep.py).
+"""Run a config's sweep (get_sweep(name) in the config file; see segguided_jax/experiments/sweep.py).
 
     python launch/sweep.py --config=configs/synthetic.py --root=runs/sweep [--sweep=ablation|lambda|seeds]
         [--mode=local] [-- TRAIN ARGS]
@@ -30,8 +30,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from segguided_jax import storage  # noqa: E402
-from segguided_jax import sweep as sweep_lib  # noqa: E402
+from segguided_jax.io import storage  # noqa: E402
+from segguided_jax.experiments import sweep as sweep_lib  # noqa: E402
 
 
 def load_sweep(config_path: str, name: str) -> dict:

@@ -77,7 +77,7 @@ def tiny_config(data_dir):
 def tiny_run(data_dir, tmp_path_factory):
     """A tiny config trained for 2 steps: a workdir with checkpoints/, best/ and postprocessing.json,
     shared by the predict and export tests."""
-    from segguided_jax.train import train_and_evaluate
+    from segguided_jax.training.loop import train_and_evaluate
 
     cfg = tiny.get_config()
     cfg.data.dir = data_dir

@@ -4,7 +4,7 @@ Prints one JSON object: per program, the census next to the figures worked out b
 import json
 import sys
 
-from segguided_jax import gpu_compile
+from segguided_jax.compilation import gpu_compile
 
 gpu_compile.prepare_gpu_environment()
 

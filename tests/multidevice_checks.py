@@ -16,13 +16,13 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from segguided_jax import sharding  # noqa: E402
+from segguided_jax.parallel import sharding  # noqa: E402
 from segguided_jax.data import device_augment  # noqa: E402
 from segguided_jax.data.augment import initial_patch_size  # noqa: E402
-from segguided_jax.inference import VolumePredictor, window_outputs  # noqa: E402
+from segguided_jax.inference.predictor import VolumePredictor, window_outputs  # noqa: E402
 from segguided_jax.models.network import forward  # noqa: E402
-from segguided_jax.optim import make_optimizer  # noqa: E402
-from segguided_jax.steps import abstract_batch, init_state, loss_and_grads, sharded_steps  # noqa: E402
+from segguided_jax.training.optim import make_optimizer  # noqa: E402
+from segguided_jax.training.steps import abstract_batch, init_state, loss_and_grads, sharded_steps  # noqa: E402
 
 
 def mesh(data, spatial):

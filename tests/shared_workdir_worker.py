@@ -1,4 +1,4 @@
-"""One process of a two-process run that only checks its workdir, as train.py does at start-up.
+"""One process of a two-process run that only checks its workdir, as the training loop does at start-up.
 
     python tests/shared_workdir_worker.py PORT PROCESS_ID WORKDIR
 
@@ -10,7 +10,7 @@ import sys
 
 import jax
 
-from segguided_jax import multihost
+from segguided_jax.parallel import multihost
 
 port, process_id, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from segguided_jax.compile_check import all_reduce_bytes, collective_bytes
+from segguided_jax.compilation.compile_check import all_reduce_bytes, collective_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_compile_check_reports_memory_and_all_reduce_for_tiny_on_two_devices():
 
 
 def test_largest_batch_search_finds_the_boundary_from_either_side(monkeypatch):
-    from segguided_jax import compile_check as cc
+    from segguided_jax.compilation import compile_check as cc
 
     def compiler(limit):  # batches up to `limit` fit a v5e chip, 3 GiB each
         def compile_for_topology(config, topology, batch, what="train"):

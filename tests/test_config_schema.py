@@ -108,7 +108,8 @@ def test_every_closed_set_refuses_other_values(key):
 
 
 def test_the_closed_sets_are_their_owners():
-    from segguided_jax import losses, postprocess, steps
+    from segguided_jax.inference import postprocess
+    from segguided_jax.training import losses, steps
     from segguided_jax.models import formulations
     from segguided_jax.models.network import OUTPUT_CHANNELS
 

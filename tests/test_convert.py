@@ -14,7 +14,7 @@ from data_prep import convert, synthetic
 from segguided_jax.data import splits
 from segguided_jax.data.brats import EDITIONS
 from segguided_jax.data.cases import CaseError
-from segguided_jax.storage import write_nifti_gz
+from segguided_jax.io.storage import write_nifti_gz
 from segguided_jax.data.preprocess import labels_to_original as to_original_grid
 from segguided_jax.data.records import CaseSource, load_manifest
 

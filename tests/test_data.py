@@ -12,7 +12,7 @@ from segguided_jax.data import splits as splits_lib
 from segguided_jax.data.brats import EDITIONS, MODALITIES, labels_to_regions, regions_to_labels
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.transforms import enlarged_start, final_start, foreground_rows, outside_fraction
-from segguided_jax.metrics import lesion_wise
+from segguided_jax.evaluation.metrics import lesion_wise
 
 SHAPE = (40, 40, 26)
 

@@ -225,9 +225,9 @@ def test_train_step_on_device_sees_the_cpu_paths_patches(tiny_config):
     int16 boxes that hold every voxel the draws read, placed in slots by sharding.global_batch; the
     patches the device makes from them equal the CPU path's (same draws; within float32
     interpolation), and the real sharded train step gives the same loss and gradient norm."""
-    from segguided_jax import sharding
+    from segguided_jax.parallel import sharding
     from segguided_jax.data.pipeline import train_dataset
-    from segguided_jax.steps import sharded_steps
+    from segguided_jax.training.steps import sharded_steps
 
     cfg = tiny_config
     _all_but_noise(cfg.data)
@@ -336,7 +336,7 @@ def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp
     import sys
 
     from configs import tiny
-    from segguided_jax.train import train_and_evaluate
+    from segguided_jax.training.loop import train_and_evaluate
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     overrides = {"data.augment_on_device": True, "data.augment.rotation_probability": 0.5,

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segguided_jax import evaluate
+from segguided_jax.evaluation import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 12)

@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segguided_jax import export, model_artefact, predict, runtime
+from segguided_jax import runtime
+from segguided_jax.inference import export, model_artefact, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE = "BraTS2021_00000"
@@ -53,8 +54,8 @@ def test_trained_model_from_the_run_and_from_its_file_agree(model_file, tiny_run
     """One object from either source: the same predictor settings, training voxel size,
     post-processing and predictions (bit for bit on one CPU device)."""
     from segguided_jax.data.records import CaseSource
-    from segguided_jax.postprocess import PostProcessing
-    from segguided_jax.trained_model import PredictorSettings, TrainedModel
+    from segguided_jax.inference.postprocess import PostProcessing
+    from segguided_jax.inference.trained_model import PredictorSettings, TrainedModel
 
     run, file = TrainedModel.from_checkpoint(tiny_run), TrainedModel.from_file(model_file)
     manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
@@ -91,7 +92,7 @@ def test_trained_model_from_the_run_and_from_its_file_agree(model_file, tiny_run
 # Runs predict --model in a fresh interpreter and reports which top-level modules it imported.
 _FRESH_PREDICT = """
 import json, sys
-from segguided_jax import predict
+from segguided_jax.inference import predict
 rc = predict.main(sys.argv[1:])
 print(json.dumps({"rc": rc, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
 """
@@ -194,7 +195,7 @@ def test_package_applies_its_cpu_flags_and_a_users_own_win(monkeypatch):
 def test_sweep_evaluates_a_model_file_as_it_evaluates_the_run(model_file, tiny_run, tmp_path):
     import importlib.util
 
-    from segguided_jax import sweep
+    from segguided_jax.experiments import sweep
 
     spec = importlib.util.spec_from_file_location("launch_sweep", os.path.join(ROOT, "launch", "sweep.py"))
     launch_sweep = importlib.util.module_from_spec(spec)

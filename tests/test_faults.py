@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from segguided_jax.data.records import decode_case, encode_case, load_manifest
-from segguided_jax.runlog import MetricsFile
-from segguided_jax.train import train_and_evaluate
+from segguided_jax.io.runlog import MetricsFile
+from segguided_jax.training.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The post-processing rule and floor go through the command too (test_the_command_learns_...), and
@@ -89,7 +89,7 @@ def test_kill9_at_validation_then_rerun_equals_uninterrupted(data_dir, tmp_path,
 
 
 def test_preemption_on_a_validation_step_validates_it_on_resume(tiny_config, tmp_path, monkeypatch):
-    from segguided_jax import train
+    from segguided_jax.training import loop as train
 
     cfg = tiny_config
     cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every_steps = 8, 4, 100
@@ -131,7 +131,7 @@ DAMAGE = {"truncated_state": _truncate_state_file, "garbled_data_json": _garble_
 def stopped_at_8(data_dir, tmp_path_factory):
     """(config, an uninterrupted 12-step run, a copy of that run stopped right after saving step 8)."""
     from configs import tiny
-    from segguided_jax import train
+    from segguided_jax.training import loop as train
 
     cfg = tiny.get_config()
     cfg.data.dir = data_dir
@@ -195,7 +195,7 @@ def test_nan_in_the_data_names_the_case_and_saves_nothing(tiny_config, data_dir,
     assert manifest["cases"]
     for step in os.listdir(tmp_path / "run" / "checkpoints"):
         if step.isdigit():  # whatever was saved before the bad batch is finite
-            from segguided_jax.checkpoint_reader import load_for_inference
+            from segguided_jax.inference.checkpoint_reader import load_for_inference
             import jax
             _, _, params = load_for_inference(str(tmp_path / "run" / "checkpoints" / step))
             assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
@@ -208,7 +208,7 @@ def test_diverging_run_never_saves_a_non_finite_checkpoint(tiny_config, tmp_path
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.train.log_every = 20, 1, 100
     with pytest.raises(FloatingPointError, match=r"at step (\d+).*inputs were finite"):
         train_and_evaluate(cfg, str(tmp_path / "run"))
-    from segguided_jax.checkpoint_reader import load_for_inference
+    from segguided_jax.inference.checkpoint_reader import load_for_inference
     import jax
     ckpts = tmp_path / "run" / "checkpoints"
     for step in [d for d in os.listdir(ckpts) if d.isdigit()]:

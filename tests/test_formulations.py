@@ -252,7 +252,7 @@ def test_only_the_declaring_helpers_take_tpu_or_gpu_topology_devices():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parent.parent
-    helpers = {root / "segguided_jax" / "compile_check.py", root / "segguided_jax" / "gpu_compile.py"}
+    helpers = {root / "segguided_jax" / "compilation" / "compile_check.py", root / "segguided_jax" / "compilation" / "gpu_compile.py"}
     call = "get_topology_desc" + "("
     found = [str(p.relative_to(root)) for folder in ("segguided_jax", "benchmarks", "launch", "tests", "data_prep", "configs")
              for p in sorted((root / folder).rglob("*.py")) if p not in helpers and call in p.read_text()]
@@ -269,13 +269,13 @@ def test_a_formulation_that_cannot_work_is_refused_naming_its_key(key, value):
 
 def test_the_train_step_takes_the_formulation_from_the_config():
     """The config's model.formulation reaches the program the training command compiles: the
-    train step of the tiny config, built by steps.sharded_steps as train.py builds it, runs its 3³
+    train step of the tiny config, built by steps.sharded_steps as training/loop.py builds it, runs its 3³
     convolutions as 2-D ones in the folded layout with "tpu" and as 3-D ones with "auto" (this
     CPU's forms); the formulation is part of the model's graph, so jit compiles each anew. (Where
     W does not divide into the fold, at the coarsest stages, a 1³ convolution stays 3-D.)"""
     import re
-    from segguided_jax import sharding
-    from segguided_jax.steps import abstract_batch, sharded_steps
+    from segguided_jax.parallel import sharding
+    from segguided_jax.training.steps import abstract_batch, sharded_steps
 
     texts = {}
     for form in ("auto", "tpu"):

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from segguided_jax.losses import attention_loss, total_loss
+from segguided_jax.training.losses import attention_loss, total_loss
 from segguided_jax.models.network import build_model
 
 
@@ -109,15 +109,15 @@ def _fixed_batch():
 def _dice_matrix(maps, labels):
     """maps (X, Y, Z, 3) NCR/ED/ET in [0, 1], labels (X, Y, Z) internal: soft Dice of every map
     (rows) with every sub-region (columns), as metrics.soft_dice computes it."""
-    from segguided_jax.metrics import soft_dice
+    from segguided_jax.evaluation.metrics import soft_dice
 
     return np.array([[soft_dice(maps[..., m], labels == s + 1) for s in range(3)] for m in range(3)])
 
 
 def test_each_map_follows_its_own_sub_region_on_a_fixed_batch():
-    from segguided_jax.inference import window_outputs
-    from segguided_jax.optim import make_optimizer
-    from segguided_jax.steps import init_state, train_step
+    from segguided_jax.inference.predictor import window_outputs
+    from segguided_jax.training.optim import make_optimizer
+    from segguided_jax.training.steps import init_state, train_step
 
     cfg = tiny.get_config()  # the default gate and loss settings of every config
     # The demo's finest width (8 channels): the maps are a 1³ readout of that stage, and from the

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from segguided_jax import runlog, storage
+from segguided_jax.io import runlog, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Validation on one case keeps the runs short.
@@ -56,7 +56,7 @@ def whole(gcs_emulator, data_dir, tmp_path_factory):
     """An uninterrupted run trained in this process straight into the bucket, as the sweep names
     its runs: gs://BUCKET/sweep-XXXX/gate_aux-seed0."""
     from configs import tiny
-    from segguided_jax.train import train_and_evaluate
+    from segguided_jax.training.loop import train_and_evaluate
 
     cfg = tiny.get_config()
     cfg.data.dir = data_dir
@@ -127,7 +127,8 @@ def test_predict_and_evaluate_in_the_bucket(whole, raw_dir, gcs_emulator, tmp_pa
     (none of them stay); evaluate --pred gs:// --out gs:// gives the scores of a local copy."""
     import nibabel as nib
 
-    from segguided_jax import evaluate, predict
+    from segguided_jax.evaluation import evaluate
+    from segguided_jax.inference import predict
 
     monkeypatch.chdir(tmp_path)
     preds, scores = gcs_emulator.new_prefix("preds"), gcs_emulator.new_prefix("scores")
@@ -172,7 +173,7 @@ def test_predict_and_evaluate_in_the_bucket(whole, raw_dir, gcs_emulator, tmp_pa
 def test_load_for_inference_from_a_bucket(whole):
     import jax
 
-    from segguided_jax.checkpoint_reader import load_for_inference
+    from segguided_jax.inference.checkpoint_reader import load_for_inference
 
     config, _, newest = load_for_inference(whole)
     _, _, step8 = load_for_inference(storage.join(whole, "checkpoints", "8") + "/")
@@ -184,8 +185,8 @@ def test_load_for_inference_from_a_bucket(whole):
 def test_sweep_report_into_the_bucket(whole):
     """is_finished and aggregate on a root in a bucket: its per-case CSVs and metrics.jsonl read
     from there, the report written there."""
-    from segguided_jax.evaluate import write_per_case
-    from segguided_jax.sweep import EVAL_DIR, Run, aggregate, is_finished
+    from segguided_jax.evaluation.evaluate import write_per_case
+    from segguided_jax.experiments.sweep import EVAL_DIR, Run, aggregate, is_finished
 
     root = storage.dirname(whole)
     run = Run("gate_aux", 0, ())
@@ -236,8 +237,8 @@ def test_a_run_rides_out_a_failing_bucket(whole, data_dir, gcs_emulator):
     (tests/fault_proxy.py). Outages start in the middle of a checkpoint save (503), of a
     metrics.jsonl upload (429, then reset connections) and of the first shard read (a stall, then
     503): the run ends with the metrics.jsonl and parameters of the undisturbed run."""
-    from segguided_jax.checkpoint_reader import load_for_inference
-    from segguided_jax.train import params_digest
+    from segguided_jax.inference.checkpoint_reader import load_for_inference
+    from segguided_jax.training.loop import params_digest
     from tests.fault_proxy import FaultProxy
 
     run, bucket_data = gcs_emulator.new_prefix("faults"), gcs_emulator.new_prefix("faultdata")
@@ -289,7 +290,7 @@ def _two_checkpoints(gcs_dir):
     import jax.numpy as jnp
     import ml_collections
 
-    from segguided_jax.checkpointing import Checkpointer
+    from segguided_jax.training.checkpointing import Checkpointer
 
     cfg = ml_collections.ConfigDict({"every_steps": 1, "keep": 3, "async_save": False})
     state = {"w": jnp.arange(6.0)}
@@ -303,7 +304,7 @@ def _two_checkpoints(gcs_dir):
 def test_a_damaged_checkpoint_in_a_bucket_is_set_aside(gcs_dir, tmp_path, monkeypatch):
     import jax
 
-    from segguided_jax.checkpointing import CORRUPT_DIR, Checkpointer
+    from segguided_jax.training.checkpointing import CORRUPT_DIR, Checkpointer
 
     monkeypatch.chdir(tmp_path)
     cfg, state = _two_checkpoints(gcs_dir)
@@ -327,7 +328,7 @@ def test_setting_aside_in_a_bucket_is_safe_to_repeat(gcs_dir, tmp_path, monkeypa
     run: the copy in corrupt_checkpoints/ is whole, the source gone, the older checkpoint restores."""
     import jax
 
-    from segguided_jax.checkpointing import CORRUPT_DIR, Checkpointer
+    from segguided_jax.training.checkpointing import CORRUPT_DIR, Checkpointer
 
     monkeypatch.chdir(tmp_path)
     cfg, state = _two_checkpoints(gcs_dir)

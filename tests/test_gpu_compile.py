@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from segguided_jax.gpu_compile import cuda_unavailable
+from segguided_jax.compilation.gpu_compile import cuda_unavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(cuda_unavailable() is not None, reason=f"{cuda_unavailable()}")

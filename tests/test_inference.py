@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segguided_jax.inference import gaussian_weights, sliding_window, window_starts
-from segguided_jax.metrics import dice, region_dice
+from segguided_jax.inference.predictor import gaussian_weights, sliding_window, window_starts
+from segguided_jax.evaluation.metrics import dice, region_dice
 
 
 def test_window_starts_cover_volume_with_overlap():
@@ -54,7 +54,7 @@ def test_mirroring_tta_and_attention_channels():
     from flax import nnx
 
     from configs import tiny
-    from segguided_jax.inference import mirror_sets, window_outputs
+    from segguided_jax.inference.predictor import mirror_sets, window_outputs
     from segguided_jax.models.network import build_model
 
     assert mirror_sets((0, 1, 2)) == [(), (0,), (1,), (0, 1), (2,), (0, 2), (1, 2), (0, 1, 2)]
@@ -84,7 +84,7 @@ def test_sliding_window_equals_whole_volume_forward_when_the_window_fits():
     from flax import nnx
 
     from configs import tiny
-    from segguided_jax.inference import window_outputs
+    from segguided_jax.inference.predictor import window_outputs
     from segguided_jax.models.network import build_model
 
     graphdef, params = nnx.split(build_model(tiny.get_config().model, nnx.Rngs(0)))
@@ -109,8 +109,8 @@ def test_volume_predictor_equals_window_outputs_on_the_host():
     from flax import nnx
 
     from configs import tiny
-    from segguided_jax import sharding
-    from segguided_jax.inference import VolumePredictor, gaussian_weights, window_outputs, window_starts
+    from segguided_jax.parallel import sharding
+    from segguided_jax.inference.predictor import VolumePredictor, gaussian_weights, window_outputs, window_starts
     from segguided_jax.models.network import build_model, forward
 
     cfg = tiny.get_config()
@@ -136,11 +136,11 @@ def test_predictors_of_the_same_network_share_one_jitted_window_function():
     """Equal networks (equal graphdefs, other parameters) get the same jitted window step, so a
     process traces and compiles it once; another network, mirroring or mesh gets its own."""
     from configs import tiny
-    from segguided_jax import sharding
-    from segguided_jax.inference import window_function
+    from segguided_jax.parallel import sharding
+    from segguided_jax.inference.predictor import window_function
     from segguided_jax.models.network import forward
-    from segguided_jax.optim import make_optimizer
-    from segguided_jax.steps import init_state
+    from segguided_jax.training.optim import make_optimizer
+    from segguided_jax.training.steps import init_state
 
     cfg = tiny.get_config()
     tx = make_optimizer(cfg.optim, 8)

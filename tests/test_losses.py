@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segguided_jax.losses import aux_dice_loss, attention_loss, downsample_masks, soft_dice_loss, stage_weights
+from segguided_jax.training.losses import aux_dice_loss, attention_loss, downsample_masks, soft_dice_loss, stage_weights
 
 
 def test_soft_dice_loss_known_values():

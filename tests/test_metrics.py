@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from segguided_jax import metrics
+from segguided_jax.evaluation import metrics
 
 SHAPE = (32, 32, 32)
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from data_prep import convert, export_nnunet
-from segguided_jax import evaluate, predict
+from segguided_jax.evaluation import evaluate
+from segguided_jax.inference import predict
 from segguided_jax.data.brats import EDITIONS, MODALITIES
 from segguided_jax.data.records import CaseSource, load_manifest
 
@@ -384,7 +385,7 @@ def test_an_nnunet_dataset_in_a_bucket_converts_and_evaluates(exported, data_dir
     the bucket into the records the local dataset gives (dataset.json, channel files and labels
     all through storage), and evaluate scores against its labelsTs/ there as against the local
     one. The predictions are the reference labels themselves, so every Dice is 1."""
-    from segguided_jax import storage
+    from segguided_jax.io import storage
 
     bucket = storage.join(gcs_dir, os.path.basename(exported))
     storage.copy_tree(exported, bucket)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from segguided_jax.data.brats import labels_to_regions
-from segguided_jax.postprocess import CANDIDATES_MM3, PostProcessing, choose, fit_scores
+from segguided_jax.inference.postprocess import CANDIDATES_MM3, PostProcessing, choose, fit_scores
 
 
 def _probs(labels):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from data_prep import synthetic
-from segguided_jax import evaluate, predict
+from segguided_jax.evaluation import evaluate
+from segguided_jax.inference import predict
 from segguided_jax.data.brats import EDITIONS
 from segguided_jax.data import cases as cases_lib
 from segguided_jax.data.preprocess import to_original_grid
-from segguided_jax.panels import VIEWS, displayed, orientation
+from segguided_jax.inference.panels import VIEWS, displayed, orientation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -217,11 +218,12 @@ def test_validation_sweep_and_predict_give_identical_probabilities(workdir, data
 
     import jax
 
-    from segguided_jax import sharding, sweep
-    from segguided_jax.checkpoint_reader import load_for_inference
+    from segguided_jax.experiments import sweep
+    from segguided_jax.parallel import sharding
+    from segguided_jax.inference.checkpoint_reader import load_for_inference
     from segguided_jax.data.records import CaseSource
-    from segguided_jax.inference import VolumePredictor
-    from segguided_jax.train import Validator
+    from segguided_jax.inference.predictor import VolumePredictor
+    from segguided_jax.training.loop import Validator
 
     config, graphdef, params = load_for_inference(workdir)
     case_id = json.load(open(os.path.join(data_dir, "splits.json")))["holdout"]["test"][0]

@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from segguided_jax.optim import make_optimizer
-from segguided_jax.steps import init_state
+from segguided_jax.training.optim import make_optimizer
+from segguided_jax.training.steps import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from segguided_jax.stats import bootstrap_ci, mean_std, paired_wilcoxon
+from segguided_jax.evaluation.stats import bootstrap_ci, mean_std, paired_wilcoxon
 
 
 def test_mean_std_known_values():

@@ -1,4 +1,4 @@
-"""segguided_jax.storage on local disk and on a Cloud Storage emulator (tests/gcs_emulator.py):
+"""segguided_jax.io.storage on local disk and on a Cloud Storage emulator (tests/gcs_emulator.py):
 paths, atomic writes, metrics.jsonl, TensorBoard events, Orbax checkpoints and ArrayRecord reads
 in a bucket, the shared-workdir check with two real processes, and staging a data folder."""
 import builtins
@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from segguided_jax import multihost, runlog, storage
+from segguided_jax.io import runlog, storage
+from segguided_jax.parallel import multihost
 from segguided_jax.data import staging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,7 +245,7 @@ def test_metrics_file_drops_a_torn_last_line(tmp_path, caplog):
     with open(path, "w") as f:
         f.write(good + '{"step": 6, "lo')  # killed in the middle of an append
     metrics = runlog.MetricsFile(path)
-    with caplog.at_level(logging.WARNING, logger="segguided_jax.runlog"):
+    with caplog.at_level(logging.WARNING, logger="segguided_jax.io.runlog"):
         assert metrics.rows() == ROWS[:3]
     assert "dropping its last line" in caplog.text and path in caplog.text
     assert metrics.truncate_after(4) == 0

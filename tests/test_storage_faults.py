@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from tests.fault_proxy import FaultProxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # with two rows, reads it back, prints the seconds it took.
 UPLOAD = """
 import sys, time
-from segguided_jax import runlog, storage
+from segguided_jax.io import runlog, storage
 storage.set_retry_secs(float(sys.argv[2]))
 t0 = time.monotonic()
 f = runlog.MetricsFile(sys.argv[1])
@@ -38,7 +38,7 @@ print(f"took {time.monotonic() - t0:.1f}")
 CLIENTS = """
 import sys
 import jax, jax.numpy as jnp, ml_collections
-from segguided_jax.checkpointing import Checkpointer
+from segguided_jax.training.checkpointing import Checkpointer
 from segguided_jax.data.records import CaseSource
 from tests.test_storage_faults import digest
 state = {"w": jnp.arange(6.0)}

@@ -3,8 +3,8 @@ import json
 import os
 
 
-from segguided_jax.sweep import Run, aggregate, evaluate_run, expand, is_finished
-from segguided_jax.train import train_and_evaluate
+from segguided_jax.experiments.sweep import Run, aggregate, evaluate_run, expand, is_finished
+from segguided_jax.training.loop import train_and_evaluate
 
 
 def _rows(workdir):
@@ -75,7 +75,7 @@ def test_sweeps_of_every_config_expand_and_apply(tiny_config):
 
 
 def test_sensitivity_table_orders_by_the_varied_value(tmp_path):
-    from segguided_jax.evaluate import write_per_case
+    from segguided_jax.evaluation.evaluate import write_per_case
 
     runs = [Run(f"aux{w:g}", seed, (("loss.aux_weight", w),)) for w in (0.3, 0.03) for seed in (0, 1)]
     for i, run in enumerate(runs):

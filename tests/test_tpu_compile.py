@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from segguided_jax.compile_check import GIB, libtpu_lock, libtpu_unavailable
+from segguided_jax.compilation.compile_check import GIB, libtpu_lock, libtpu_unavailable
 from segguided_jax.models.formulations import fold_factor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_tiny_train_step_compiles_for_four_v5e_chips_within_recorded_memory():
         assert abs(measured[name] - recorded) <= BAND * recorded, (name, measured[name], recorded, cells)
 
 
-_LOCK_USER = ("import sys; from segguided_jax.compile_check import libtpu_lock\n"
+_LOCK_USER = ("import sys; from segguided_jax.compilation.compile_check import libtpu_lock\n"
               "with libtpu_lock(float(sys.argv[2]), sys.argv[1]): print('locked')")
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from segguided_jax.data.pipeline import train_dataset
-from segguided_jax.optim import learning_rate_schedule, make_optimizer, sgdr_cycles
-from segguided_jax.steps import init_state, train_step
-from segguided_jax.train import train_and_evaluate
+from segguided_jax.training.optim import learning_rate_schedule, make_optimizer, sgdr_cycles
+from segguided_jax.training.steps import init_state, train_step
+from segguided_jax.training.loop import train_and_evaluate
 
 
 

@@ -1,10 +1,10 @@
-"""segguided_jax.watchdog: a stalled run stops within its bound; a preempted one that cannot reach
+"""segguided_jax.training.watchdog: a stalled run stops within its bound; a preempted one that cannot reach
 its next step stops within its grace. The class alone here; through the command, with a peer
 frozen mid-run, in tests/test_multiprocess.py."""
 import threading
 import time
 
-from segguided_jax.watchdog import STALLED_EXIT_CODE, Watchdog
+from segguided_jax.training.watchdog import STALLED_EXIT_CODE, Watchdog
 
 
 class Exits:

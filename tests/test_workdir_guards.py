@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from segguided_jax.runlog import MetricsFile
+from segguided_jax.io.runlog import MetricsFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The 8-step run of the fixture: checkpoints 4 and 8, validation at 4 and 8 (one case).
@@ -133,7 +133,8 @@ def _lease_cfg(stale_secs=60.0):
 def test_lease_stops_a_second_run_and_is_taken_over_from_a_dead_or_silent_holder(lease_dir):
     import socket
 
-    from segguided_jax import lease, storage
+    from segguided_jax.io import storage
+    from segguided_jax.training import lease
 
     storage.makedirs(lease_dir)
     first = lease.Lease(lease_dir, _lease_cfg())
@@ -205,7 +206,8 @@ def run_twice(cmd, workdir, logs, env, second_env=None):
     released (a release deletes the lease only if it is the version this run wrote). Returns the
     second run's CompletedProcess, the seconds it took and the first run's pid. logs: a local
     folder for the first run's output."""
-    from segguided_jax import lease, runlog, storage
+    from segguided_jax.io import runlog, storage
+    from segguided_jax.training import lease
 
     path = lease.Lease(workdir, _lease_cfg()).path
     out_path, err_path = os.path.join(logs, "first.out"), os.path.join(logs, "first.err")
@@ -252,7 +254,7 @@ def test_a_second_run_on_the_same_workdir_stops_at_once(data_dir, tmp_path):
         second.stderr[-3000:]
     assert "step " not in second.stdout
     imported = [line.split("|")[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")]
-    assert "jax" in imported and "segguided_jax.lease" in imported  # the profile was taken
+    assert "jax" in imported and "segguided_jax.training.lease" in imported  # the profile was taken
     assert not [m for m in imported if m.split(".")[0] in ("orbax", "grain", "flax", "optax")]
     print(f"the second run stopped {took:.1f} s after it started")
     assert took < REFUSAL_SECS

@@ -14,8 +14,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from jax.experimental import mesh_utils  # noqa: E402
 
-from segguided_jax import sharding  # noqa: E402
-from segguided_jax.compile_check import topology_devices  # noqa: E402
+from segguided_jax.parallel import sharding  # noqa: E402
+from segguided_jax.compilation.compile_check import topology_devices  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 

@@ -1,5 +1,5 @@
 """Where a run's training patches are augmented, decided once from the config: the plan that the
-pipeline (segguided_jax.data.pipeline) and the train step (segguided_jax.steps) both follow,
+pipeline (segguided_jax.data.pipeline) and the train step (segguided_jax.training.steps) both follow,
 instead of each reading data.augment_on_device and the sizes behind it.
 
 - On the host (data.augment_on_device False): the pipeline augments each patch

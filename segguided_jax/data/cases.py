@@ -20,7 +20,7 @@ import re
 import nibabel as nib
 import numpy as np
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from segguided_jax.data import nnunet
 from segguided_jax.data.brats import (ALL_EDITIONS, EDITIONS, MODALITIES, MSD_CHANNELS, SUBREGIONS, Edition,
                                       detect_edition)

@@ -7,7 +7,7 @@ data.augment), placed as on the CPU path) that the row's own draws can read (`re
 records store it (int16 raw intensities and the case's mean and std, or float32), and the row's
 random draws (`draw`: the same numpy draws, in the same order, from the same Generator as the CPU
 path's, packed into one float32 vector). sharding.global_batch puts each row's box at the start
-of a slot of I³ voxels on its device, and the train step (segguided_jax.steps.augmented_train_step)
+of a slot of I³ voxels on its device, and the train step (segguided_jax.training.steps.augmented_train_step)
 calls
 
     image, label = augment_boxes(batch["image"], batch["label"], batch["box"], batch["norm"],

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import re
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from segguided_jax.data.brats import MODALITIES, Edition
 
 DATASET_JSON = "dataset.json"

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from segguided_jax.data.brats import MODALITIES
 from segguided_jax.data.splits import split_ids
 

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 SPLITS = "splits.json"
 SPLITS_VERSION = 2

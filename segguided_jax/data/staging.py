@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 
 def _manifest_fingerprint(data_dir) -> str | None:

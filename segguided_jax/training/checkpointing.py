@@ -1,5 +1,5 @@
 """One Orbax CheckpointManager for the train state, the data iterator's position and the config;
-best/ for the best validated state (inference reads parameters with segguided_jax.checkpoint_reader).
+best/ for the best validated state (inference reads parameters with segguided_jax.inference.checkpoint_reader).
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a killed
 process leaves the previous checkpoints intact; `latest_step` only ever sees finished ones, and
@@ -10,7 +10,7 @@ optimiser or data is not damage: `restore_newest` compares the stored config and
 the current ones before restoring and raises CheckpointMismatch naming what differs, leaving the
 workdir as it is.
 
-Paths go through segguided_jax.storage: the workdir may be local or a gs:// URI (Orbax writes
+Paths go through segguided_jax.io.storage: the workdir may be local or a gs:// URI (Orbax writes
 there itself, each process its own shards).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 CORRUPT_DIR = "corrupt_checkpoints"
 COMMIT_MARKER = "commit_success.txt"  # Orbax marks a checkpoint complete with it where there is no rename

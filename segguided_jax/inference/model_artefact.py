@@ -16,7 +16,7 @@ A model file is a zip archive (stored, not compressed: float parameters barely c
 `load` checks the file before anything is predicted: a damaged or truncated archive, a format newer
 than this code reads, a function not lowered for the running platform, or metadata that disagrees
 with the function or the parameters is a `ModelFileError` naming the file and the fault.
-segguided_jax.trained_model reads a model file into the object predict uses, and checks there that
+segguided_jax.inference.trained_model reads a model file into the object predict uses, and checks there that
 the metadata's inference and label settings are the ones its stored config gives.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 # Our own serialisation version: bump it when the archive's layout or the metadata's meaning
 # changes in a way an older reader would misread. jax.export versions the function itself.

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from segguided_jax import sharding
+from segguided_jax.parallel import sharding
 from segguided_jax.data.augment_plan import AugmentPlan
 from segguided_jax.data.device_augment import augment_boxes
-from segguided_jax.losses import total_loss
+from segguided_jax.training.losses import total_loss
 from segguided_jax.models.network import build_model
-from segguided_jax.optim import make_optimizer
+from segguided_jax.training.optim import make_optimizer
 
 @struct.dataclass
 class TrainState:

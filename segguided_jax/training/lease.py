@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 LEASE = "lease.json"
 
@@ -155,7 +155,7 @@ def _from_process_0(message: str | None) -> str | None:
 
     if jax.process_count() == 1:
         return message
-    from segguided_jax.multihost import all_process_states
+    from segguided_jax.parallel.multihost import all_process_states
 
     return all_process_states({"message": message})[0]["message"]
 

@@ -1,5 +1,5 @@
 """The run log: metrics.jsonl (MetricsFile) and the TensorBoard events (summary_writer), in a
-local workdir or a bucket (segguided_jax.storage).
+local workdir or a bucket (segguided_jax.io.storage).
 
 Object storage has no append and no rename, so both keep what they write locally or in memory and
 upload it whole, atomically, at most once a period and when asked (see each one's docstring).
@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 log = logging.getLogger(__name__)
 

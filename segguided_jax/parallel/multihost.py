@@ -11,7 +11,7 @@ import uuid
 import jax
 import numpy as np
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
@@ -64,7 +64,7 @@ def check_shared_workdir(workdir) -> None:
     if jax.process_index() == 0:
         storage.makedirs(workdir)
         storage.write_text(token, value)
-    multihost_utils.sync_global_devices("segguided_jax.multihost.check_shared_workdir: token written")
+    multihost_utils.sync_global_devices("segguided_jax.parallel.multihost.check_shared_workdir: token written")
     if jax.process_index() == 0:
         seen = True
     else:

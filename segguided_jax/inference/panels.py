@@ -149,7 +149,7 @@ def save_panel(path: str, flair: np.ndarray, t1ce: np.ndarray, labels: np.ndarra
     from matplotlib.figure import Figure
     from nibabel.orientations import apply_orientation
 
-    from segguided_jax import storage
+    from segguided_jax.io import storage
 
     ornt = orientation(affine)
     ras_spacing = np.empty(3)

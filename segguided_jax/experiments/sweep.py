@@ -6,7 +6,7 @@ A config file defines a sweep with `get_sweep()`:
      "settings": {"gate_aux": {}, "no_gate": {"model.gates": False, "loss.aux_weight": 0.0}},
      "compare": ["gate_aux", "no_gate"], "repeats": 1}
 Each (setting, seed) is one run in ROOT/<setting>-seed<seed>; every run sees the same data and
-test cases. ROOT may be a local folder or a gs:// URI (segguided_jax.storage). The launcher is
+test cases. ROOT may be a local folder or a gs:// URI (segguided_jax.io.storage). The launcher is
 launch/sweep.py.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ import json
 
 import numpy as np
 
-from segguided_jax import runlog, storage
+from segguided_jax.io import runlog, storage
 from segguided_jax.data import brats
-from segguided_jax.stats import bootstrap_ci, mean_std, paired_wilcoxon
+from segguided_jax.evaluation.stats import bootstrap_ci, mean_std, paired_wilcoxon
 
 EVAL_DIR = "heldout"  # inside a run's workdir: per_case.csv of the final model on the test cases
 REGIONS = tuple(r.lower() for r in brats.REGIONS)  # as metrics.case_metrics names its columns
@@ -61,10 +61,10 @@ def evaluate_run(workdir: str, out_dir: str | None = None, model: str | None = N
     newest checkpoint, with its own config, parameters and learned post-processing.
     Writes WORKDIR/heldout/per_case.csv (evaluate's schema) and returns its path."""
     from segguided_jax.data.records import CaseSource
-    from segguided_jax.evaluate import write_per_case
-    from segguided_jax.inference import predict_and_score
-    from segguided_jax.metrics import case_metrics
-    from segguided_jax.trained_model import TrainedModel
+    from segguided_jax.evaluation.evaluate import write_per_case
+    from segguided_jax.inference.predictor import predict_and_score
+    from segguided_jax.evaluation.metrics import case_metrics
+    from segguided_jax.inference.trained_model import TrainedModel
 
     trained = TrainedModel.from_file(model) if model is not None else TrainedModel.from_checkpoint(workdir)
     config = trained.config
@@ -85,7 +85,7 @@ def evaluate_run(workdir: str, out_dir: str | None = None, model: str | None = N
 
 def _read_per_case(path: str) -> dict:
     """{case_id: {metric: float}} of the scored ("ok") rows of a per-case CSV."""
-    from segguided_jax.evaluate import INFO_COLUMNS
+    from segguided_jax.evaluation.evaluate import INFO_COLUMNS
 
     skip = {"case_id", "status", "error", *INFO_COLUMNS}
     rows = csv.DictReader(io.StringIO(storage.read_text(path), newline=""))
@@ -193,7 +193,7 @@ def _write_report(out_dir, root, runs, run_rows, result, settings):
     lines = ["# Sweep report", "", f"Runs under `{root}`: {len(runs)} "
              f"({', '.join(settings)} × seeds {sorted({r.seed for r in runs})}); metrics on the test cases, "
              "never seen in training or validation (classic BraTS 2021 Dice, BraTS 2023 lesion-wise Dice, HD95 "
-             "in mm as the official BraTS 2023 code computes it; see segguided_jax/metrics.py).", "",
+             "in mm as the official BraTS 2023 code computes it; see segguided_jax/evaluation/metrics.py).", "",
              "## Mean ± std over seeds of each run's mean over cases", "",
              "| setting | runs | Dice ET | Dice TC | Dice WT | Dice mean | lesion Dice ET | lesion Dice TC | "
              "lesion Dice WT | HD95 ET | HD95 TC | HD95 WT |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

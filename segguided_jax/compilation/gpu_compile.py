@@ -1,7 +1,7 @@
 """Compiling for NVIDIA GPUs on a machine without one, and reading the optimised GPU program.
 
 JAX's CUDA plugin compiles for a GPU described by a GpuTargetConfig (the card's SM count, shared
-memory, bandwidth, compute capability: segguided_jax/gpu_targets/*.txtpb) and a topology
+memory, bandwidth, compute capability: segguided_jax/compilation/gpu_targets/*.txtpb) and a topology
 "<slices>x<hosts per slice>x<GPUs per host>" ("1x1x8": one node of 8; "1x2x8": two nodes, two
 processes), with no driver and no GPU: jax.experimental.topologies.get_topology_desc(platform="cuda",
 ...). One process compiles the whole multi-host program. What comes back is final in memory,
@@ -34,14 +34,14 @@ class Gpu:
     from NVIDIA's datasheets; NVLink bandwidth per GPU per direction; the InfiniBand a node gives
     each GPU (one NIC per GPU, as in DGX/HGX nodes). Memory size is the target config's."""
     name: str
-    target: str  # file in segguided_jax/gpu_targets
+    target: str  # file in segguided_jax/compilation/gpu_targets
     bf16_flops_per_s: float
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float
     ib_bytes_per_s: float
 
     def target_config(self) -> str:
-        return importlib.resources.files("segguided_jax.gpu_targets").joinpath(self.target).read_text()
+        return importlib.resources.files("segguided_jax.compilation.gpu_targets").joinpath(self.target).read_text()
 
     @property
     def memory_bytes(self) -> int:

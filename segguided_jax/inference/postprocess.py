@@ -21,9 +21,9 @@ import json
 import numpy as np
 from scipy import ndimage
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 from segguided_jax.data.brats import REGIONS, labels_to_regions, regions_to_labels
-from segguided_jax.metrics import LESION_MIN_VOLUME_MM3, lesion_wise
+from segguided_jax.evaluation.metrics import LESION_MIN_VOLUME_MM3, lesion_wise
 
 FILE = "postprocessing.json"
 _CONNECTIVITY_26 = np.ones((3, 3, 3), bool)

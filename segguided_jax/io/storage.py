@@ -12,8 +12,8 @@ Object storage differs from a file system in three ways this module accounts for
   write_bytes / write_text are atomic on both backends;
 - no folders: makedirs is a no-op there, and a "folder" exists once something is written in it.
 
-The run log on either backend is segguided_jax.runlog; the multi-host checks are
-segguided_jax.multihost; the copy of a prepared data folder to local disk is
+The run log on either backend is segguided_jax.io.runlog; the multi-host checks are
+segguided_jax.parallel.multihost; the copy of a prepared data folder to local disk is
 segguided_jax.data.staging.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from segguided_jax import storage
+from segguided_jax.io import storage
 
 
 def _checkpoint_folder(path: str) -> tuple[str, int | None]:

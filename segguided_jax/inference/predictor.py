@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from segguided_jax import sharding
+from segguided_jax.parallel import sharding
 
 
 def gaussian_weights(window, sigma_scale: float = 1 / 8) -> np.ndarray:

@@ -9,7 +9,7 @@ file, holding everything inference needs.
     model.spacing.voxel_size                     # the voxel size the model was trained at
 
 Both sources give the same object: the window function forward(params, windows) ->
-(probabilities, per-stage maps) (segguided_jax.inference.mirrored_outputs), its parameters, the
+(probabilities, per-stage maps) (segguided_jax.inference.predictor.mirrored_outputs), its parameters, the
 resolved training config, the predictor's default settings, the learned post-processing and the
 training data's voxel size. The predictor's defaults are derived from the config by
 `predictor_defaults`, in this one place: export writes them into a model file's metadata, and a
@@ -23,7 +23,9 @@ import json
 
 import numpy as np
 
-from segguided_jax import config_schema, postprocess, storage
+from segguided_jax import config_schema
+from segguided_jax.inference import postprocess
+from segguided_jax.io import storage
 from segguided_jax.data.brats import MODALITIES
 from segguided_jax.data.records import MANIFEST
 
@@ -144,7 +146,7 @@ class TrainedModel:
         are read, onto the default device. Needs the `train` extra (flax, orbax)."""
         import ml_collections
 
-        from segguided_jax.checkpoint_reader import load_checkpoint_params
+        from segguided_jax.inference.checkpoint_reader import load_checkpoint_params
         from segguided_jax.models.network import forward
 
         read, config_file = _checkpoint_path(path, checkpoint)
@@ -163,7 +165,7 @@ class TrainedModel:
         training stack."""
         import ml_collections
 
-        from segguided_jax import model_artefact
+        from segguided_jax.inference import model_artefact
 
         model = model_artefact.load(path)
         meta = model.metadata
@@ -234,8 +236,8 @@ class TrainedModel:
     def predictor(self, settings: PredictorSettings | None = None, mesh=None):
         """A VolumePredictor of this model with `settings` (default: the model's defaults; see
         predictor_settings) on `mesh` (default: all devices on the data axis)."""
-        from segguided_jax import sharding
-        from segguided_jax.inference import VolumePredictor
+        from segguided_jax.parallel import sharding
+        from segguided_jax.inference.predictor import VolumePredictor
 
         return VolumePredictor(self.forward, self.params, sharding.make_mesh() if mesh is None else mesh,
                                **dataclasses.asdict(settings or self.defaults))

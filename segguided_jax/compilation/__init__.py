@@ -1,0 +1,1 @@
+"""Compiling the train and predict steps for CPUs, TPU slices and GPUs without the hardware."""

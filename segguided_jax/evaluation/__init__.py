@@ -1,0 +1,1 @@
+"""The BraTS metrics, their statistics, and scoring prediction folders against references."""

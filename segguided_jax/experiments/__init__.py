@@ -1,0 +1,1 @@
+"""Seed sweeps and ablations over training runs."""

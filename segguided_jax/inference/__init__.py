@@ -1,0 +1,1 @@
+"""A trained model (from a checkpoint or a model file), the sliding-window predictor, post-processing, panels, predict and export. Imports none of flax, optax, orbax or grain until a checkpoint is read."""
