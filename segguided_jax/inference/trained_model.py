@@ -52,7 +52,7 @@ def predictor_defaults(config) -> PredictorSettings:
     """The settings predict, the sweep's test evaluation and a model file use unless told otherwise:
     the config's eval window, overlap and batch size; the 8 mirrorings (as nnU-Net); the finest
     stage's attention maps when the model has gates. (Validation during training mirrors as
-    config.eval.mirror_axes says: VolumePredictor.from_config.)"""
+    config.eval.mirror_axes says: training.loop.Validator.)"""
     return PredictorSettings(window=tuple(int(w) for w in config.eval.window), overlap=float(config.eval.overlap),
                              batch_size=int(config.eval.batch_size), mirror_axes=(0, 1, 2),
                              attention_stages=(-1,) if config.model.gates else ())
@@ -156,6 +156,15 @@ class TrainedModel:
         return cls(source=path, config=config, forward=functools.partial(forward, graphdef, output=config.model.output),
                    params=params, defaults=predictor_defaults(config), learned=postprocess.load_learned(path),
                    spacing=training_spacing(config), checkpoint=read, step=step)
+
+    @classmethod
+    def in_training(cls, config, graphdef, params, source: str) -> "TrainedModel":
+        """The network being trained, with the parameters it has now (training's validation; its
+        predictor's set_params takes each validation's); no post-processing learned yet."""
+        from segguided_jax.models.network import forward
+
+        return cls(source=source, config=config, forward=functools.partial(forward, graphdef, output=config.model.output),
+                   params=params, defaults=predictor_defaults(config), learned=None, spacing=training_spacing(config))
 
     @classmethod
     def from_file(cls, path: str) -> "TrainedModel":

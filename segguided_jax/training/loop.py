@@ -40,7 +40,8 @@ from segguided_jax.parallel.multihost import all_process_states, preemption_noti
 from segguided_jax.data.brats import SUBREGIONS, labels_to_regions, labels_to_subregions
 from segguided_jax.data.pipeline import train_dataset
 from segguided_jax.data.records import CaseSource, load_manifest
-from segguided_jax.inference.predictor import VolumePredictor, predict_and_score
+from segguided_jax.inference.predictor import predict_and_score
+from segguided_jax.inference.trained_model import TrainedModel
 from segguided_jax.evaluation.metrics import region_dice, soft_dice
 from segguided_jax.training.steps import sharded_steps
 
@@ -102,18 +103,22 @@ class MetricsLog:
 
 
 class Validator:
-    """Validation on the `val` cases of the config's split (never the test cases), through the
-    same VolumePredictor, post-processing and case loop (inference.predict_and_score) as predict and
-    the sweep's test evaluation. The post-processing is the config's rule without removing
-    components: the component sizes are what the final validation fits."""
+    """Validation on the `val` cases of the config's split (never the test cases): the network being
+    trained as a TrainedModel, its predictor, post-processing and case loop
+    (inference.predictor.predict_and_score) those of predict and the sweep's test evaluation. It
+    mirrors as config.eval.mirror_axes says (one pass by default). The post-processing is the
+    config's rule without removing components: the component sizes are what the final validation
+    fits."""
 
     def __init__(self, config, graphdef, params, mesh):
         self.source = CaseSource(config.data.dir, "val", config.data.split)
         if config.eval.max_cases:
             self.source.cases = self.source.cases[: config.eval.max_cases]
         self.gates = bool(config.model.gates)
-        self.predictor = VolumePredictor.from_config(config, graphdef, params, mesh)
-        self.post = postprocess.PostProcessing.from_config(config.eval)
+        model = TrainedModel.in_training(config, graphdef, params, config.data.dir)
+        settings = model.predictor_settings(mirror_axes=tuple(config.eval.get("mirror_axes", ())))
+        self.predictor = model.predictor(settings, mesh)
+        self.post = model.postprocessing(learned=None)
         self.candidates = tuple(config.eval.postprocess_candidates_mm3)
         self.choose = functools.partial(postprocess.choose, candidates=self.candidates,
                                         rule=config.eval.postprocess_rule,
