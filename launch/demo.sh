@@ -4,8 +4,11 @@
 # held-out test cases from their NIfTI folders and score them with the BraTS metrics, attention
 # maps included. Rerunning skips what is done; training resumes from runs/synthetic. Extra
 # arguments go to the trainer (e.g. --config.train.steps=200).
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 start=$(date +%s)
+# Seconds per phase, printed at the end.
+phase() { local now; now=$(date +%s); PHASES="${PHASES:+$PHASES, }$1 $(( now - ${last:-$start} )) s"; last=$now; }
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+phase set-up
 RAW=data/synthetic/raw
 PREPARED=data/synthetic/prepared
 WORKDIR=runs/synthetic
@@ -14,8 +17,10 @@ if [ ! -f "$PREPARED/manifest.json" ]; then
   python -m data_prep.convert --src "$RAW" --out "$PREPARED" --test-fraction 0.2 --val-fraction 0.2 \
     --split-seed 0 --workers 2
 fi
+phase data
 python -m segguided_jax.train --config=configs/synthetic.py --workdir="$WORKDIR" \
   --config.data.dir="$PREPARED" "$@"
+phase training
 
 # The test cases, never seen by training or validation, as a user would meet them: NIfTI folders.
 TEST="$WORKDIR/test_cases"
@@ -24,7 +29,9 @@ for id in $(python -c "import json; print(' '.join(json.load(open('$PREPARED/spl
   ln -s "$PWD/$RAW/$id" "$TEST/$id"
 done
 python -m segguided_jax.predict --workdir "$WORKDIR" --input "$TEST" --out "$WORKDIR/test_predictions"
+phase predict
 python -m segguided_jax.evaluate --pred "$WORKDIR/test_predictions" --ref "$TEST" --out "$WORKDIR/test_scores" >/dev/null
+phase evaluate
 python - "$WORKDIR" <<'PY'
 import json, sys
 summary = json.load(open(f"{sys.argv[1]}/test_scores/metrics.json"))["summary"]
@@ -51,4 +58,4 @@ print(f"  each map's own soft Dice >= 2x its soft Dice with another sub-region: 
                                            for c, s, own, other in pairs if (c, s, own, other) not in held))
 PY
 echo "predictions, panels and per-case scores: $WORKDIR/test_predictions, $WORKDIR/test_scores"
-echo "demo finished in $(( $(date +%s) - start )) s"
+echo "demo finished in $(( $(date +%s) - start )) s ($PHASES)"
