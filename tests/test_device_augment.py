@@ -327,8 +327,9 @@ def test_boxes_give_the_whole_crops_patches():
 
 def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp_path):
     """`python -m segguided_jax.train ... --config.data.augment_on_device=True` with rotation and
-    scaling on: stopped by SIGTERM (it checkpoints at the next step) and run again, it writes the
-    same metrics.jsonl, row for row and bit for bit, as an uninterrupted run of the same config."""
+    scaling on, the boxes shipped as float32 and the pipeline in a Grain worker process: stopped by
+    SIGTERM (it checkpoints at the next step) and run again, it writes the same metrics.jsonl, row
+    for row and bit for bit, as an uninterrupted run with int16 boxes and no worker process."""
     import json
     import os
     import signal
@@ -353,8 +354,11 @@ def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp
     train_and_evaluate(cfg, str(tmp_path / "whole"))
 
     workdir = tmp_path / "stopped"
+    # The command ships the boxes as float32 and runs the pipeline in a Grain worker process; the
+    # reference above, int16 boxes in the training process. Both say how, not what.
     cmd = [sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           f"--config.data.dir={cfg.data.dir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+           f"--config.data.dir={cfg.data.dir}", "--config.data.device_crop_dtype=float32",
+           "--config.data.num_workers=1"] + [f"--config.{k}={v}" for k, v in overrides.items()]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, ".cache", "jax"))
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

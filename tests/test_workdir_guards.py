@@ -89,6 +89,21 @@ def test_a_changed_config_stops_and_leaves_the_workdir_untouched(trained, data_d
     assert not (workdir / "corrupt_checkpoints").exists()
 
 
+def test_a_resume_with_other_grain_workers_stops_naming_the_count(trained, data_dir, tmp_path):
+    """data.num_workers says how, not what (the batches are the same), but Grain's iterator state
+    differs with worker processes: a resume with another count stops before training, naming the
+    checkpoint's count, and leaves the workdir as it was."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    before = _digests(workdir)
+    out = _train(data_dir, workdir, "--config.data.num_workers=1")
+    assert out.returncode != 0
+    assert "data.num_workers=0; this run has 1" in out.stderr, out.stderr[-3000:]
+    assert "--config.data.num_workers=0" in out.stderr
+    assert "step " not in out.stdout
+    assert _digests(workdir) == before
+
+
 def test_a_changed_width_cannot_be_allowed_its_arrays_are_named(trained, data_dir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)

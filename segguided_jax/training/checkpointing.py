@@ -31,7 +31,8 @@ COMMIT_MARKER = "commit_success.txt"  # Orbax marks a checkpoint complete with i
 # and the data settings below (where the data is read from, and how fast) may change between runs.
 COMPARED = ("seed", "model", "loss", "optim", "data", "train.batch_size")
 # How the run is executed, not what it computes: free to change on resume (the GPU convolution
-# layout changes the program's layouts, not its math).
+# layout changes the program's layouts, not its math), but for data.num_workers, whose count the
+# data position holds (training.loop checks it and names it).
 NOT_COMPARED = ("data.dir", "data.allow_fingerprint_mismatch", "data.num_workers", "data.read_threads",
                 "data.prefetch", "data.device_crop_dtype", "model.gpu_conv_layout", "model.formulation",
                 "model.cpu_rewrites", "model.tpu_fold", "model.tpu_remat_min_voxels")

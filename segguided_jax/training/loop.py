@@ -232,6 +232,15 @@ def _restore_or_init(config, ckpt: Checkpointer, fns, data_iter, fingerprint: st
     if len(iterators) != jax.process_count():
         raise ValueError(f"the checkpoint at step {start} was written by {len(iterators)} process(es); this "
                          f"run has {jax.process_count()}, whose data shards differ: resume with as many")
+    # Grain's iterator state has another structure with worker processes than without, and one
+    # entry per worker: the data position carries over only to as many workers. (Checkpoints
+    # written before the count was saved carry none and are not checked.)
+    workers = data_state.get("num_workers", config.data.num_workers)
+    if workers != config.data.num_workers:
+        raise CheckpointMismatch(
+            f"the checkpoint at step {start} in {ckpt.directory} holds the data position of a pipeline with "
+            f"data.num_workers={workers}; this run has {config.data.num_workers}, whose iterator state differs. "
+            f"Resume with --config.data.num_workers={workers} (the batches are the same either way).")
     data_iter.set_state(iterators[jax.process_index()])
     print(f"resumed from {ckpt.directory} at step {start}", flush=True)
     return state, start
@@ -309,7 +318,8 @@ def _train_loop(config, derived: config_schema.Derived, workdir: str, held, pree
         guard.check(config.data.dir)  # nothing non-finite is ever saved
         lease.check(held)  # nor anything over the files of a run that took the workdir over
         # Gathering the iterator states is a collective (all processes call it): only on save steps.
-        data_state = {"iterators": all_process_states(data_iter.get_state()), "fingerprint": fingerprint}
+        data_state = {"iterators": all_process_states(data_iter.get_state()), "fingerprint": fingerprint,
+                      "num_workers": int(config.data.num_workers)}
         # Every row up to this step is in the workdir before the checkpoint is: a resume from it
         # keeps those rows, and only rows it drops can be lost by a kill.
         log.flush()
