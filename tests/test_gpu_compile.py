@@ -54,14 +54,20 @@ def _compile_check(*flags):
     return out.stdout
 
 
+# The H100 cut down to 3.5 MiB (as a MIG slice is): the tiny train step's largest batch per GPU is
+# then 2, found with one more compile (3), where 80 GB would take a dozen compiles of batches in the
+# hundreds; the comparisons below run under the same memory.
+MEMORY = "--gpu_memory_gib=0.0035"
+
+
 @pytest.fixture(scope="module")
 def two_h100s(tmp_path_factory):
-    """compile_check's output for the tiny config on one host of two H100s, train and predict
-    (the optimised programs written to an --hlo_dir beside it)."""
+    """compile_check's output for the tiny config on one host of two H100s of 3.5 MiB, train and
+    predict, with --max_batch (the optimised programs written to an --hlo_dir beside it)."""
     hlo = tmp_path_factory.mktemp("hlo")
-    stdout = _compile_check(f"--hlo_dir={hlo}")
+    stdout = _compile_check(f"--hlo_dir={hlo}", "--max_batch", MEMORY)
     written = sorted(os.listdir(hlo))
-    assert written == ["h100_1x1x2_predict_b4.hlo.txt", "h100_1x1x2_train_b2.hlo.txt"], written
+    assert written == ["h100_1x1x2_predict_b4.hlo.txt", "h100_1x1x2_train_b2.hlo.txt"], written  # not the search's
     assert all("ENTRY" in (hlo / n).read_text() for n in written)
     return stdout
 
@@ -73,7 +79,9 @@ def _census(stdout, step):
 def test_compile_check_gpu_compiles_tiny_for_two_h100s(two_h100s):
     """Through the command, on one host of two H100s: the train step all-reduces every float32
     gradient once (the tiny config computes in float32), predict's window step (each GPU its own
-    windows, the parameters replicated) reduces nothing, and both fit."""
+    windows, the parameters replicated) reduces nothing; each fits where its peak is within the
+    card's memory (--gpu_memory_gib: the train step's batch of 2 does, predict's 4 windows do not),
+    and --max_batch finds the largest train batch that fits by compiling both sides of it."""
     from configs import tiny
     from segguided_jax.models.network import abstract_model, parameter_count
 
@@ -81,7 +89,11 @@ def test_compile_check_gpu_compiles_tiny_for_two_h100s(two_h100s):
     assert set(rows) == {("1x1x2", "train"), ("1x1x2", "predict")}, two_h100s
     train, predict = rows[("1x1x2", "train")], rows[("1x1x2", "predict")]
     assert train[2] == "2 (1)" and train[3] == "2×1" and train[5] == str(tiny.get_config().train.batch_size)
-    assert train[7] == predict[7] == "yes"  # fits
+    for row in (train, predict):  # "PEAK of MEMORY (TEMPORARIES)"
+        peak, memory = (float(v) for v in row[6].split(" (")[0].split(" of "))
+        assert memory == 0.0035 and row[7] == ("yes" if peak <= memory else "no"), row
+    assert train[7] == "yes" and predict[7] == "no"
+    assert "1x1x2: largest train batch per GPU that fits: 2 (compiled: 2 fits, 3 does not fit)" in two_h100s
     grads = 4 * parameter_count(abstract_model(tiny.get_config().model))
     reduced = float(train[10].split()[0]) * 2**20
     assert grads <= reduced <= grads + 4096, (grads, train[10])  # the gradients and a few scalars
@@ -102,6 +114,6 @@ def test_channels_last_gpu_convolutions_take_the_transposes_out_through_the_conf
         return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
     default = transposes(two_h100s)
-    channels_last = transposes(_compile_check("--no_predict", "--config.model.gpu_conv_layout=channels_last"))
+    channels_last = transposes(_compile_check("--no_predict", MEMORY, "--config.model.gpu_conv_layout=channels_last"))
     print(f"transpose fusions (count, MiB written): default {default}, channels_last {channels_last}")
     assert channels_last[0] < default[0] and channels_last[1] < default[1]

@@ -385,12 +385,12 @@ def search_batch(compile_at, capacity: float, start) -> tuple[int, list]:
     return lo, list(tried.values())
 
 
-def compile_for_gpus(config, gpu: str, topology: str, batch: int, what: str = "train",
+def compile_for_gpus(config, card: gpu_compile.Gpu, topology: str, batch: int, what: str = "train",
                      mirror_axes=(0, 1, 2), hlo_dir: str | None = None) -> gpu_compile.GpuFigures:
     """The train step (batch samples per data slot) or predict's window step (batch windows per
-    slot) compiled for a topology of GPUS[gpu] cards, through the mesh and step that train runs.
+    slot) compiled for a topology of `card`s, through the mesh and step that train runs.
     hlo_dir: where to write the optimised program's text as well."""
-    devices = gpu_compile.gpu_devices(gpu, topology)
+    devices = gpu_compile.gpu_devices(card, topology)
     mesh = sharding.make_mesh(config.mesh, devices)
     data, spatial = mesh.shape[sharding.DATA_AXIS], mesh.shape[sharding.SPATIAL_AXIS]
     config = config.copy_and_resolve_references()
@@ -403,10 +403,10 @@ def compile_for_gpus(config, gpu: str, topology: str, batch: int, what: str = "t
     hlo = compiled.as_text()
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
-        with open(os.path.join(hlo_dir, f"{gpu}_{topology}_{what}_b{batch}.hlo.txt"), "w") as f:
+        with open(os.path.join(hlo_dir, f"{card.key}_{topology}_{what}_b{batch}.hlo.txt"), "w") as f:
             f.write(hlo)
     return gpu_compile.GpuFigures(
-        gpu=gpu, topology=topology, what=what, gpus=len(devices), hosts=len({d.process_index for d in devices}),
+        card=card, topology=topology, what=what, gpus=len(devices), hosts=len({d.process_index for d in devices}),
         data=data, spatial=spatial, batch=batch, peak=float(mem.peak_memory_in_bytes),
         temporaries=float(mem.temp_size_in_bytes), arguments=float(mem.argument_size_in_bytes),
         census=gpu_compile.census(hlo))
@@ -428,18 +428,17 @@ def _gpu_row(r: gpu_compile.GpuFigures, first: dict) -> str:
                 f"{r.collective_s(r.card.ib_bytes_per_s) * 1e3:.2f} / {r.hierarchical_s() * 1e3:.2f})")
     est = r.estimate_s()
     ref = first.setdefault(r.what, est)
-    return (f"| {r.gpu} | {r.topology} | {r.gpus} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | "
-            f"{r.per_gpu_samples:g} | {_gib(r.peak)} of {r.card.memory_bytes / GIB:.1f} ({_gib(r.temporaries)}) | "
+    return (f"| {r.card.key} | {r.topology} | {r.gpus} ({r.hosts}) | {r.data}×{r.spatial} | {r.what} | "
+            f"{r.per_gpu_samples:g} | {_gib(r.peak)} of {_gib(r.card.memory_bytes)} ({_gib(r.temporaries)}) | "
             f"{'yes' if r.fits else 'no'} | {c.flops / 1e12:.3g} T | {_gib(c.bytes_accessed)} | {coll} | "
             f"{c.async_collectives} of {c.collectives} ({c.overlapped_kernels}) | {est * 1e3:.1f} ms | "
             f"{r.per_gpu_samples / est:.1f} {unit} | {est / ref:.2f}× |")
 
 
-def _print_gpu(config, gpu: str, topologies: list, batch: int, max_batch: bool, no_predict: bool,
+def _print_gpu(config, card: gpu_compile.Gpu, topologies: list, batch: int, max_batch: bool, no_predict: bool,
                hlo_dir: str | None) -> None:
-    card = gpu_compile.GPUS[gpu]
     print(f"{card.name}: {card.bf16_flops_per_s / 1e12:.0f} TFLOP/s bf16 dense, {card.hbm_bytes_per_s / 1e12:.2f} "
-          f"TB/s, {card.memory_bytes / GIB:.1f} GiB, NVLink {card.nvlink_bytes_per_s / 1e9:.0f} GB/s, IB "
+          f"TB/s, {_gib(card.memory_bytes)} GiB, NVLink {card.nvlink_bytes_per_s / 1e9:.0f} GB/s, IB "
           f"{card.ib_bytes_per_s * 8 / 1e9:.0f} Gb/s per GPU. Deviceless: no autotuning (cuDNN algorithms and "
           "Triton tiles are defaults), no cost model: FLOPs and bytes are counted from the program.", flush=True)
     print(GPU_TABLE_HEAD + "\n|" + "---|" * (GPU_TABLE_HEAD.count("|") - 1), flush=True)
@@ -448,12 +447,12 @@ def _print_gpu(config, gpu: str, topologies: list, batch: int, max_batch: bool, 
         t = time.perf_counter()
         steps = [("train", batch)] + ([] if no_predict else [("predict", config.eval.batch_size)])
         for what, b in steps:
-            row = compile_for_gpus(config, gpu, name, b, what, hlo_dir=hlo_dir)
+            row = compile_for_gpus(config, card, name, b, what, hlo_dir=hlo_dir)
             print(_gpu_row(row, first), flush=True)
             print(f"  {name} {what} census (kernels (MiB written; ms at the roofline)): {row.census.line(card)}",
                   flush=True)
             if what == "train" and max_batch:
-                best, tried = search_batch(lambda n: compile_for_gpus(config, gpu, name, n), card.memory_bytes, row)
+                best, tried = search_batch(lambda n: compile_for_gpus(config, card, name, n), card.memory_bytes, row)
                 print(f"{name}: largest train batch per GPU that fits: {best} (compiled: "
                       + ", ".join(f"{f.batch} {'fits' if f.fits else 'does not fit'}"
                                   for f in sorted(tried, key=lambda f: f.batch)) + ")", flush=True)
@@ -532,7 +531,11 @@ def main(argv):
         m = config.model
         print(f"jax {jax.__version__}, CUDA plugin at {gpu_compile.cuda_plugin_dir()}; patch {tuple(config.data.patch)}, "
               f"widths {tuple(m.widths)}, {m.compute_dtype}, {parameter_count(abstract_model(m))} parameters", flush=True)
-        _print_gpu(config, FLAGS.gpu, FLAGS.gpu_topology or ["1x1x1"], FLAGS.batch_per_chip or config.train.batch_size,
+        try:
+            card = gpu_compile.GPUS[FLAGS.gpu].with_memory(FLAGS.gpu_memory_gib)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        _print_gpu(config, card, FLAGS.gpu_topology or ["1x1x1"], FLAGS.batch_per_chip or config.train.batch_size,
                    FLAGS.max_batch, FLAGS.no_predict, FLAGS.hlo_dir)
         return
     if not FLAGS.topology:
@@ -585,6 +588,8 @@ def run(argv) -> None:
     flags.DEFINE_multi_string("topology", [], "TPU topologies to compile for with libtpu, e.g. v5e:1x1 v5p:4x4x4.")
     flags.DEFINE_enum("gpu", None, sorted(gpu_compile.GPUS), "Compile for this NVIDIA GPU with JAX's CUDA plugin.")
     flags.DEFINE_multi_string("gpu_topology", [], "GPU topologies: <slices>x<hosts>x<GPUs per host>, e.g. 1x1x8, 1x2x8.")
+    flags.DEFINE_float("gpu_memory_gib", None, "With --gpu: compile for the card with this much memory (a MIG "
+                       "slice, a smaller part); fits and --max_batch measure against it.")
     flags.DEFINE_string("hlo_dir", None, "With --gpu: also write each optimised GPU program's text here.")
     flags.DEFINE_integer("batch_per_chip", None, "Train samples per data-parallel slot (default: train.batch_size).")
     flags.DEFINE_bool("max_batch", False, "Also find the largest train batch per chip that fits, by compiling.")

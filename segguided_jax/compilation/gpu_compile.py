@@ -32,19 +32,40 @@ _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s6
 class Gpu:
     """One data-centre GPU (SXM part) by its public figures: dense bf16 peak and memory bandwidth
     from NVIDIA's datasheets; NVLink bandwidth per GPU per direction; the InfiniBand a node gives
-    each GPU (one NIC per GPU, as in DGX/HGX nodes). Memory size is the target config's."""
+    each GPU (one NIC per GPU, as in DGX/HGX nodes). Memory size is the target config's, unless
+    memory_gib gives another (a MIG slice, a smaller part of the same chip: with_memory)."""
     name: str
     target: str  # file in segguided_jax/compilation/gpu_targets
     bf16_flops_per_s: float
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float
     ib_bytes_per_s: float
+    memory_gib: float | None = None
+
+    def with_memory(self, gib: float | None) -> "Gpu":
+        """The same chip with `gib` GiB of memory (None: the card's own): XLA compiles for it, and
+        fits and --max_batch measure against it."""
+        if gib is None:
+            return self
+        if gib <= 0:
+            raise ValueError(f"--gpu_memory_gib {gib}: must be positive")
+        return dataclasses.replace(self, name=f"{self.name} with {gib:g} GiB", memory_gib=float(gib))
+
+    @property
+    def key(self) -> str:
+        """The card's name in GPUS and on the command line (h100, h200, a100)."""
+        return self.target.split(".")[0]
 
     def target_config(self) -> str:
-        return importlib.resources.files("segguided_jax.compilation.gpu_targets").joinpath(self.target).read_text()
+        text = importlib.resources.files("segguided_jax.compilation.gpu_targets").joinpath(self.target).read_text()
+        if self.memory_gib is not None:
+            text = re.sub(r"device_memory_size: \d+", f"device_memory_size: {self.memory_bytes}", text)
+        return text
 
     @property
     def memory_bytes(self) -> int:
+        if self.memory_gib is not None:
+            return int(self.memory_gib * GIB)
         return int(re.search(r"device_memory_size: (\d+)", self.target_config()).group(1))
 
 
@@ -89,14 +110,16 @@ def prepare_gpu_environment() -> None:
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
 
 
-def gpu_devices(gpu: str, topology: str):
-    """The devices of `topology` (e.g. "1x1x1", "1x1x8", "1x2x8") of GPUS[gpu] cards."""
+def gpu_devices(gpu, topology: str):
+    """The devices of `topology` (e.g. "1x1x1", "1x1x8", "1x2x8") of a card: a Gpu, or a name in
+    GPUS."""
     from jax.experimental import topologies
 
     from segguided_jax.models import formulations
 
     formulations.may_lower_for("cuda")  # what is traced from now on may run on these GPUs
-    return topologies.get_topology_desc(platform="cuda", target_config=GPUS[gpu].target_config(),
+    card = GPUS[gpu] if isinstance(gpu, str) else gpu
+    return topologies.get_topology_desc(platform="cuda", target_config=card.target_config(),
                                         topology=topology).devices
 
 
@@ -368,7 +391,7 @@ def census(hlo_text: str) -> Census:
 @dataclasses.dataclass
 class GpuFigures:
     """One compiled function (train step or predict's window step) on one GPU topology, per GPU."""
-    gpu: str
+    card: Gpu
     topology: str
     what: str  # "train" or "predict"
     gpus: int
@@ -381,10 +404,6 @@ class GpuFigures:
     temporaries: float = 0.0
     arguments: float = 0.0
     census: Census | None = None
-
-    @property
-    def card(self) -> Gpu:
-        return GPUS[self.gpu]
 
     @property
     def fits(self) -> bool:
