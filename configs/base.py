@@ -49,7 +49,8 @@ def get_config():
     # either way (the draws follow the records, not the workers). On 2 cores the demo's augmentation
     # (12 ms of CPU per batch) is cheaper in the training process than a worker's start and its
     # competition for the cores: 400 steps took 82.1 / 82.2 s without a worker against 88.8 /
-    # 97.4 s with one, alternated side by side.
+    # 97.4 s with one, alternated side by side. A resume keeps the count (the data position Grain
+    # saves has another structure with workers).
     c.data.num_workers = 0
     c.data.read_threads = 1
     c.data.prefetch = 2
