@@ -329,7 +329,7 @@ def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp
     """`python -m segguided_jax.train ... --config.data.augment_on_device=True` with rotation and
     scaling on, the boxes shipped as float32 and the pipeline in a Grain worker process: stopped by
     SIGTERM (it checkpoints at the next step) and run again, it writes the same metrics.jsonl, row
-    for row and bit for bit, as an uninterrupted run with int16 boxes and no worker process."""
+    for row and bit for bit, as an uninterrupted run of the same config."""
     import json
     import os
     import signal
@@ -340,7 +340,10 @@ def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp
     from segguided_jax.training.loop import train_and_evaluate
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    overrides = {"data.augment_on_device": True, "data.augment.rotation_probability": 0.5,
+    # The boxes shipped as float32 and the pipeline in a Grain worker process, in both runs: float32
+    # boxes give int16's patches only to float32 rounding (another program normalises them).
+    overrides = {"data.augment_on_device": True, "data.device_crop_dtype": "float32", "data.num_workers": 1,
+                 "data.augment.rotation_probability": 0.5,
                  "data.augment.scale_probability": 0.5, "data.augment.bias_field_probability": 0.5, "train.steps": 12, "train.log_every": 1,
                  "train.eval_every": 12, "checkpoint.every_steps": 1000}
     cfg = tiny.get_config()
@@ -354,11 +357,8 @@ def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp
     train_and_evaluate(cfg, str(tmp_path / "whole"))
 
     workdir = tmp_path / "stopped"
-    # The command ships the boxes as float32 and runs the pipeline in a Grain worker process; the
-    # reference above, int16 boxes in the training process. Both say how, not what.
     cmd = [sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           f"--config.data.dir={cfg.data.dir}", "--config.data.device_crop_dtype=float32",
-           "--config.data.num_workers=1"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+           f"--config.data.dir={cfg.data.dir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, ".cache", "jax"))
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

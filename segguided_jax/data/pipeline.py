@@ -65,6 +65,12 @@ def train_dataset(data_dir: str, data_cfg, *, seed: int, batch_size: int,
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
                                                  prefetch_buffer_size=data_cfg.prefetch))
     if data_cfg.num_workers > 0:
+        # Grain's workers read absl flags of their own: the train command parses them; called from
+        # a notebook or a test, unparsed flags would stop the first worker.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
     return grain.experimental.FlatMapIterDataset(it_ds, _SplitGroup(data_cfg.patches_per_case, plan.shared_keys))
 
