@@ -11,7 +11,6 @@ Only labelled cases take part; prediction-only cases are listed under "predict".
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
@@ -44,19 +43,16 @@ def make_splits(labelled: list[str], unlabelled: list[str], *, test_cases: int, 
 
 
 def _write(path: str, splits: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(splits, f, indent=1)
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, json.dumps(splits, indent=1))  # atomic: whole or absent
 
 
 def write_or_check(out: str, labelled: list[str], unlabelled: list[str], **settings) -> dict:
     """Writes splits.json, or, if it exists, checks it is the one these settings give and reuses
     it: a split is never silently redrawn."""
-    path = os.path.join(out, SPLITS)
+    path = storage.join(out, SPLITS)
     splits = make_splits(labelled, unlabelled, **settings)
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
+    if storage.exists(path):
+        existing = json.loads(storage.read_text(path))
         if existing != splits:
             raise ValueError(f"{path} holds splits drawn with other settings or cases (seed "
                              f"{existing.get('seed')}, {existing.get('test_cases', existing.get('val_cases'))} test "
