@@ -219,7 +219,8 @@ def child_predict(args) -> dict:
 
     from segguided_jax.data.cases import brats_case, load_case
     from segguided_jax.data.preprocess import preprocess
-    from segguided_jax.inference.predictor import VolumePredictor, window_starts
+    from segguided_jax.inference.predictor import window_starts
+    from segguided_jax.inference.trained_model import TrainedModel
     from segguided_jax.models.network import build_model
 
     config = load_config(args.config, args.set)
@@ -235,7 +236,8 @@ def child_predict(args) -> dict:
     full[tuple(slice(lo, hi) for lo, hi in meta["crop_box"])] = image
 
     graphdef, params = nnx.split(build_model(config.model, nnx.Rngs(config.seed)), nnx.Param)
-    predictor = VolumePredictor.from_config(config, graphdef, params, mirror_axes=(0, 1, 2))
+    # predict's defaults: the config's window, overlap and batch, 8 mirrorings, the finest maps.
+    predictor = TrainedModel.in_training(config, graphdef, params, config.data.dir).predictor()
     out.update(shape=list(full.shape), crop_shape=list(image.shape), window=list(predictor.window),
                overlap=predictor.overlap, eval_batch=predictor.batch_size,
                passes=2 ** len(predictor.mirror_axes), attention_stages=list(predictor.attention_stages),

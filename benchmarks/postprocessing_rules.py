@@ -30,26 +30,26 @@ VARIANTS = (("none", None, 0.0), ("smallest", "smallest", 0.0), ("smallest+floor
 
 def evaluate(workdir: str) -> dict:
     from segguided_jax.inference import postprocess
-    from segguided_jax.inference.checkpoint_reader import load_for_inference
     from segguided_jax.data.brats import REGIONS, labels_to_regions
     from segguided_jax.data.records import CaseSource
-    from segguided_jax.inference.predictor import VolumePredictor
+    from segguided_jax.inference.trained_model import TrainedModel
     from segguided_jax.evaluation.metrics import dice, lesion_wise
 
-    config, graphdef, params = load_for_inference(workdir)
+    model = TrainedModel.from_checkpoint(workdir)
+    config = model.config
     base = postprocess.PostProcessing.from_config(config.eval)
     candidates = tuple(config.eval.get("postprocess_candidates_mm3", postprocess.CANDIDATES_MM3))
 
-    def cases(part, **overrides):
+    def cases(part, mirror_axes):
         source = CaseSource(config.data.dir, part, config.data.split)
-        predictor = VolumePredictor.from_config(config, graphdef, params, **overrides)
+        predictor = model.predictor(model.predictor_settings(mirror_axes=mirror_axes))
         target = source.manifest.get("target_spacing")
         for i, meta in enumerate(source.cases):
             case = source[i]
             yield meta["id"], predictor(case["image"]), case["label"], target or meta["spacing"]
 
     fit, num_val = 0.0, 0
-    for _, out, label, spacing in cases("val"):
+    for _, out, label, spacing in cases("val", tuple(config.eval.get("mirror_axes", ()))):
         fit = fit + postprocess.fit_scores(out, label, spacing, base, candidates)
         num_val += 1
     chosen = {name: ({r: 0.0 for r in REGIONS} if rule is None else
@@ -58,7 +58,7 @@ def evaluate(workdir: str) -> dict:
     scores = {name: {f"{k}_{r.lower()}": [] for k in ("dice", "lesion_dice") for r in REGIONS} for name in chosen}
     oracle = np.zeros((len(REGIONS), len(candidates)))
     test_ids = []
-    for case_id, out, label, spacing in cases("test", mirror_axes=(0, 1, 2)):
+    for case_id, out, label, spacing in cases("test", (0, 1, 2)):
         test_ids.append(case_id)
         ref = labels_to_regions(label)
         for name, sizes in chosen.items():

@@ -224,21 +224,6 @@ class VolumePredictor:
         self.params = params
         self.set_params(params)
 
-    @classmethod
-    def from_config(cls, config, graphdef, params, mesh=None, **overrides) -> "VolumePredictor":
-        """The network (graphdef, params) with a training config's `eval` block (window, overlap,
-        batch_size) and `model.output`; `overrides` replace any of the constructor's keyword
-        arguments. mesh defaults to all devices on the data axis."""
-        from segguided_jax.models.network import forward
-
-        if mesh is None:
-            mesh = sharding.make_mesh()
-        kwargs = dict(window=config.eval.window, overlap=config.eval.overlap,
-                      batch_size=config.eval.batch_size, mirror_axes=tuple(config.eval.get("mirror_axes", ())),
-                      attention_stages=(-1,) if config.model.gates else ())
-        kwargs.update(overrides)
-        return cls(functools.partial(forward, graphdef, output=config.model.output), params, mesh, **kwargs)
-
     def set_params(self, params) -> None:
         """Predicts with these parameters from now on (e.g. the train state's, at each validation)."""
         self.params = jax.device_put(params, self._replicated)
