@@ -287,3 +287,28 @@ def test_the_train_step_takes_the_formulation_from_the_config():
     conv3d_3x3x3 = re.compile(re.escape(CONV_3D) + r".*: \(tensor<[^>]*>, tensor<3x3x3x")
     assert conv3d_3x3x3.search(texts["auto"]) and CONV_2D not in texts["auto"]
     assert not conv3d_3x3x3.search(texts["tpu"]) and CONV_2D in texts["tpu"]
+
+
+def test_the_train_command_runs_the_tpu_formulation_from_its_config_key(data_dir, tmp_path):
+    """`python -m segguided_jax.train ... --config.model.formulation=tpu` trains with the folded
+    forms on this CPU; its first step's loss (the same parameters, the same batch) equals the one
+    of the default forms to float32 rounding. (That the key changes the program the command
+    compiles, sharded_steps' train step, is test_the_train_step_takes_the_formulation_from_the_config.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    losses = {}
+    for form in ("auto", "tpu"):
+        workdir = tmp_path / form
+        run = subprocess.run([sys.executable, "-m", "segguided_jax.train", "--config=configs/tiny.py",
+                              f"--workdir={workdir}", f"--config.data.dir={data_dir}", f"--config.model.formulation={form}",
+                              "--config.train.steps=1", "--config.train.log_every=1"],
+                             cwd=root, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        losses[form] = [r["loss"] for r in rows if r["step"] == 1 and "split" not in r]
+    assert len(losses["auto"]) == 1, losses
+    np.testing.assert_allclose(losses["tpu"], losses["auto"], rtol=1e-5)
