@@ -1,6 +1,7 @@
 """A synthetic BraTS-like set, in the real folder layout and naming of either edition.
 
     python -m data_prep.synthetic --out DIR --cases N --edition 2021|2023 --seed S [--shape X Y Z] [--lesions K]
+        [--bias-scale B]
 
 Each case is a skull-stripped brain (grey matter, white matter, ventricles and sulcal CSF) with a
 glioma: an enhancing rim (ET) on T1ce around a dark necrotic core (NCR), surrounded by oedema (ED)
@@ -65,9 +66,11 @@ def _grid_mm(shape, spacing):
         [-1 if i == a else 1 for i in range(3)]) for a, (n, s) in enumerate(zip(shape, spacing))]
 
 
-def synth_case(rng: np.random.Generator, shape=BRATS_SHAPE, lesions: int = 1):
+def synth_case(rng: np.random.Generator, shape=BRATS_SHAPE, lesions: int = 1, bias_scale: float = 1.0):
     """Returns (images (4, X, Y, Z) float32 in MODALITIES order, internal labels uint8, spacing);
-    `lesions` separate tumours (1: the single glioma of most BraTS cases)."""
+    `lesions` separate tumours (1: the single glioma of most BraTS cases). bias_scale multiplies
+    the log of every modality's bias field (0: none) and draws the same numbers: the same case
+    otherwise, to tell what its bias fields do."""
     shape = tuple(int(s) for s in shape)
     spacing = FIELD_OF_VIEW_MM / np.array(shape)
     x, y, z = _grid_mm(shape, spacing)
@@ -130,7 +133,7 @@ def synth_case(rng: np.random.Generator, shape=BRATS_SHAPE, lesions: int = 1):
     for m in range(4):
         img = INTENSITY[tissue, m] * (1 + 0.04 * _smooth_field(rng, shape, coarse=(30, 30, 20)))
         img = ndimage.gaussian_filter(img, sigma=0.6 / voxel + 0.3)
-        bias = np.exp(0.15 * _smooth_field(rng, shape, coarse=(3, 3, 3)))
+        bias = np.exp(0.15 * bias_scale * _smooth_field(rng, shape, coarse=(3, 3, 3)))
         sigma = 0.025
         img = np.sqrt((img * bias + sigma * rng.standard_normal(shape, np.float32)) ** 2
                       + (sigma * rng.standard_normal(shape, np.float32)) ** 2)
@@ -145,12 +148,13 @@ def brats_affine(shape, spacing):
     return affine
 
 
-def write_case(out_dir: str, edition_name: str, index: int, seed: int, shape=BRATS_SHAPE, lesions: int = 1) -> str:
+def write_case(out_dir: str, edition_name: str, index: int, seed: int, shape=BRATS_SHAPE, lesions: int = 1,
+               bias_scale: float = 1.0) -> str:
     """Writes one case folder; returns its path. Case `index` of seed `seed` is the same whatever
     the other cases are."""
     edition = EDITIONS[edition_name]
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    images, labels, spacing = synth_case(rng, shape, lesions)
+    images, labels, spacing = synth_case(rng, shape, lesions, bias_scale)
     case_id = case_id_for(edition_name, index)
     case_dir = os.path.join(out_dir, case_id)
     os.makedirs(case_dir, exist_ok=True)
@@ -179,12 +183,14 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="cases generated in parallel processes")
     parser.add_argument("--lesions", type=int, default=1,
                         help="separate tumours per case: the main one and LESIONS - 1 smaller satellites")
+    parser.add_argument("--bias-scale", type=float, default=1.0,
+                        help="multiplies the log of every bias field (0: none); the same cases otherwise")
     args = parser.parse_args(argv)
     if args.lesions < 1:
         parser.error(f"--lesions must be at least 1, got {args.lesions}")
     os.makedirs(args.out, exist_ok=True)
     job = functools.partial(write_case, args.out, args.edition, seed=args.seed, shape=tuple(args.shape),
-                            lesions=args.lesions)
+                            lesions=args.lesions, bias_scale=args.bias_scale)
     tty = sys.stdout.isatty()  # one updating line on a terminal, one line per case in a log
     with concurrent.futures.ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as ex:
         results = ex.map(job, range(args.cases)) if ex else map(job, range(args.cases))

@@ -333,6 +333,32 @@ def test_synthetic_command_writes_multifocal_cases_and_refuses_zero_lesions(tmp_
     assert bad.returncode != 0 and "--lesions must be at least 1" in bad.stderr
 
 
+def test_synthetic_command_bias_scale_changes_only_the_bias_fields(tmp_path):
+    """`python -m data_prep.synthetic --bias-scale 0`: the same case (labels byte for byte) without
+    its bias fields. Each modality of the original is the unbiased one times exp(0.15 f), f a smooth
+    field in about [-1, 1]: the ratio stays within exp(+-0.3), varies, and --bias-scale 2 gives its
+    square (up to the noise)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    case = "BraTS2021_00000"
+    images, segs = {}, {}
+    for scale in ("1", "0", "2"):
+        out = tmp_path / scale
+        cmd = [sys.executable, "-m", "data_prep.synthetic", "--out", str(out), "--cases", "1", "--seed", "3",
+               "--shape", *map(str, SHAPE), "--bias-scale", scale]
+        run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        images[scale] = _read(str(out / case / f"{case}_flair.nii.gz")).astype(np.float64)
+        segs[scale] = (out / case / f"{case}_seg.nii.gz").read_bytes()
+    assert segs["0"] == segs["1"] == segs["2"]
+    bright = images["0"] > np.percentile(images["0"][images["0"] > 0], 50)  # away from the noise floor
+    ratio, ratio2 = images["1"][bright] / images["0"][bright], images["2"][bright] / images["0"][bright]
+    assert np.exp(-0.3) < ratio.min() and ratio.max() < np.exp(0.3) and ratio.std() > 0.02
+    assert np.corrcoef(np.log(ratio2), 2 * np.log(ratio))[0, 1] > 0.95
+
+
 def test_the_pipeline_multiplies_its_patches_by_a_bias_field_when_configured(tiny_config):
     """data.augment.bias_field_probability through train_dataset (what the train command reads):
     with every other transform off, a patch at probability 1 is the same patch at 0 times a field
