@@ -14,8 +14,9 @@ def get_config():
 def get_sweep(name: str = "ablation"):
     """The experiments the paper lacks, over 3 seeds (run with launch/sweep.py --sweep=NAME):
     "ablation": gates with the auxiliary loss (λ from the config) against gates with λ = 0 (the
-    maps are then free features) and no gates at all; "lambda": the auxiliary weight λ; "seeds": the
-    config itself (the README's demo figures as mean ± sd)."""
+    maps are then free features) and no gates at all; "lambda": the auxiliary weight λ; "overhang":
+    patches that may reach past the case's borders (data.patch_overhang) against the config's;
+    "seeds": the config itself (the README's demo figures as mean ± sd)."""
     seeds = [0, 1, 2]
     sweeps = {
         "ablation": {"seeds": seeds,
@@ -28,6 +29,12 @@ def get_sweep(name: str = "ablation"):
         "lambda": {"seeds": seeds,
                    "settings": {f"aux{w:g}": {"loss.aux_weight": w} for w in (0.03, 0.1, 0.3, 1.0)},
                    "sensitivity": "loss.aux_weight"},
+        # Patches that may reach half their edge past the case's borders against patches kept
+        # inside it (the config: nnU-Net's placement, which without rotation or scaling leaves no
+        # room past the borders). docs/sweep/overhang/ ran it with -- --config.train.steps=1500.
+        "overhang": {"seeds": seeds,
+                     "settings": {"overhang": {"data.patch_overhang": 0.5}, "inside": {}},
+                     "compare": [["overhang", "inside"]]},
         # The config as it is, over the seeds: the spread behind a single run's figures.
         "seeds": {"seeds": seeds, "settings": {"config": {}}},
     }

@@ -1,10 +1,11 @@
 """Run a config's sweep (get_sweep(name) in the config file; see segguided_jax/experiments/sweep.py).
 
-    python launch/sweep.py --config=configs/synthetic.py --root=runs/sweep [--sweep=ablation|lambda|seeds]
+    python launch/sweep.py --config=configs/synthetic.py --root=runs/sweep [--sweep=ablation|lambda|overhang|seeds]
         [--mode=local] [-- TRAIN ARGS]
 
 --sweep        which of the config's sweeps (default "ablation": gates + auxiliary loss, gates with
                λ = 0, no gates; "lambda": the auxiliary loss weight λ in {0.03, 0.1, 0.3, 1.0};
+               "overhang": patches reaching past the case's borders against the config's;
                "seeds": the config as it is over 3 seeds).
 
 --mode=local   runs every unfinished run here, one after another (a rerun skips finished runs and

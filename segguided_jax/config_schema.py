@@ -68,6 +68,7 @@ SCHEMA: dict[str, Key] = {
     "data.allow_fingerprint_mismatch": BOOL,
     "data.patch": Key("ints", length=3, ge=1),
     "data.foreground_fraction": PROBABILITY,
+    "data.patch_overhang": _float(ge=0.0, le=0.5),
     "data.foreground_classes": Key("label_sets", min_length=1),
     "data.patches_per_case": _int(ge=1),
     "data.augment.rotation_probability": PROBABILITY,

@@ -197,6 +197,50 @@ def test_placement_reaches_every_border_and_centres_small_cases():
         assert all(s <= v < s + 16 for s, v in zip(start, voxel))
 
 
+def test_overhang_lets_every_voxel_be_a_patch_centre():
+    """data.patch_overhang 0.5: the final patch may reach half its edge past each border, so uniform
+    placement makes every voxel of the case a possible patch centre (at 0 a border voxel lies in
+    1 of P placements along its axis); the rotation's own room still counts where it is larger."""
+    rng = np.random.default_rng(0)
+    shape, patch = (40, 30, 10), (16, 16, 16)
+    starts = np.array([final_start(enlarged_start(shape, patch, patch, rng, overhang=(8, 8, 8)), patch, patch)
+                       for _ in range(4000)])
+    assert set(starts[:, 0]) == set(range(-8, 33)) and set(starts[:, 1]) == set(range(-8, 23))
+    assert set(starts[:, 2]) == set(range(-8, 3))  # smaller than the patch: any voxel a centre too
+    centres = starts + 8
+    assert [(c.min(), c.max()) for c in centres.T] == [(0, 40), (0, 30), (0, 10)]
+    # a larger enlarged box keeps its own room (nnU-Net's need_to_pad), the overhang adds none
+    wide = np.array([final_start(enlarged_start(shape, patch, (24, 24, 16), rng, overhang=(2, 2, 2)), patch,
+                                 (24, 24, 16)) for _ in range(3000)])
+    assert set(wide[:, 0]) == set(range(0, 25))
+
+
+def test_the_pipeline_places_patches_past_the_border_only_with_an_overhang(tiny_config):
+    """Through train_dataset, which the train command reads its batches from: with
+    data.patch_overhang 0.5 some patches reach past the case (whole faces of zeros in every
+    channel, no label there); with 0 none do (the cropped brain touches every face of its box)."""
+    def outside_faces(overhang):
+        cfg = tiny_config
+        cfg.data.patch_overhang = overhang
+        cfg.data.foreground_fraction = 0.0
+        for key in cfg.data.augment:  # no rotation, scaling or intensity draws: zeros stay zeros
+            if key.endswith("probability") and key != "mirror_probability":
+                cfg.data.augment[key] = 0.0
+        it = iter(train_dataset(cfg.data.dir, cfg.data, seed=0, batch_size=2))
+        faces = 0
+        for _ in range(30):
+            image = next(it)["image"]
+            for row in image:
+                for axis in range(3):
+                    for end in (0, -1):
+                        face = np.take(row, end, axis=axis)
+                        faces += bool(np.all(face == 0))
+        return faces
+
+    assert outside_faces(0.0) == 0
+    assert outside_faces(0.5) >= 10
+
+
 def test_brats21_augmentation_reads_outside_the_original_grid_under_1_percent():
     """With configs/brats21.py (128³ patches, its rotation and scaling), on full-size cases (brain
     boxes and crop boxes of six synthetic 240 x 240 x 155 cases), the share of patch voxels whose

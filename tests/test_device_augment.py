@@ -327,7 +327,8 @@ def test_boxes_give_the_whole_crops_patches():
 
 def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp_path):
     """`python -m segguided_jax.train ... --config.data.augment_on_device=True` with rotation and
-    scaling on, the boxes shipped as float32 and the pipeline in a Grain worker process: stopped by
+    scaling on, patches reaching past the case's borders (data.patch_overhang: the boxes read 0
+    outside), the boxes shipped as float32 and the pipeline in a Grain worker process: stopped by
     SIGTERM (it checkpoints at the next step) and run again, it writes the same metrics.jsonl, row
     for row and bit for bit, as an uninterrupted run of the same config."""
     import json
@@ -344,7 +345,8 @@ def test_train_command_with_augment_on_device_resumes_bit_exact(tiny_config, tmp
     # boxes give int16's patches only to float32 rounding (another program normalises them).
     overrides = {"data.augment_on_device": True, "data.device_crop_dtype": "float32", "data.num_workers": 1,
                  "data.augment.rotation_probability": 0.5,
-                 "data.augment.scale_probability": 0.5, "data.augment.bias_field_probability": 0.5, "train.steps": 12, "train.log_every": 1,
+                 "data.augment.scale_probability": 0.5, "data.augment.bias_field_probability": 0.5,
+                 "data.patch_overhang": 0.5, "train.steps": 12, "train.log_every": 1,
                  "train.eval_every": 12, "checkpoint.every_steps": 1000}
     cfg = tiny.get_config()
     cfg.data.dir = tiny_config.data.dir

@@ -48,19 +48,25 @@ def choose_voxel(case: Case, classes, rng: np.random.Generator) -> np.ndarray | 
     return fg.sample(tuple(classes[present[int(rng.integers(len(present)))]]), rng)
 
 
-def enlarged_start(shape, patch, initial, rng: np.random.Generator, voxel=None) -> np.ndarray:
+def enlarged_start(shape, patch, initial, rng: np.random.Generator, voxel=None, overhang=0) -> np.ndarray:
     """Lower corner (3,) int64 of the enlarged box (edge `initial`) in case coordinates: nnU-Net's
-    get_bbox. need = initial - patch (more where the case is smaller than the patch); the start is
-    uniform in [-need // 2, shape + need // 2 + need % 2 - initial], or, given a voxel, the start
-    that centres the box on it, clipped to that range."""
+    get_bbox. need = initial - patch, at least 2 * overhang (voxels the final patch may reach past
+    each border), and more where the case is smaller than the patch; the start is uniform in
+    [-need // 2, shape + need // 2 + need % 2 - initial], or, given a voxel, the start that centres
+    the box on it, clipped to that range."""
     shape, patch, initial = (np.asarray(v, np.int64) for v in (shape, patch, initial))
-    need = initial - patch
+    need = np.maximum(initial - patch, 2 * np.asarray(overhang, np.int64))
     need = np.where(need + shape < initial, initial - shape, need)
     lbs = -need // 2
     ubs = shape + need // 2 + need % 2 - initial
     if voxel is None:
         return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(lbs, ubs)], np.int64)
     return np.clip(np.asarray(voxel, np.int64) - initial // 2, lbs, ubs)
+
+
+def overhang_voxels(data_cfg) -> np.ndarray:
+    """data.patch_overhang in voxels per axis: how far a patch may reach past each border."""
+    return np.round(np.asarray(data_cfg.patch, np.float64) * float(data_cfg.patch_overhang)).astype(np.int64)
 
 
 def final_start(enlarged, patch, initial) -> np.ndarray:
@@ -76,7 +82,8 @@ def train_patch(case: Case, rng: np.random.Generator, data_cfg, *, force_foregro
     patch = tuple(int(p) for p in data_cfg.patch)
     initial = initial_patch_size(patch, data_cfg.augment)
     voxel = choose_voxel(case, data_cfg.foreground_classes, rng) if force_foreground else None
-    start = final_start(enlarged_start(case.shape, patch, initial, rng, voxel), patch, initial)
+    start = final_start(enlarged_start(case.shape, patch, initial, rng, voxel, overhang_voxels(data_cfg)), patch,
+                        initial)
     matrix = draw_spatial(rng, data_cfg.augment)
     centre = start + (np.asarray(patch) - 1) / 2
     image, label = resample(case.channel_boxes, _label(case), case.shape, matrix, centre, patch)
@@ -102,7 +109,7 @@ def enlarged_crop(case: Case, rng: np.random.Generator, data_cfg, *, force_foreg
     patch = tuple(int(p) for p in data_cfg.patch)
     initial = initial_patch_size(patch, data_cfg.augment)
     voxel = choose_voxel(case, data_cfg.foreground_classes, rng) if force_foreground else None
-    start = enlarged_start(case.shape, patch, initial, rng, voxel)
+    start = enlarged_start(case.shape, patch, initial, rng, voxel, overhang_voxels(data_cfg))
     draws = device_augment.draw(rng, data_cfg.augment, case.channels)
     lo, edges = device_augment.reach(draws, patch, initial, case.channels)
     _label(case)  # a case without labels cannot be a training case
