@@ -63,7 +63,7 @@ def test_sweeps_of_every_config_expand_and_apply(tiny_config):
     for name in ("synthetic", "brats21", "brats23"):
         module = importlib.import_module(f"configs.{name}")
         config = module.get_config()
-        for sweep_name in ("ablation", "lambda", "seeds"):
+        for sweep_name in ("ablation", "lambda", "seeds") + (("overhang",) if name == "synthetic" else ()):
             runs = expand(module.get_sweep(sweep_name))
             assert len(runs) == 3 * len(module.get_sweep(sweep_name)["settings"])
             for run in runs:

@@ -173,8 +173,16 @@ def test_lease_stops_a_second_run_and_is_taken_over_from_a_dead_or_silent_holder
     # Leases their holders left behind: a dead process of this host, another host's stale one.
     path = lease.Lease(lease_dir, _lease_cfg()).path
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    # An exited process that nobody has reaped yet (signal 0 still reaches it): a run's processes
+    # killed with their launcher, where PID 1 does not reap orphans.
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 30
+    while time.time() < deadline and open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    os.kill(zombie.pid, 0)  # still there for signal 0
     now = time.time()
     for record, why in [({"host": socket.gethostname(), "pid": int(dead.stdout)}, "no longer runs on this host"),
+                        ({"host": socket.gethostname(), "pid": zombie.pid}, "it has exited"),
                         ({"host": "elsewhere", "pid": 1, "renewed": now - 61}, "not renewed for more than 60 s")]:
         record = {"started": now - 100, "renewed": now, "token": "old", **record}
         version = lease.write_record(path, record, lease.read_record(path)[1])
@@ -184,6 +192,7 @@ def test_lease_stops_a_second_run_and_is_taken_over_from_a_dead_or_silent_holder
         taker.acquire()
         assert len(warnings) == 1 and why in warnings[0] and f"pid {record['pid']}" in warnings[0]
         taker.release()
+    zombie.wait()
     lease.write_record(path, {"host": "elsewhere", "pid": 1, "started": now, "renewed": now, "token": "live"}, None)
     with pytest.raises(lease.WorkdirLeased, match="host elsewhere, pid 1"):
         lease.Lease(lease_dir, _lease_cfg()).acquire()

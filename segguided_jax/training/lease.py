@@ -71,8 +71,24 @@ def _holder_is_gone(record: dict, stale_secs: float, now: float) -> str | None:
         except ProcessLookupError:
             return f"process {record['pid']} no longer runs on this host"
         except PermissionError:  # it exists, under another user
-            pass
+            return None
+        if _is_zombie(record["pid"]):
+            return f"process {record['pid']} no longer runs on this host (it has exited; its parent has not reaped it)"
     return None
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether pid has exited but is not yet reaped (Linux's /proc state Z). signal 0 still reaches
+    such a process: the processes of a run killed with its launcher are orphans, and where nothing
+    reaps orphans (PID 1 of many containers) they stay zombies, holding no workdir."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # after "pid (comm)", comm may hold ")"
+    except FileNotFoundError:  # reaped meanwhile
+        return True
+    except (OSError, IndexError):  # no /proc here
+        return False
+    return state == "Z"
 
 
 class Lease:
