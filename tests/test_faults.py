@@ -195,9 +195,9 @@ def test_nan_in_the_data_names_the_case_and_saves_nothing(tiny_config, data_dir,
     assert manifest["cases"]
     for step in os.listdir(tmp_path / "run" / "checkpoints"):
         if step.isdigit():  # whatever was saved before the bad batch is finite
-            from segguided_jax.inference.checkpoint_reader import load_for_inference
+            from segguided_jax.inference.checkpoint_reader import load_checkpoint_params
             import jax
-            _, _, params = load_for_inference(str(tmp_path / "run" / "checkpoints" / step))
+            _, _, params = load_checkpoint_params(str(tmp_path / "run" / "checkpoints" / step))[:3]
             assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
@@ -208,11 +208,11 @@ def test_diverging_run_never_saves_a_non_finite_checkpoint(tiny_config, tmp_path
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.train.log_every = 20, 1, 100
     with pytest.raises(FloatingPointError, match=r"at step (\d+).*inputs were finite"):
         train_and_evaluate(cfg, str(tmp_path / "run"))
-    from segguided_jax.inference.checkpoint_reader import load_for_inference
+    from segguided_jax.inference.checkpoint_reader import load_checkpoint_params
     import jax
     ckpts = tmp_path / "run" / "checkpoints"
     for step in [d for d in os.listdir(ckpts) if d.isdigit()]:
-        _, _, params = load_for_inference(str(ckpts / step))
+        _, _, params = load_checkpoint_params(str(ckpts / step))[:3]
         assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params)), step
 
 

@@ -170,13 +170,13 @@ def test_predict_and_evaluate_in_the_bucket(whole, raw_dir, gcs_emulator, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["preds", "scores"]  # no local gs: folder
 
 
-def test_load_for_inference_from_a_bucket(whole):
+def test_checkpoint_params_load_from_a_bucket(whole):
     import jax
 
-    from segguided_jax.inference.checkpoint_reader import load_for_inference
+    from segguided_jax.inference.checkpoint_reader import load_checkpoint_params
 
-    config, _, newest = load_for_inference(whole)
-    _, _, step8 = load_for_inference(storage.join(whole, "checkpoints", "8") + "/")
+    config, _, newest = load_checkpoint_params(whole)[:3]
+    _, _, step8 = load_checkpoint_params(storage.join(whole, "checkpoints", "8") + "/")[:3]
     assert config.train.steps == 8
     for a, b in zip(jax.tree.leaves(newest), jax.tree.leaves(step8), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -237,7 +237,7 @@ def test_a_run_rides_out_a_failing_bucket(whole, data_dir, gcs_emulator):
     (tests/fault_proxy.py). Outages start in the middle of a checkpoint save (503), of a
     metrics.jsonl upload (429, then reset connections) and of the first shard read (a stall, then
     503): the run ends with the metrics.jsonl and parameters of the undisturbed run."""
-    from segguided_jax.inference.checkpoint_reader import load_for_inference
+    from segguided_jax.inference.checkpoint_reader import load_checkpoint_params
     from segguided_jax.training.loop import params_digest
     from tests.fault_proxy import FaultProxy
 
@@ -271,7 +271,7 @@ def test_a_run_rides_out_a_failing_bucket(whole, data_dir, gcs_emulator):
                                              ("array_record", "GET"), ("array_record", "GET")]):
         assert wanted in clients, (kind, wanted, met)
     assert _rows(run) == _rows(whole)
-    digests = [params_digest(load_for_inference(storage.join(w, "checkpoints", "8"))[2]) for w in (run, whole)]
+    digests = [params_digest(load_checkpoint_params(storage.join(w, "checkpoints", "8"))[2]) for w in (run, whole)]
     assert digests[0] == digests[1]
 
 

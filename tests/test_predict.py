@@ -220,12 +220,12 @@ def test_validation_sweep_and_predict_give_identical_probabilities(workdir, data
 
     from segguided_jax.experiments import sweep
     from segguided_jax.parallel import sharding
-    from segguided_jax.inference.checkpoint_reader import load_for_inference
+    from segguided_jax.inference.checkpoint_reader import load_checkpoint_params
     from segguided_jax.data.records import CaseSource
     from segguided_jax.inference.predictor import VolumePredictor
     from segguided_jax.training.loop import Validator
 
-    config, graphdef, params = load_for_inference(workdir)
+    config, graphdef, params = load_checkpoint_params(workdir)[:3]
     case_id = json.load(open(os.path.join(data_dir, "splits.json")))["holdout"]["test"][0]
     source = CaseSource(data_dir, "test")
     index = [c["id"] for c in source.cases].index(case_id)

@@ -17,17 +17,11 @@ def _checkpoint_folder(path: str) -> tuple[str, int | None]:
     raise FileNotFoundError(f"{path}: neither a training workdir (with checkpoints/) nor a checkpoint folder")
 
 
-def load_for_inference(path: str):
-    """(config, graphdef, params) from a training workdir (its newest checkpoint) or from one
-    checkpoint folder (WORKDIR/checkpoints/STEP), local or gs://: only the parameters are read (no optimiser state),
-    placed on the default device. The config is the one stored in the checkpoint."""
-    config, graphdef, params, _ = load_checkpoint_params(path)
-    return config, graphdef, params
-
-
 def load_checkpoint_params(path: str, config=None):
-    """(config, graphdef, params, step) as load_for_inference; `config` is used instead of the
-    checkpoint's own, for checkpoints that hold none (WORKDIR/best/STEP)."""
+    """(config, graphdef, params, step) from a training workdir (its newest checkpoint) or from one
+    checkpoint folder (WORKDIR/checkpoints/STEP), local or gs://: only the parameters are read (no
+    optimiser state), placed on the default device. The config is the one stored in the checkpoint,
+    or `config` for checkpoints that hold none (WORKDIR/best/STEP)."""
     import ml_collections
     import orbax.checkpoint as ocp
     from flax import nnx

@@ -81,12 +81,14 @@ def _is_zombie(pid: int) -> bool:
     """Whether pid has exited but is not yet reaped (Linux's /proc state Z). signal 0 still reaches
     such a process: the processes of a run killed with its launcher are orphans, and where nothing
     reaps orphans (PID 1 of many containers) they stay zombies, holding no workdir."""
+    if not os.path.isdir("/proc/self"):  # no procfs here (not Linux): signal 0 is all there is
+        return False
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]  # after "pid (comm)", comm may hold ")"
     except FileNotFoundError:  # reaped meanwhile
         return True
-    except (OSError, IndexError):  # no /proc here
+    except (OSError, IndexError):
         return False
     return state == "Z"
 
